@@ -1,0 +1,1 @@
+"""Generated SPIFFE Workload API messages and grpclib stubs (see workload.proto)."""

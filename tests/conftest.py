@@ -1,0 +1,34 @@
+"""Fixtures shared by every test tier."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import swtpm as swtpm_mod
+
+os.environ.setdefault("TSS2_LOG", "all+NONE")
+
+
+@pytest.fixture(scope="session")
+def swtpm_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One provisioned TPM state (EK certificates from a local manufacturer CA) per session."""
+    if shutil.which("swtpm") is None:
+        pytest.fail("swtpm is not installed: run ./scripts/setup")
+    state = tmp_path_factory.mktemp("swtpm-state")
+    swtpm_mod.provision(state)
+    return state
+
+
+@pytest.fixture(scope="session")
+def swtpm(swtpm_state: Path) -> Iterator[swtpm_mod.Swtpm]:
+    """A swtpm for the whole session, on a random socket path, stopped by PID at the end."""
+    instance = swtpm_mod.start(swtpm_state)
+    try:
+        yield instance
+    finally:
+        instance.stop()
