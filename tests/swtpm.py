@@ -38,7 +38,13 @@ class Swtpm:
         return self.state_dir / "ca" / "issuercert.pem"
 
     def power_cycle(self) -> None:
-        """Reset the TPM (PCRs back to zero, transient objects and sessions gone, resetCount up)."""
+        """An orderly reboot: PCRs back to zero, transient objects and sessions gone, resetCount up.
+
+        TPM2_Shutdown first, as an OS does: a TPM reset without it counts as a dictionary-attack
+        failure, and a few of those lock out every DA-protected key for the rest of the session.
+        """
+        subprocess.run(["tpm2_shutdown", "--clear", "-T", self.tcti], check=False, capture_output=True,
+                       env={**os.environ, "TSS2_LOG": "all+NONE"})
         subprocess.run(["swtpm_ioctl", "--unix", str(self.ctrl_path), "-i"], check=True,
                        capture_output=True)
 

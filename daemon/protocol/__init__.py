@@ -1,1 +1,1 @@
-
+"""Agent <-> authority protocol: versioned messages, canonical JSON, signed replies, transports."""

@@ -1,1 +1,49 @@
+"""SPIFFE building blocks: IDs, trust domains, X.509-SVIDs, bundles and vouchd's trust tier.
 
+Imports nothing of vouchd beyond vouchd.errors, so the agent, the authority and tools can all use it.
+"""
+
+from __future__ import annotations
+
+from vouchd.spiffe.bundle import X509Bundle
+from vouchd.spiffe.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, SpiffeError
+from vouchd.spiffe.ids import SCHEME_PREFIX, SpiffeId, TrustDomain
+from vouchd.spiffe.tier import (
+    JWT_TIER_CLAIM,
+    TIER_EXTENSION_OID,
+    TIER_EXTENSION_UUID,
+    TrustTier,
+    read_tier,
+    tier_extension_value,
+)
+from vouchd.spiffe.x509svid import (
+    CLOCK_SKEW,
+    csr_public_key,
+    make_csr,
+    mint_x509_svid,
+    validate_x509_svid_leaf,
+    verify_x509_svid,
+)
+
+__all__ = [
+    "CLOCK_SKEW",
+    "JWT_TIER_CLAIM",
+    "SCHEME_PREFIX",
+    "TIER_EXTENSION_OID",
+    "TIER_EXTENSION_UUID",
+    "InvalidBundleError",
+    "InvalidSpiffeIdError",
+    "InvalidSvidError",
+    "SpiffeError",
+    "SpiffeId",
+    "TrustDomain",
+    "TrustTier",
+    "X509Bundle",
+    "csr_public_key",
+    "make_csr",
+    "mint_x509_svid",
+    "read_tier",
+    "tier_extension_value",
+    "validate_x509_svid_leaf",
+    "verify_x509_svid",
+]

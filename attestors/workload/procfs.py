@@ -1,0 +1,112 @@
+"""Reading the few /proc facts workload attestation needs, robustly.
+
+Every reader takes a pid and raises ProcessExitedError when the process is gone, ProcessInfoError
+when its entry cannot be read or parsed. Nothing here trusts what the process says about itself:
+/proc/<pid>/stat and /proc/<pid>/status are written by the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+from vouchd.attestors.errors import ProcessExitedError, ProcessInfoError
+
+__all__ = [
+    "PROC_ROOT",
+    "ProcessStat",
+    "parse_stat",
+    "parse_status_groups",
+    "read_process_stat",
+    "read_supplementary_groups",
+]
+
+PROC_ROOT = Path("/proc")
+
+# Fields after the closing parenthesis of comm start at field 3 (state) of proc_pid_stat(5).
+_STATE_INDEX = 0
+_PPID_INDEX = 1
+_START_TIME_INDEX = 19  # field 22
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStat:
+    """The fields of /proc/<pid>/stat that identify a process instance."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    start_time: int  # clock ticks after boot: with the pid, unique for the life of the host
+
+    @property
+    def is_dead(self) -> bool:
+        """True for a zombie or a dying process: it can no longer act, whatever holds its socket."""
+        return self.state in {"Z", "X", "x"}
+
+
+def parse_stat(text: str) -> ProcessStat:
+    """Parse the content of /proc/<pid>/stat.
+
+    comm may hold spaces and parentheses (a process can name itself `a) (b`), so it is everything
+    between the first `(` and the LAST `)`; the kernel writes no `)` after it.
+    """
+    open_paren = text.find("(")
+    close_paren = text.rfind(")")
+    if open_paren <= 0 or close_paren < open_paren:
+        raise ProcessInfoError("malformed /proc stat line: no command name in parentheses")
+    fields = text[close_paren + 1 :].split()
+    if len(fields) <= _START_TIME_INDEX:
+        raise ProcessInfoError(f"malformed /proc stat line: {len(fields) + 2} fields, expected at least 22")
+    try:
+        return ProcessStat(
+            pid=int(text[:open_paren]),
+            comm=text[open_paren + 1 : close_paren],
+            state=fields[_STATE_INDEX],
+            ppid=int(fields[_PPID_INDEX]),
+            start_time=int(fields[_START_TIME_INDEX]),
+        )
+    except ValueError as err:
+        raise ProcessInfoError("malformed /proc stat line: a numeric field is not a number") from err
+
+
+def parse_status_groups(text: str) -> tuple[int, ...]:
+    """The supplementary group ids from the `Groups:` line of /proc/<pid>/status."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "Groups":
+            try:
+                return tuple(int(gid) for gid in value.split())
+            except ValueError as err:
+                raise ProcessInfoError("malformed Groups line in /proc status") from err
+    raise ProcessInfoError("no Groups line in /proc status")
+
+
+def read_process_stat(pid: int, *, proc_root: Path = PROC_ROOT) -> ProcessStat:
+    """Read and parse /proc/<pid>/stat."""
+    stat = parse_stat(_read_proc_text(pid, "stat", proc_root))
+    if stat.pid != pid:
+        raise ProcessInfoError(f"/proc/{pid}/stat names pid {stat.pid}")
+    return stat
+
+
+def read_supplementary_groups(pid: int, *, proc_root: Path = PROC_ROOT) -> tuple[int, ...]:
+    """The supplementary group ids of a process, as the kernel lists them in /proc/<pid>/status."""
+    return parse_status_groups(_read_proc_text(pid, "status", proc_root))
+
+
+def _read_proc_text(pid: int, name: str, proc_root: Path) -> str:
+    if pid <= 0:
+        raise ProcessInfoError(f"invalid pid {pid}")
+    path = proc_root / str(pid) / name
+    try:
+        # comm is arbitrary bytes chosen by the process: never let its encoding break parsing.
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError as err:
+        raise ProcessExitedError(f"process {pid} has exited") from err
+    except OSError as err:
+        # ESRCH: the process died between open and read.
+        if err.errno == errno.ESRCH:
+            raise ProcessExitedError(f"process {pid} has exited") from err
+        raise ProcessInfoError(f"cannot read {path}: {err.strerror or err}") from err

@@ -1,0 +1,215 @@
+"""The node's identity: attestation to the authority and quote-bound requests (DESIGN §4, §5).
+
+`NodeIdentity` is the only part of the agent that talks to the authority. It attests the node
+(EK, AK, Certify of the node key, credential activation, quote over the demanded PCRs), keeps the
+single-use nonce the authority handed out, and carries every later request in a TPM quote whose
+extraData is the sha256 of the request's exact bytes. One request is in flight at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from vouchd.evidence import TpmPublic
+from vouchd.protocol.codec import encode
+from vouchd.protocol.errors import RemoteError, SignatureError
+from vouchd.protocol.messages import (
+    AttestRequest,
+    AttestResult,
+    Challenge,
+    ChallengeResponse,
+    CredentialResponse,
+    NonceGrant,
+    NonceRequest,
+    QuotedRequest,
+    RequestBody,
+    TpmEvidence,
+    X509SvidRequest,
+)
+from vouchd.protocol.signing import ReplyVerifier
+from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, AuthorityTransport
+from vouchd.spiffe import SpiffeId, TrustDomain, X509Bundle
+from vouchd.tpm import EkInfo, TpmQuote
+
+__all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm"]
+
+log = logging.getLogger("vouchd.agent.node")
+
+_TIMEOUT = 30.0
+_MAX_EVENT_LOG_BYTES = 16 * 1024 * 1024
+
+
+class NodeTpm(Protocol):
+    """What node attestation needs from the TPM (vouchd.tpm.TpmService provides it)."""
+
+    @property
+    def ek(self) -> EkInfo: ...
+    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes: ...
+    async def quote(self, bank: str, pcrs: Sequence[int], qualifying_data: bytes) -> TpmQuote: ...
+    async def certify_node_key(self, qualifying_data: bytes) -> TpmQuote: ...
+
+
+class NodeAttestationError(RemoteError):
+    """The authority refused to attest this node."""
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    tier: str
+    selectors: tuple[str, ...]
+    svid_serial: str
+    svid_expires_at: float
+    attested_at: float
+    last_quote_at: float
+
+
+def node_id_for_ek(trust_domain: TrustDomain, ek_public: bytes) -> SpiffeId:
+    ek = TpmPublic.from_tpm2b(ek_public)
+    return trust_domain.spiffe_id(f"/vouchd/node/tpm/{hashlib.sha256(ek.spki_der()).hexdigest()}")
+
+
+class NodeIdentity:
+    def __init__(
+        self,
+        *,
+        tpm: NodeTpm,
+        ak_public: bytes,
+        node_key_public: bytes,
+        transport: AuthorityTransport,
+        trust_domain: TrustDomain,
+        initial_bundle: Callable[[], X509Bundle],
+        event_log_path: Path | None,
+    ) -> None:
+        self._tpm = tpm
+        self._ak_public = ak_public
+        self._node_key_public = node_key_public
+        self._transport = transport
+        self._trust_domain = trust_domain
+        self._bundle_source = initial_bundle
+        self._bundle: X509Bundle | None = None
+        self._verifier = ReplyVerifier(trust_domain, self.bundle)
+        self._event_log_path = event_log_path
+        self.node_id = str(node_id_for_ek(trust_domain, tpm.ek.public))
+        self._nonce: bytes | None = None
+        self._nonce_expires = 0.0
+        self._pcr_bank = "sha256"
+        self._pcr_indices: tuple[int, ...] = ()
+        self._status: NodeStatus | None = None
+        # DESIGN §5: one request in flight per node; callers queue here and the SVID manager batches.
+        self._in_flight = asyncio.Lock()
+
+    def bundle(self) -> X509Bundle:
+        return self._bundle if self._bundle is not None else self._bundle_source()
+
+    @property
+    def status(self) -> NodeStatus | None:
+        return self._status
+
+    def _read_event_log(self) -> bytes | None:
+        if self._event_log_path is None:
+            return None
+        try:
+            with self._event_log_path.open("rb") as handle:
+                data = handle.read(_MAX_EVENT_LOG_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > _MAX_EVENT_LOG_BYTES:
+            raise NodeAttestationError("local", f"{self._event_log_path}: event log is over 16 MiB")
+        return data
+
+    async def _call(self, topic: str, request: object) -> object:
+        data = encode(request)
+        reply = await self._transport.call(topic, data, timeout=_TIMEOUT)
+        return self._verifier.open(reply, node_id=self.node_id, request=data)
+
+    async def attest(self) -> None:
+        """Full node attestation (DESIGN §4 steps 1-4)."""
+        certify_nonce = os.urandom(32)
+        certify = await self._tpm.certify_node_key(certify_nonce)
+        event_log = self._read_event_log()
+        request = AttestRequest(
+            node_id=self.node_id, ek_type=self._tpm.ek.ek_type, ek_public=self._tpm.ek.public,
+            ek_certificate=self._tpm.ek.certificate, ak_public=self._ak_public,
+            node_key_public=self._node_key_public,
+            node_key_certify=TpmEvidence(certify.attest, certify.signature),
+            certify_nonce=certify_nonce, event_log=event_log,
+        )
+        challenge = await self._call(ATTEST_TOPIC, request)
+        if not isinstance(challenge, Challenge):
+            raise SignatureError(f"authority answered an attestation request with {type(challenge).__name__}")
+        secret = await self._tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+        quote = await self._tpm.quote(challenge.pcr_bank, challenge.pcr_indices,
+                                      hashlib.sha256(challenge.server_nonce + secret).digest())
+        result = await self._call(ATTEST_TOPIC, ChallengeResponse(
+            node_id=self.node_id, session=challenge.session, quote=TpmEvidence(quote.attest, quote.signature)))
+        if not isinstance(result, AttestResult):
+            raise SignatureError(f"authority answered a challenge response with {type(result).__name__}")
+        self._pcr_bank, self._pcr_indices = challenge.pcr_bank, tuple(challenge.pcr_indices)
+        self._bundle = X509Bundle.from_der(self._trust_domain, result.bundle)
+        self._nonce, self._nonce_expires = result.nonce, float(result.nonce_expires_at)
+        svid = x509.load_der_x509_certificate(result.node_svid)
+        now = time.time()
+        self._status = NodeStatus(
+            node_id=self.node_id, tier=result.tier, selectors=result.selectors,
+            svid_serial=f"{svid.serial_number:x}", svid_expires_at=svid.not_valid_after_utc.timestamp(),
+            attested_at=now, last_quote_at=now,
+        )
+        log.info("node attested", extra={"node_id": self.node_id, "svid_serial": self._status.svid_serial})
+
+    async def _fresh_nonce(self) -> bytes:
+        # Keep a margin: the nonce must still be valid when the authority receives the request.
+        if self._nonce is not None and time.time() < self._nonce_expires - 2:
+            nonce, self._nonce = self._nonce, None
+            return nonce
+        grant = await self._call(REQUEST_TOPIC, NonceRequest(node_id=self.node_id))
+        if not isinstance(grant, NonceGrant):
+            raise SignatureError(f"authority answered a nonce request with {type(grant).__name__}")
+        self._pcr_bank, self._pcr_indices = grant.pcr_bank, tuple(grant.pcr_indices)
+        return grant.nonce
+
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
+                      sync_entries: bool = False) -> CredentialResponse:
+        """One quote-bound request; re-attests once when the authority asks for it."""
+        async with self._in_flight:
+            return await self._request_locked(tuple(x509_svids), sync_entries)
+
+    async def _request_locked(self, x509_svids: tuple[X509SvidRequest, ...],
+                              sync_entries: bool) -> CredentialResponse:
+        for attempt in range(3):
+            try:
+                return await self._quoted_request(x509_svids, sync_entries)
+            except RemoteError as err:
+                if attempt == 2:
+                    raise
+                if err.code == "reattest":
+                    log.info("authority asks for re-attestation", extra={"reason": err.reason})
+                    await self.attest()
+                elif err.code != "nonce":
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _quoted_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool) -> CredentialResponse:
+        nonce = await self._fresh_nonce()
+        body = encode(RequestBody(node_id=self.node_id, nonce=nonce, sent_at=int(time.time()),
+                                  x509_svids=x509_svids, sync_entries=sync_entries))
+        quote = await self._tpm.quote(self._pcr_bank, self._pcr_indices, hashlib.sha256(body).digest())
+        response = await self._call(REQUEST_TOPIC, QuotedRequest(
+            node_id=self.node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature)))
+        if not isinstance(response, CredentialResponse):
+            raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
+        self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)
+        self._bundle = X509Bundle.from_der(self._trust_domain, response.bundle)
+        if self._status is not None:
+            self._status = NodeStatus(**{**self._status.__dict__, "last_quote_at": time.time()})
+        return response

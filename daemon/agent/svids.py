@@ -1,0 +1,254 @@
+"""The agent's entries and X.509-SVID cache: matching, batched issuance, rotation (DESIGN §5, §6).
+
+Workload keys are generated here (EC P-256, software) and never leave the node: the authority
+sees only a CSR. Issuance goes through `run()`, a single loop that batches every entry asked for
+meanwhile into one quote-bound request and rotates SVIDs when half of their lifetime is left
+(±10 % jitter, so a fleet started together does not rotate together). Each change bumps `version`
+and wakes every open Workload API stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
+from vouchd.protocol.messages import CredentialResponse, EntryView, X509SvidRequest
+from vouchd.selectors import Selector
+from vouchd.spiffe import X509Bundle, make_csr
+
+__all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
+
+log = logging.getLogger("vouchd.agent.svids")
+
+_RETRY_AFTER_FAILURE = 5.0
+_IDLE_WAKE = 3600.0
+
+
+class CredentialSource(Protocol):
+    """What the SVID manager needs from the node identity."""
+
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
+                      sync_entries: bool = False) -> CredentialResponse: ...
+
+    def bundle(self) -> X509Bundle: ...
+
+
+@dataclass(frozen=True)
+class CachedSvid:
+    entry_id: str
+    spiffe_id: str
+    certificate: x509.Certificate
+    chain_der: bytes
+    private_key_der: bytes = field(repr=False)
+    issued_at: float
+    expires_at: float
+    rotate_at: float
+
+    @property
+    def serial(self) -> str:
+        return f"{self.certificate.serial_number:x}"
+
+
+class SvidManager:
+    def __init__(self, source: CredentialSource) -> None:
+        self._source = source
+        self._entries: dict[str, EntryView] = {}
+        self._entry_selectors: dict[str, frozenset[Selector]] = {}
+        self._index: dict[Selector, set[str]] = defaultdict(set)
+        self._svids: dict[str, CachedSvid] = {}
+        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._version = 0
+        self._bundle_der = b""
+
+    # -- change notification (the Workload API streams wait here) ----------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def _bump(self) -> None:
+        async with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    async def wait_for_change(self, seen_version: int) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._version != seen_version)
+            return self._version
+
+    # -- entries -----------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[EntryView]:
+        return [self._entries[k] for k in sorted(self._entries)]
+
+    @property
+    def svids(self) -> list[CachedSvid]:
+        return [self._svids[k] for k in sorted(self._svids)]
+
+    async def set_entries(self, entries: Iterable[EntryView]) -> None:
+        """Replace the node's entry set; SVIDs of removed or changed entries are dropped at once."""
+        new = {e.id: e for e in entries}
+        if new == self._entries:
+            return
+        for entry_id, svid in list(self._svids.items()):
+            entry = new.get(entry_id)
+            if entry is None or entry != self._entries.get(entry_id) or entry.spiffe_id != svid.spiffe_id:
+                del self._svids[entry_id]
+        self._entries = new
+        self._entry_selectors = {e.id: frozenset(Selector.parse(s) for s in e.selectors) for e in new.values()}
+        self._index = defaultdict(set)
+        for entry_id, selectors in self._entry_selectors.items():
+            # One selector suffices as index key: a match needs all of them anyway.
+            self._index[min(selectors)].add(entry_id)
+        await self._bump()
+
+    def match(self, selectors: frozenset[Selector]) -> list[EntryView]:
+        candidates: set[str] = set()
+        for selector in selectors:
+            candidates.update(self._index.get(selector, ()))
+        return [self._entries[e] for e in sorted(candidates) if self._entry_selectors[e] <= selectors]
+
+    def bundle_der(self) -> bytes:
+        return self._source.bundle().der()
+
+    # -- SVIDs for workloads -----------------------------------------------------------------
+    def _valid(self, entry_id: str, now: float) -> bool:
+        svid = self._svids.get(entry_id)
+        return svid is not None and svid.expires_at > now
+
+    async def x509_svids(self, selectors: frozenset[Selector]) -> list[X509SvidMaterial]:
+        entries = self.match(selectors)
+        if not entries:
+            raise NoIdentityError("no registration entry matches the caller")
+        now = time.time()
+        missing = [e.id for e in entries if not self._valid(e.id, now)]
+        if missing:
+            await self._ensure(missing)
+        bundle = self.bundle_der()
+        materials = []
+        for entry in entries:
+            svid = self._svids.get(entry.id)
+            if svid is not None and svid.expires_at > time.time():
+                materials.append(X509SvidMaterial(spiffe_id=svid.spiffe_id, cert_chain_der=svid.chain_der,
+                                                  private_key_der=svid.private_key_der, bundle_der=bundle,
+                                                  hint=entry.hint))
+        if not materials:
+            raise NoIdentityError("no SVID could be issued for the caller")
+        return materials
+
+    async def _ensure(self, entry_ids: Sequence[str]) -> None:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for entry_id in entry_ids:
+            future = self._pending.get(entry_id)
+            if future is None:
+                future = self._pending[entry_id] = loop.create_future()
+            futures.append(future)
+        self._wake.set()
+        # shield: a caller that goes away must not cancel issuance the others wait for.
+        results = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if len(failures) == len(results):
+            raise NoIdentityError(str(failures[0]))
+
+    # -- the issuance loop -------------------------------------------------------------------
+    def _next_rotation(self) -> float:
+        return min((s.rotate_at for s in self._svids.values()), default=time.time() + _IDLE_WAKE)
+
+    async def run(self) -> None:
+        retry_at = 0.0
+        while True:
+            wait = max(0.0, min(self._next_rotation(), retry_at or float("inf")) - time.time())
+            if not self._pending:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            now = time.time()
+            due = {e for e, s in self._svids.items() if s.rotate_at <= now and e in self._entries}
+            waiting = dict(self._pending)
+            self._pending.clear()
+            batch = sorted(set(waiting) | due)
+            if not batch:
+                continue
+            try:
+                failed = await self._issue(batch)
+            except Exception as err:
+                log.warning("svid issuance failed", extra={"entries": batch, "reason": str(err)})
+                retry_at = time.time() + _RETRY_AFTER_FAILURE
+                for future in waiting.values():
+                    if not future.done():
+                        future.set_exception(NoIdentityError("the authority did not issue an SVID"))
+                continue
+            retry_at = 0.0
+            for entry_id, future in waiting.items():
+                if future.done():
+                    continue
+                if entry_id in failed:
+                    future.set_exception(NoIdentityError(failed[entry_id]))
+                else:
+                    future.set_result(None)
+
+    async def _issue(self, entry_ids: Sequence[str]) -> dict[str, str]:
+        keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        requests = []
+        for entry_id in entry_ids:
+            if entry_id not in self._entries:
+                continue
+            key = ec.generate_private_key(ec.SECP256R1())
+            keys[entry_id] = key
+            requests.append(X509SvidRequest(entry_id=entry_id, csr=make_csr(key)))
+        failed = {e: "entry is no longer assigned to this node" for e in entry_ids if e not in keys}
+        if not requests:
+            return failed
+        response = await self._source.request(x509_svids=requests)
+        now = time.time()
+        for item in response.errors:
+            failed[item.entry_id] = f"{item.code}: {item.message}"
+        for issued in response.x509_svids:
+            key = keys.get(issued.entry_id)
+            entry = self._entries.get(issued.entry_id)
+            if key is None or entry is None:
+                continue
+            certificate = x509.load_der_x509_certificate(issued.cert_chain)
+            if certificate.public_key() != key.public_key():
+                failed[issued.entry_id] = "authority returned a certificate for another key"
+                continue
+            expires = certificate.not_valid_after_utc.timestamp()
+            lifetime = expires - now
+            self._svids[issued.entry_id] = CachedSvid(
+                entry_id=issued.entry_id, spiffe_id=issued.spiffe_id, certificate=certificate,
+                chain_der=issued.cert_chain,
+                private_key_der=key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
+                issued_at=now, expires_at=expires,
+                rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
+            )
+            log.info("x509-svid cached", extra={"entry_id": issued.entry_id, "spiffe_id": issued.spiffe_id,
+                                                "svid_serial": f"{certificate.serial_number:x}"})
+        for entry_id in requests:
+            if entry_id.entry_id not in self._svids or self._svids[entry_id.entry_id].issued_at != now:
+                failed.setdefault(entry_id.entry_id, "authority did not issue an SVID")
+        await self._bump()
+        return failed
+
+    async def sync_entries(self) -> None:
+        response = await self._source.request(sync_entries=True)
+        if response.entries is not None:
+            await self.set_entries(response.entries)
+        bundle = self._source.bundle().der()
+        if bundle != self._bundle_der:
+            self._bundle_der = bundle
+            await self._bump()

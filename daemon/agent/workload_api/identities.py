@@ -1,0 +1,74 @@
+"""The narrow interface the Workload API needs from the agent, and the values it serves.
+
+The agent implements WorkloadIdentities; the server knows nothing else about the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vouchd.agent.workload_api.errors import InvalidSvidMaterialError, NoIdentityError
+from vouchd.attestors.base import WorkloadProcess
+from vouchd.selectors import Selector
+
+__all__ = ["NoIdentityError", "WorkloadIdentities", "X509SvidMaterial"]
+
+_SPIFFE_SCHEME = "spiffe://"
+
+
+@dataclass(frozen=True, slots=True)
+class X509SvidMaterial:
+    """One X.509-SVID as the Workload API hands it to a workload."""
+
+    spiffe_id: str
+    cert_chain_der: bytes  # leaf first, concatenated DER
+    private_key_der: bytes = field(repr=False)  # PKCS#8 DER, unencrypted: never logged, never in a repr
+    bundle_der: bytes  # the SVID's trust domain bundle, concatenated DER
+    hint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.spiffe_id.startswith(_SPIFFE_SCHEME) or len(self.spiffe_id) == len(_SPIFFE_SCHEME):
+            raise InvalidSvidMaterialError(f"x509 svid spiffe id {self.spiffe_id[:200]!r} is not a spiffe:// id")
+        for name, value in (
+            ("certificate chain", self.cert_chain_der),
+            ("private key", self.private_key_der),
+            ("bundle", self.bundle_der),
+        ):
+            if not value:
+                raise InvalidSvidMaterialError(f"x509 svid for {self.spiffe_id} has an empty {name}")
+
+    @property
+    def trust_domain_id(self) -> str:
+        """The SPIFFE ID of the SVID's trust domain, e.g. `spiffe://example.org`."""
+        authority = self.spiffe_id[len(_SPIFFE_SCHEME) :].split("/", 1)[0]
+        return _SPIFFE_SCHEME + authority
+
+
+class WorkloadIdentities(Protocol):
+    """What the Workload API asks of the agent."""
+
+    async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
+        """Selectors of the calling process; raises AttestorError when attestation fails."""
+        ...
+
+    async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
+        """The caller's current X.509-SVIDs, the default one first; may wait for issuance.
+
+        An empty result or NoIdentityError means the caller is entitled to none.
+        """
+        ...
+
+    def x509_bundles(self) -> Mapping[str, bytes]:
+        """Trust domain SPIFFE ID (`spiffe://example.org`) -> concatenated DER of its CA certificates."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """Bumped on any change that can alter a response: rotation, entries, bundle, revocation."""
+        ...
+
+    async def wait_for_change(self, seen_version: int) -> int:
+        """Return the current version as soon as it differs from `seen_version`."""
+        ...

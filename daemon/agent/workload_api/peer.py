@@ -1,0 +1,164 @@
+"""Who is on the other end of a Workload API connection, according to the kernel.
+
+SO_PEERCRED gives the pid, uid and gid the caller had when it connected. SO_PEERPIDFD (Linux 6.5+)
+gives a pidfd for that same process: unlike a pid it cannot be recycled, so after attestation we can
+tell whether the process that was attested is still the one alive (DESIGN §6).
+
+The pidfd belongs to the connection: it is taken once, on the connection's first request, and closed
+when the connection is lost. To get a hook on "connection lost" without patching grpclib, the
+connection's asyncio protocol is wrapped (public asyncio API: transport.set_protocol) by a
+_PinnedConnection that holds the pidfd, closes it in connection_lost and otherwise forwards every
+call to grpclib's protocol. The wrapper is the cache: later requests on the same connection find it
+with transport.get_protocol().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import socket
+import struct
+from typing import Any
+
+from grpclib.protocol import Peer
+from grpclib.server import Stream
+
+from vouchd.agent.workload_api.errors import PeerError
+from vouchd.attestors.base import WorkloadProcess
+from vouchd.attestors.errors import ProcessInfoError
+from vouchd.attestors.workload.procfs import read_process_stat
+
+__all__ = ["SO_PEERPIDFD", "drop_connection", "peer_process", "peer_transport", "process_unchanged"]
+
+SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python's socket module has no constant for it
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_NO_PEERPIDFD = frozenset({errno.ENOPROTOOPT, errno.EINVAL})
+
+
+def peer_transport(peer: Peer) -> asyncio.BaseTransport:
+    """The asyncio transport of a grpclib connection.
+
+    grpclib.protocol.Peer has no public accessor for its transport, and SO_PEERCRED needs the socket:
+    this is the one place that reads the private attribute.
+    """
+    transport: asyncio.BaseTransport = peer._transport
+    return transport
+
+
+def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
+    """The process that opened the stream's connection, pinned by pidfd where the kernel allows.
+
+    Raises PeerError when the kernel cannot say who the caller is or the caller is already gone.
+    """
+    transport = peer_transport(stream.peer)
+    if transport.is_closing():
+        raise PeerError("connection closed before the caller was identified")
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise PeerError("caller is not connected over a unix socket")
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError as err:
+        raise PeerError(f"cannot read the caller's credentials: {err.strerror or err}") from err
+    if pid <= 0:
+        # 0: the caller lives in a pid namespace this agent cannot see into.
+        raise PeerError("kernel reported no pid for the caller")
+    pidfd = _pin(transport, sock).pidfd
+    try:
+        start_time = read_process_stat(pid).start_time
+    except ProcessInfoError as err:
+        raise PeerError(f"cannot read the caller's process: {err}") from err
+    return WorkloadProcess(pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd)
+
+
+def process_unchanged(process: WorkloadProcess) -> bool:
+    """True if the attested process is still alive and is still the one at its pid.
+
+    With a pidfd the check cannot be fooled by pid reuse; without one the start time must match.
+    A zombie counts as gone: it can no longer act, so whoever uses its socket is someone else.
+    """
+    if process.pidfd is not None and _has_exited(process.pidfd):
+        return False
+    try:
+        stat = read_process_stat(process.pid)
+    except ProcessInfoError:
+        return False
+    return stat.start_time == process.start_time and not stat.is_dead
+
+
+async def drop_connection(transport: asyncio.BaseTransport) -> None:
+    """Abort a connection now and return once its pidfd, if any, is closed."""
+    protocol = transport.get_protocol()
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    else:
+        transport.close()
+    if isinstance(protocol, _PinnedConnection):
+        await protocol.wait_lost()
+
+
+def _has_exited(pidfd: int) -> bool:
+    # A pidfd polls readable once its process has exited; POLLNVAL (a closed fd) also counts as gone.
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _pin(transport: asyncio.BaseTransport, sock: socket.socket) -> _PinnedConnection:
+    protocol = transport.get_protocol()
+    if isinstance(protocol, _PinnedConnection):
+        return protocol
+    if not isinstance(protocol, asyncio.Protocol):
+        raise PeerError(f"unexpected connection protocol {type(protocol).__name__}")
+    pinned = _PinnedConnection(protocol, _peer_pidfd(sock))
+    transport.set_protocol(pinned)
+    return pinned
+
+
+def _peer_pidfd(sock: socket.socket) -> int | None:
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as err:
+        if err.errno in _NO_PEERPIDFD:
+            return None  # kernel older than 6.5: start time alone has to do
+        if err.errno == errno.ESRCH:
+            raise PeerError("caller exited before it was identified") from err
+        raise PeerError(f"cannot pin the caller's process: {err.strerror or err}") from err
+    os.set_inheritable(pidfd, False)
+    return pidfd
+
+
+class _PinnedConnection(asyncio.Protocol):
+    """grpclib's protocol for one connection, plus the pidfd of the process that opened it."""
+
+    def __init__(self, inner: asyncio.Protocol, pidfd: int | None) -> None:
+        self._inner = inner
+        self.pidfd = pidfd
+        self._lost = asyncio.Event()
+
+    async def wait_lost(self) -> None:
+        await self._lost.wait()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pidfd is not None:
+            pidfd, self.pidfd = self.pidfd, None
+            os.close(pidfd)
+        self._lost.set()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()

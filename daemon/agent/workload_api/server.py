@@ -1,0 +1,393 @@
+"""The SPIFFE Workload API on a Unix socket (grpclib): the only part of vouchd that knows gRPC.
+
+Every RPC first checks the security header, then identifies the caller from the kernel (peer.py),
+has the agent attest it, and re-checks that the attested process is still the caller. Workloads get
+generic status messages; the detail goes to the log, one structured line per request.
+
+FetchX509Bundles requires a successful attestation but no SVID: bundles are public material, and a
+workload that only verifies peers (SPIRE serves bundles to any attested caller) has no identity.
+FetchX509SVID's federated_bundles carries the bundles of every trust domain other than those of
+the SVIDs in the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server, Stream
+
+from vouchd.agent.workload_api.errors import NoIdentityError, PeerError, WorkloadApiError
+from vouchd.agent.workload_api.identities import WorkloadIdentities, X509SvidMaterial
+from vouchd.agent.workload_api.peer import drop_connection, peer_process, peer_transport, process_unchanged
+from vouchd.attestors.base import WorkloadProcess
+from vouchd.attestors.errors import AttestorError
+from vouchd.proto import workload_pb2 as pb
+from vouchd.proto.workload_grpc import SpiffeWorkloadAPIBase
+from vouchd.selectors import Selector
+
+__all__ = ["SECURITY_HEADER", "WorkloadApiServer", "WorkloadApiService"]
+
+SECURITY_HEADER = "workload.spiffe.io"
+
+_ATTESTATION_FAILED = "workload attestation failed"
+_NO_IDENTITY = "no identity issued"
+
+
+class _RefusedError(Exception):
+    """Ends a request with a status; `public` goes to the workload, `detail` only to the log."""
+
+    def __init__(self, status: Status, outcome: str, public: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.outcome = outcome
+        self.public = public
+        self.detail = detail
+
+    @classmethod
+    def attestation_failed(cls, detail: str) -> _RefusedError:
+        return cls(Status.PERMISSION_DENIED, "attestation_failed", _ATTESTATION_FAILED, detail)
+
+    @classmethod
+    def no_identity(cls, detail: str) -> _RefusedError:
+        return cls(Status.PERMISSION_DENIED, "no_identity", _NO_IDENTITY, detail)
+
+
+@dataclass
+class _Call:
+    """What the log line of one request says; filled in as the request proceeds."""
+
+    method: str
+    started: float = field(default_factory=time.monotonic)
+    pid: int | None = None
+    uid: int | None = None
+    spiffe_ids: tuple[str, ...] = ()
+    answered: bool = False  # a stream sent its first message: later lines describe the stream's end
+
+    def fields(self, outcome: str, reason: str | None) -> dict[str, object]:
+        extra: dict[str, object] = {
+            "method": self.method,
+            "pid": self.pid,
+            "uid": self.uid,
+            "outcome": outcome,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "spiffe_ids": list(self.spiffe_ids),
+        }
+        if reason is not None:
+            extra["reason"] = reason
+        return extra
+
+
+@dataclass(frozen=True)
+class _X509SvidSet:
+    """Everything one FetchX509SVID message carries; equal sets are not sent twice."""
+
+    svids: tuple[X509SvidMaterial, ...]
+    federated_bundles: tuple[tuple[str, bytes], ...]
+
+    def message(self) -> pb.X509SVIDResponse:
+        return pb.X509SVIDResponse(
+            svids=[
+                pb.X509SVID(
+                    spiffe_id=svid.spiffe_id,
+                    x509_svid=svid.cert_chain_der,
+                    x509_svid_key=svid.private_key_der,
+                    bundle=svid.bundle_der,
+                    hint=svid.hint,
+                )
+                for svid in self.svids
+            ],
+            federated_bundles=dict(self.federated_bundles),
+        )
+
+
+class WorkloadApiService(SpiffeWorkloadAPIBase):
+    """The SpiffeWorkloadAPI service, answering from a WorkloadIdentities."""
+
+    def __init__(
+        self,
+        identities: WorkloadIdentities,
+        *,
+        attest_deadline: float = 5.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if attest_deadline <= 0:
+            raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
+        self._identities = identities
+        self._attest_deadline = attest_deadline
+        self._log = logger or logging.getLogger("vouchd.workload_api")
+
+    # -- X.509-SVID profile -------------------------------------------------------------------------
+
+    async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest, pb.X509SVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        async with self._request(stream, "FetchX509SVID") as call:
+            await stream.recv_message()
+            process, selectors = await self._attest(stream, call)
+            version = self._identities.version
+            current = await self._x509_svid_set(selectors)
+            await stream.send_message(current.message())
+            self._answered(call, current)
+            while True:
+                version = await self._identities.wait_for_change(version)
+                self._recheck(process)
+                latest = await self._x509_svid_set(selectors)
+                if latest != current:
+                    await stream.send_message(latest.message())
+                    current = latest
+                    self._log.debug("x509 svid update sent", extra=call.fields("updated", None))
+
+    async def FetchX509Bundles(self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        async with self._request(stream, "FetchX509Bundles") as call:
+            await stream.recv_message()
+            process, _ = await self._attest(stream, call)
+            version = self._identities.version
+            current = self._x509_bundles()
+            await stream.send_message(pb.X509BundlesResponse(bundles=dict(current)))
+            call.answered = True
+            self._log.info("workload api request", extra=call.fields("ok", None))
+            while True:
+                version = await self._identities.wait_for_change(version)
+                self._recheck(process)
+                latest = self._x509_bundles()
+                if latest != current:
+                    await stream.send_message(pb.X509BundlesResponse(bundles=dict(latest)))
+                    current = latest
+                    self._log.debug("x509 bundles update sent", extra=call.fields("updated", None))
+
+    # -- not implemented yet: answered before any other check, as the spec wants for unknown RPCs ----
+
+    async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented("FetchJWTSVID")
+
+    async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented("FetchJWTBundles")
+
+    async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
+        self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
+    ) -> None:
+        self._unimplemented("ValidateJWTSVID")
+
+    async def FetchWITSVID(self, stream: Stream[pb.WITSVIDRequest, pb.WITSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented("FetchWITSVID")
+
+    async def FetchWITBundles(self, stream: Stream[pb.WITBundlesRequest, pb.WITBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented("FetchWITBundles")
+
+    def _unimplemented(self, method: str) -> None:
+        self._log.info("workload api request", extra=_Call(method).fields("unimplemented", None))
+        raise GRPCError(Status.UNIMPLEMENTED, f"{method} is not implemented")
+
+    # -- shared steps ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _request(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[_Call]:
+        """Header check, error mapping and the request's log line, around one RPC."""
+        call = _Call(method)
+        try:
+            if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
+                raise _RefusedError(
+                    Status.INVALID_ARGUMENT,
+                    "invalid_argument",
+                    "security header missing from request",
+                    f"no {SECURITY_HEADER}: true metadata",
+                )
+            yield call
+        except _RefusedError as refusal:
+            self._log.warning(
+                "workload api request" if not call.answered else "workload api stream ended",
+                extra=call.fields(refusal.outcome, refusal.detail),
+            )
+            raise GRPCError(refusal.status, refusal.public) from None
+        except asyncio.CancelledError:
+            level = logging.DEBUG if call.answered else logging.INFO
+            self._log.log(level, "workload api request cancelled", extra=call.fields("cancelled", None))
+            raise
+        except Exception as err:
+            self._log.error(
+                "workload api request failed",
+                exc_info=err,
+                extra=call.fields("error", type(err).__name__),
+            )
+            raise GRPCError(Status.UNAVAILABLE, "workload api unavailable") from None
+
+    async def _attest(self, stream: Stream[Any, Any], call: _Call) -> tuple[WorkloadProcess, frozenset[Selector]]:
+        try:
+            process = peer_process(stream)
+        except PeerError as err:
+            raise _RefusedError.attestation_failed(str(err)) from err
+        call.pid, call.uid = process.pid, process.uid
+        try:
+            async with asyncio.timeout(self._attest_deadline):
+                selectors = await self._identities.attest(process)
+        except AttestorError as err:
+            raise _RefusedError.attestation_failed(str(err)) from err
+        except TimeoutError as err:
+            raise _RefusedError.attestation_failed(f"no attestation within {self._attest_deadline:g}s") from err
+        self._recheck(process)
+        return process, selectors
+
+    @staticmethod
+    def _recheck(process: WorkloadProcess) -> None:
+        # The caller can exit (or be replaced at its pid) while it is being attested or while its
+        # stream is open: what was attested must still be what is connected.
+        if not process_unchanged(process):
+            raise _RefusedError.attestation_failed(f"process {process.pid} exited or changed after attestation")
+
+    async def _x509_svid_set(self, selectors: frozenset[Selector]) -> _X509SvidSet:
+        try:
+            svids = _with_unique_hints(await self._identities.x509_svids(selectors), self._log)
+        except NoIdentityError as err:
+            raise _RefusedError.no_identity(str(err)) from err
+        if not svids:
+            raise _RefusedError.no_identity("no x509 svid for the caller's selectors")
+        own_trust_domains = {svid.trust_domain_id for svid in svids}
+        federated = tuple(
+            sorted((td, der) for td, der in self._identities.x509_bundles().items() if td not in own_trust_domains)
+        )
+        return _X509SvidSet(svids, federated)
+
+    def _x509_bundles(self) -> tuple[tuple[str, bytes], ...]:
+        bundles = tuple(sorted(self._identities.x509_bundles().items()))
+        if not bundles:
+            raise _RefusedError(Status.UNAVAILABLE, "unavailable", "trust bundle not available", "no x509 bundles")
+        return bundles
+
+    def _answered(self, call: _Call, svids: _X509SvidSet) -> None:
+        call.answered = True
+        call.spiffe_ids = tuple(svid.spiffe_id for svid in svids.svids)
+        self._log.info("workload api request", extra=call.fields("ok", None))
+
+
+def _with_unique_hints(
+    svids: Sequence[X509SvidMaterial], log: logging.Logger
+) -> tuple[X509SvidMaterial, ...]:
+    # The spec makes the server responsible for unique hints; like SPIRE, keep the first SVID that
+    # carries a hint and drop later ones, so clients picking "the one with hint X" stay unambiguous.
+    seen: set[str] = set()
+    kept: list[X509SvidMaterial] = []
+    for svid in svids:
+        if svid.hint and svid.hint in seen:
+            log.warning("dropping x509 svid %s: hint %r is already used", svid.spiffe_id, svid.hint)
+            continue
+        seen.add(svid.hint)
+        kept.append(svid)
+    return tuple(kept)
+
+
+class WorkloadApiServer:
+    """Serves a WorkloadApiService on a Unix socket that any local process may connect to."""
+
+    def __init__(self, service: WorkloadApiService, socket_path: Path) -> None:
+        self._service = service
+        self._socket_path = Path(socket_path)
+        self._server: Server | None = None
+        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._closed = False
+
+    @property
+    def socket_path(self) -> Path:
+        return self._socket_path
+
+    async def start(self) -> None:
+        """Bind the socket (mode 0777: attestation decides, not file modes) and start serving."""
+        if self._server is not None or self._closed:
+            raise WorkloadApiError("workload api server was already started")
+        sock = self._bind()
+        try:
+            server = Server([self._service])
+            listen(server, RecvRequest, self._track_connection)
+            await server.start(sock=sock)
+        except BaseException:
+            sock.close()
+            self._remove_socket_file()
+            raise
+        self._server = server
+
+    async def close(self) -> None:
+        """Stop accepting, end open streams and connections, remove the socket file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        # grpclib cancels the handlers but leaves connections open; dropping them also closes their pidfds.
+        await asyncio.gather(*(drop_connection(transport) for transport in list(self._connections)))
+        await server.wait_closed()
+        self._remove_socket_file()
+
+    async def run(self) -> None:
+        """Start, serve until cancelled, close: a task for the agent's TaskGroup."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    async def _track_connection(self, event: RecvRequest) -> None:
+        self._connections.add(peer_transport(event.peer))
+
+    def _bind(self) -> socket.socket:
+        path = self._socket_path
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=0o755, parents=True)
+            os.chmod(path.parent, 0o755)  # noqa: S103 (mkdir's mode is filtered by the umask)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fspath(path))
+            os.chmod(path, 0o777)  # noqa: S103 (any local process may ask; attestation decides)
+            bound = os.stat(path)
+        except OSError as err:
+            sock.close()
+            raise WorkloadApiError(f"cannot bind workload api socket {path}: {err.strerror or err}") from err
+        self._socket_file = (bound.st_dev, bound.st_ino)
+        return sock
+
+    def _remove_socket_file(self) -> None:
+        if self._socket_file is None:
+            return
+        identity, self._socket_file = self._socket_file, None
+        try:
+            current = os.lstat(self._socket_path)
+        except FileNotFoundError:
+            return
+        # Only our own socket: another agent may have replaced it since.
+        if (current.st_dev, current.st_ino) == identity:
+            self._socket_path.unlink(missing_ok=True)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a previous run; refuse to touch anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise WorkloadApiError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        in_use = probe.connect_ex(os.fspath(path)) in {0, errno.EAGAIN}  # EAGAIN: listening, backlog full
+    finally:
+        probe.close()
+    if in_use:
+        raise WorkloadApiError(f"another process is serving on {path}")
+    path.unlink(missing_ok=True)
+

@@ -1,0 +1,331 @@
+"""Node attestation and quote-bound requests, verified at the authority (DESIGN §4, §5).
+
+Everything here is pure: TPM structures are checked with `vouchd.evidence`, never with a TPM.
+Each refusal is a `Refusal` carrying a machine code for the agent and a message for the log; no
+refusal message contains a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
+
+from vouchd.authority.errors import Refusal
+from vouchd.authority.store import NodeRecord
+from vouchd.evidence import (
+    Attest,
+    AttestType,
+    EccCurve,
+    EventLog,
+    EvidenceError,
+    ObjectAttributes,
+    PcrSelection,
+    TpmAlg,
+    TpmPublic,
+    check_ak_attributes,
+    check_node_key_attributes,
+    make_credential,
+    parse_event_log,
+    primary_qualified_name,
+    qualified_name,
+    verify_certify,
+    verify_quote,
+    verify_signature,
+)
+from vouchd.protocol.messages import AttestRequest, TpmEvidence
+
+__all__ = [
+    "AttestationSession",
+    "EkTrust",
+    "VerifiedNode",
+    "begin_attestation",
+    "check_request_quote",
+    "complete_attestation",
+    "ek_hash",
+]
+
+_BANKS = {"sha1": TpmAlg.SHA1, "sha256": TpmAlg.SHA256, "sha384": TpmAlg.SHA384, "sha512": TpmAlg.SHA512}
+_EK_SHAPES: dict[str, tuple[TpmAlg, EccCurve | None, int]] = {
+    "rsa2048": (TpmAlg.RSA, None, 2048),
+    "ecc-p256": (TpmAlg.ECC, EccCurve.NIST_P256, 0),
+    "ecc-p384": (TpmAlg.ECC, EccCurve.NIST_P384, 0),
+}
+_EK_REQUIRED = (ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.RESTRICTED
+                | ObjectAttributes.DECRYPT | ObjectAttributes.SENSITIVE_DATA_ORIGIN)
+_MAX_CHAIN_DEPTH = 6
+
+
+def ek_hash(ek: TpmPublic) -> str:
+    """The node's stable identifier: sha256 hex of the EK's DER SubjectPublicKeyInfo."""
+    return hashlib.sha256(ek.spki_der()).hexdigest()
+
+
+class EkTrust:
+    """Manufacturer roots (and intermediates) that EK certificates must chain to."""
+
+    def __init__(self, roots: Sequence[x509.Certificate], intermediates: Sequence[x509.Certificate] = ()) -> None:
+        self._roots = list(roots)
+        self._intermediates = list(intermediates)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._roots)
+
+    def verify_chain(self, certificate: x509.Certificate, extra: Sequence[x509.Certificate] = ()) -> None:
+        """Walk issuer links from the EK certificate to a configured root; Refusal otherwise.
+
+        EK certificates break WebPKI rules (critical SAN with a directory name, no subject), so the
+        chain is walked by hand: each link's signature, validity and CA flag are checked.
+        """
+        now = datetime.now(UTC)
+        pool = self._intermediates + list(extra)
+        current = certificate
+        for _ in range(_MAX_CHAIN_DEPTH):
+            if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
+                raise Refusal("ek_untrusted", f"certificate {_describe(current)} is not valid now")
+            for root in self._roots:
+                if _issued_by(current, root):
+                    return
+            issuer = next((c for c in pool if c is not current and _issued_by(current, c) and _is_ca(c)), None)
+            if issuer is None:
+                raise Refusal("ek_untrusted", "EK certificate does not chain to a configured manufacturer root")
+            current = issuer
+        raise Refusal("ek_untrusted", "EK certificate chain is too long")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, x509.verification.VerificationError):
+        return False
+    except Exception:
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def _issuer_common_name(cert: x509.Certificate) -> str | None:
+    names = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+@dataclass
+class AttestationSession:
+    """What the authority remembers between Challenge and ChallengeResponse (never sent)."""
+
+    session: str
+    node_id: str
+    ek_hash: str
+    ek_issuer_cn: str | None
+    ak: TpmPublic
+    node_key: TpmPublic
+    selection: PcrSelection
+    event_log: EventLog | None
+    expires_at: float
+    secret: bytes = field(repr=False)
+    server_nonce: bytes = field(repr=False)
+
+    @property
+    def expected_extra_data(self) -> bytes:
+        return hashlib.sha256(self.server_nonce + self.secret).digest()
+
+
+def _parse_public(data: bytes, what: str) -> TpmPublic:
+    try:
+        return TpmPublic.from_tpm2b(data)
+    except EvidenceError as err:
+        raise Refusal("bad_evidence", f"{what}: {err}") from None
+
+
+def _check_ek_shape(ek: TpmPublic, ek_type: str) -> None:
+    shape = _EK_SHAPES.get(ek_type)
+    if shape is None:
+        raise Refusal("bad_evidence", f"unknown EK type {ek_type[:20]!r}")
+    key_type, curve, bits = shape
+    if ek.type != key_type or (curve is not None and ek.curve != curve) or (bits and ek.rsa_bits != bits):
+        raise Refusal("bad_evidence", f"EK public area is not a {ek_type} key")
+    if ek.attributes & _EK_REQUIRED != _EK_REQUIRED:
+        raise Refusal("bad_evidence", "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
+
+
+def _spki(key: object) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise Refusal("bad_evidence", "EK certificate key is neither RSA nor EC")
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def begin_attestation(
+    request: AttestRequest,
+    *,
+    trust: EkTrust,
+    require_certificate: bool,
+    bank: str,
+    pcr_indices: Sequence[int],
+    accept_missing_event_log: bool,
+    session_ttl: float = 60.0,
+) -> tuple[AttestationSession, bytes, bytes]:
+    """Check the AttestRequest (DESIGN §4.2). Returns the session and the credential to send.
+
+    An EK that is not enrolled can only be accepted on the strength of its certificate chain
+    (`require_certificate`); the caller decides that because it depends on the enrolment mode.
+    """
+    ek = _parse_public(request.ek_public, "EK public area")
+    _check_ek_shape(ek, request.ek_type)
+    issuer_cn = None
+    if request.ek_certificate is not None:
+        try:
+            certificate = x509.load_der_x509_certificate(request.ek_certificate)
+        except ValueError:
+            raise Refusal("bad_evidence", "EK certificate is not DER X.509") from None
+        if _spki(certificate.public_key()) != ek.spki_der():
+            raise Refusal("bad_evidence", "EK certificate does not certify the presented EK")
+        if trust.configured:
+            trust.verify_chain(certificate)
+        elif require_certificate:
+            raise Refusal("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
+        # else: the operator enrolled this exact EK by its hash, which pins more than any chain could.
+        issuer_cn = _issuer_common_name(certificate)
+    elif require_certificate:
+        raise Refusal("ek_untrusted", "an EK without a certificate must be enrolled beforehand")
+
+    ak = _parse_public(request.ak_public, "AK public area")
+    node_key = _parse_public(request.node_key_public, "node key public area")
+    try:
+        check_ak_attributes(ak)
+        check_node_key_attributes(node_key)
+        # qualifiedSigner = QN(AK) = H(QN(EK) || name(AK)) proves the AK is a child of this EK.
+        ak_qn = qualified_name(primary_qualified_name(ek.name), ak.name, ak.name_alg)
+        verify_certify(ak, request.node_key_certify.attest, request.node_key_certify.signature,
+                       extra_data=request.certify_nonce, certified=node_key,
+                       expected_signer_qualified_name=ak_qn)
+    except EvidenceError as err:
+        raise Refusal("bad_evidence", str(err)) from None
+
+    event_log = None
+    if request.event_log is not None:
+        try:
+            event_log = parse_event_log(request.event_log)
+        except EvidenceError as err:
+            raise Refusal("bad_evidence", f"event log: {err}") from None
+        if _BANKS[bank] not in event_log.algorithms:
+            raise Refusal("bad_evidence", f"event log has no {bank} bank")
+    elif not accept_missing_event_log:
+        raise Refusal("policy", "no event log, and the authority does not accept hosts without measured boot")
+
+    secret = secrets.token_bytes(32)
+    credential_blob, encrypted_secret = make_credential(ek, secret, ak.name)
+    session = AttestationSession(
+        session=secrets.token_hex(16),
+        node_id="",
+        ek_hash=ek_hash(ek),
+        ek_issuer_cn=issuer_cn,
+        ak=ak,
+        node_key=node_key,
+        selection=PcrSelection(_BANKS[bank], tuple(sorted(pcr_indices))),
+        event_log=event_log,
+        expires_at=time.monotonic() + session_ttl,
+        secret=secret,
+        server_nonce=os.urandom(32),
+    )
+    return session, credential_blob, encrypted_secret
+
+
+@dataclass(frozen=True)
+class VerifiedNode:
+    """The outcome of a completed attestation: what the quote proved."""
+
+    attest: Attest
+    pcr_digest: bytes
+    event_digests: tuple[str, ...]     # sha256 bank event digests, hex, for profile policy
+
+
+def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> VerifiedNode:
+    """Verify the quote answering the Challenge (DESIGN §4.4)."""
+    if time.monotonic() > session.expires_at:
+        raise Refusal("session_expired", "attestation session expired; start again")
+    try:
+        if session.event_log is not None:
+            values = session.event_log.replay(session.selection.hash_alg)
+            zero = bytes(len(next(iter(values.values()))))
+            if any(values[i] == zero for i in session.selection.pcrs):
+                raise Refusal("policy", "a selected PCR is all-zero: the event log does not cover it")
+            # PCR values come from replaying the log, never from the agent: the quote must match them.
+            attest = verify_quote(session.ak, quote.attest, quote.signature,
+                                  extra_data=session.expected_extra_data, selection=session.selection,
+                                  pcr_values=values)
+            digests = tuple(sorted({d.hex() for _pcr, _type, d in session.event_log.digests()}))
+        else:
+            attest = _verify_quote_without_log(session.ak, quote, session.expected_extra_data, session.selection)
+            digests = ()
+    except EvidenceError as err:
+        raise Refusal("bad_quote", str(err)) from None
+    return VerifiedNode(attest=attest, pcr_digest=attest.pcr_digest, event_digests=digests)
+
+
+def _verify_quote_without_log(ak: TpmPublic, quote: TpmEvidence, extra_data: bytes,
+                              selection: PcrSelection) -> Attest:
+    """Signature, freshness and selection only: a host the operator accepted without measured boot."""
+    verify_signature(ak, quote.signature, quote.attest)
+    attest = Attest.parse(quote.attest)
+    if attest.type != AttestType.QUOTE:
+        raise Refusal("bad_quote", "evidence is not a quote")
+    if not hmac.compare_digest(attest.extra_data, extra_data):
+        raise Refusal("bad_quote", "quote extraData does not match the challenge")
+    if attest.pcr_selection != (selection,):
+        raise Refusal("bad_quote", "quote PCR selection differs from the demanded one")
+    return attest
+
+
+def check_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> Attest:
+    """A request carried by a quote (DESIGN §5): this node's AK, extraData = sha256(body), same PCRs.
+
+    Clock rules (§4.5): resetCount up means a reboot, and a reboot means a new event log, so the node
+    must attest again; restartCount up (resume) is fine; any counter going down, or the clock going
+    backwards within one boot, also demands a full attestation.
+    """
+    ak = TpmPublic.from_tpm2b(node.ak_public)
+    try:
+        verify_signature(ak, quote.signature, quote.attest)
+        attest = Attest.parse(quote.attest)
+    except EvidenceError as err:
+        raise Refusal("bad_quote", str(err)) from None
+    if attest.type != AttestType.QUOTE:
+        raise Refusal("bad_quote", "evidence is not a quote")
+    if not hmac.compare_digest(attest.extra_data, hashlib.sha256(body).digest()):
+        raise Refusal("bad_quote", "quote extraData is not the digest of the request body")
+    expected = PcrSelection(_BANKS[node.pcr_bank], tuple(node.pcr_indices))
+    if attest.pcr_selection != (expected,):
+        raise Refusal("bad_quote", "quote PCR selection differs from the node's profile")
+    clock = attest.clock_info
+    if clock.reset_count != node.reset_count:
+        raise Refusal("reattest", "the TPM was reset since the last attestation")
+    if clock.restart_count < node.restart_count or (
+        clock.restart_count == node.restart_count and clock.clock < node.clock
+    ):
+        raise Refusal("reattest", "the TPM clock went backwards")
+    if not hmac.compare_digest(attest.pcr_digest, node.pcr_digest):
+        raise Refusal("reattest", "PCR values changed since the last attestation")
+    return attest

@@ -1,0 +1,188 @@
+"""The `vouchd` command. Thin: parses arguments, loads configuration, calls into the packages."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from vouchd.errors import VouchdError
+
+__all__ = ["main"]
+
+DEFAULT_ADMIN_SOCKET = "/run/vouchd/admin.sock"
+
+
+def _run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run the daemon; SIGINT/SIGTERM cancel it so every part shuts down in order."""
+
+    async def runner() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await coroutine
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(runner())
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from vouchd.agent.agent import Agent
+    from vouchd.config import load_config
+    from vouchd.logs import configure_logging
+
+    config = load_config(Path(args.config))
+    configure_logging(config.log_level, args.log_format)
+    agent = Agent(config, standalone=args.standalone)
+    _run_until_signalled(agent.run())
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from vouchd.config import load_config
+
+    config = load_config(Path(args.file))
+    parts = [name for name in ("agent", "authority") if getattr(config, name) is not None]
+    print(f"{config.source}: ok (trust domain {config.trust_domain}; sections: {', '.join(parts) or 'none'}; "
+          f"{len(config.entries)} entries)")
+    return 0
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    return Path(args.admin_socket or os.environ.get("VOUCHD_ADMIN_SOCKET") or DEFAULT_ADMIN_SOCKET)
+
+
+def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
+    from vouchd.agent.admin import admin_request
+
+    path = _admin_socket(args)
+    try:
+        reply = asyncio.run(admin_request(path, "status"))
+    except (OSError, TimeoutError, ValueError) as err:
+        raise VouchdError(f"cannot reach the agent's admin socket {path}: {err}") from None
+    if "error" in reply:
+        raise VouchdError(f"agent refused the status request: {reply['error']}")
+    status = reply.get("status")
+    if not isinstance(status, dict):
+        raise VouchdError("agent sent a malformed status reply")
+    return status
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    node = status.get("node") or {}
+    print(f"trust domain   {status['trust_domain']}  ({status['mode']})")
+    print(f"node           {node.get('id', '-')}")
+    print(f"  tier/state   {node.get('tier', '-')} / {node.get('state', '-')}")
+    print(f"  node svid    serial {node.get('svid_serial', '-')}, expires in {node.get('svid_expires_in_seconds', '-')} s")
+    print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
+    for selector in node.get("selectors", []):
+        print(f"  selector     {selector}")
+    print(f"workload api   {status['workload_api_socket']}  ({'ready' if status['ready'] else 'starting'})")
+    print(f"entries        {len(status['entries'])}")
+    for entry in status["entries"]:
+        print(f"  {entry['id']:24} {entry['spiffe_id']}  [{', '.join(entry['selectors'])}]")
+    print(f"svids          {len(status['svids'])}")
+    for svid in status["svids"]:
+        print(f"  {svid['spiffe_id']}  serial {svid['serial']}  expires in {svid['expires_in_seconds']} s")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = _fetch_status(args)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_status(status)
+    return 0
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Healthy only when the node SVID is valid and the last quote is fresh, not merely 'it answers'."""
+    status = _fetch_status(args)
+    node = status.get("node")
+    problems = []
+    if not status.get("ready"):
+        problems.append("workload api is not serving yet")
+    if not node:
+        problems.append("node is not attested")
+    else:
+        if node.get("svid_expires_in_seconds", 0) <= 0:
+            problems.append("node svid has expired")
+        if node.get("last_quote_age_seconds", float("inf")) > args.max_quote_age:
+            problems.append(f"last quote is older than {args.max_quote_age} s")
+    if problems:
+        print("unhealthy: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print("healthy")
+    return 0
+
+
+def _cmd_simulate_boot(args: argparse.Namespace) -> int:
+    from vouchd.devtools import simulate_measured_boot
+
+    count = asyncio.run(simulate_measured_boot(args.tcti, Path(args.event_log)))
+    print(f"extended {count} simulated boot events into PCRs 0-7; event log at {args.event_log}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vouchd", description="hardware-rooted workload identity agent")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = commands.add_parser("agent", help="run the node agent")
+    agent.add_argument("--config", required=True, help="configuration file (YAML)")
+    agent.add_argument("--standalone", action="store_true", help="embed the authority (single host, no broker)")
+    agent.add_argument("--log-format", choices=("json", "text"), default="json")
+    agent.set_defaults(handler=_cmd_agent)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = config_commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(handler=_cmd_config_check)
+
+    for name, handler, text in (("status", _cmd_status, "show what the agent knows and serves"),
+                                ("healthcheck", _cmd_healthcheck, "exit 0 only if the node identity is fresh")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--admin-socket", help=f"default: $VOUCHD_ADMIN_SOCKET or {DEFAULT_ADMIN_SOCKET}")
+        sub.set_defaults(handler=handler)
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument("--max-quote-age", type=float, default=180.0, help="seconds (default 180)")
+
+    dev = commands.add_parser("dev", help="development aids for software TPMs")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")
+    boot = dev_commands.add_parser("simulate-boot", help="extend a simulated measured boot into a swtpm")
+    boot.add_argument("--tcti", required=True, help="swtpm:path=... (software TPMs only)")
+    boot.add_argument("--event-log", required=True, help="where to write the TCG2 event log")
+    boot.set_defaults(handler=_cmd_simulate_boot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.handler(args)
+    except VouchdError as err:
+        print(f"vouchd: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

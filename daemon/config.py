@@ -1,0 +1,447 @@
+"""Configuration: one YAML file parsed once into frozen dataclasses.
+
+Every problem is reported as a ConfigError naming the file, the key path and what was expected;
+unknown keys are errors (a typo must never silently fall back to a default). String values may
+reference environment variables as ``${NAME}`` or ``${NAME:-default}`` so that one example file
+serves every host; a reference to an unset variable without a default is an error. Relative paths
+are resolved against the directory of the configuration file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import yaml
+
+from vouchd.errors import ConfigError
+from vouchd.selectors import InvalidSelectorError, Selector
+from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier
+
+__all__ = [
+    "AgentConfig",
+    "AuthorityConfig",
+    "Config",
+    "EkType",
+    "EnrolmentMode",
+    "EntryConfig",
+    "TpmConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+EkType = Literal["rsa2048", "ecc-p256", "ecc-p384"]
+EnrolmentMode = Literal["allowlist", "approve", "any-genuine"]
+
+# DESIGN §6: path/sha256/script selectors never stand alone; one of these must anchor an entry.
+KERNEL_ANCHORED_SELECTORS = frozenset(
+    {("unix", "uid"), ("unix", "gid"), ("systemd", "unit"), ("container", "id"), ("k8s", "pod_uid")}
+)
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    tcti: str
+    ek: EkType = "rsa2048"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    socket_path: Path
+    admin_socket_path: Path
+    tpm: TpmConfig
+    event_log_path: Path | None
+    workload_attestors: Mapping[str, Mapping[str, Any]]
+    attestation_deadline: timedelta
+    trust_bundle_path: Path | None
+
+
+@dataclass(frozen=True)
+class AuthorityConfig:
+    state_dir: Path
+    ek_roots: tuple[Path, ...]
+    ek_intermediates: tuple[Path, ...]
+    enrolment: EnrolmentMode
+    enrolled_ek_hashes: frozenset[str]
+    pcr_bank: str
+    pcr_indices: tuple[int, ...]
+    accept_missing_event_log: bool
+    ca_ttl: timedelta
+    node_svid_ttl: timedelta
+    x509_svid_ttl: timedelta
+    x509_svid_max_ttl: timedelta
+
+
+@dataclass(frozen=True)
+class EntryConfig:
+    id: str
+    spiffe_id: SpiffeId
+    selectors: frozenset[Selector]
+    parent: SpiffeId | None = None
+    node_selectors: frozenset[Selector] = frozenset()
+    min_tier: TrustTier = TrustTier.HARDWARE
+    x509_ttl: timedelta | None = None
+    dns_names: tuple[str, ...] = ()
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    trust_domain: TrustDomain
+    agent: AgentConfig | None
+    authority: AuthorityConfig | None
+    entries: tuple[EntryConfig, ...] = field(default=())
+    log_level: str = "info"
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``5m``, ``1h``, ``30d``, ``250ms`` -> timedelta; ValueError otherwise."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 250ms, 90s, 5m, 1h or 30d")
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+class _Section:
+    """A YAML mapping being read: tracks which keys were used so the rest can be refused."""
+
+    def __init__(self, source: Path, path: str, data: object, environ: Mapping[str, str]) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {_kind(data)}")
+        self.source, self.path, self.environ = source, path, environ
+        self._data: dict[object, object] = data
+        self._used: set[str] = set()
+
+    def _key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self._key_path(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def _raw(self, key: str) -> object:
+        self._used.add(key)
+        return self._data.get(key)
+
+    def _expand(self, key: str, text: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = self.environ.get(name)
+            if value is None or value == "":
+                if default is None:
+                    raise self.error(key, f"environment variable {name} is not set and has no default")
+                return default
+            return value
+
+        return _ENV_REFERENCE.sub(substitute, text)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self._raw(key)
+        if value is None:
+            if default is None:
+                raise self.error(key, "is required (a string)")
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        text = self._expand(key, str(value))
+        if not text:
+            raise self.error(key, "must not be empty")
+        return text
+
+    def optional_string(self, key: str) -> str | None:
+        return None if self._data.get(key) is None else self.string(key)
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.string(key, default)
+        if value not in allowed:
+            raise self.error(key, f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def duration(self, key: str, default: str | None) -> timedelta:
+        text = self.string(key, default)
+        try:
+            value = parse_duration(text)
+        except ValueError as err:
+            raise self.error(key, str(err)) from None
+        if value <= timedelta(0):
+            raise self.error(key, "must be longer than zero")
+        return value
+
+    def optional_duration(self, key: str) -> timedelta | None:
+        return None if self._data.get(key) is None else self.duration(key, None)
+
+    def path_value(self, key: str, default: str | None = None) -> Path:
+        return self._resolve(self.string(key, default))
+
+    def optional_path(self, key: str) -> Path | None:
+        return None if self._data.get(key) is None else self.path_value(key)
+
+    def _resolve(self, text: str) -> Path:
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else (self.source.parent / path).resolve()
+
+    def string_list(self, key: str) -> list[str]:
+        value = self._raw(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list of strings, got {_kind(value)}")
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, str | int):
+                raise self.error(f"{key}[{index}]", f"expected a string, got {_kind(item)}")
+            items.append(self._expand(f"{key}[{index}]", str(item)))
+        return items
+
+    def path_list(self, key: str) -> tuple[Path, ...]:
+        return tuple(self._resolve(item) for item in self.string_list(key))
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.source, self._key_path(key), self._raw(key), self.environ)
+
+    def sections(self, key: str) -> Iterator[_Section]:
+        value = self._raw(key)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_kind(value)}")
+        for index, item in enumerate(value):
+            yield _Section(self.source, f"{self._key_path(key)}[{index}]", item, self.environ)
+
+    def free_mapping(self, key: str) -> dict[str, dict[str, Any]]:
+        """A mapping of name -> options mapping, whose contents a plugin validates itself."""
+        value = self._raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping of name to options, got {_kind(value)}")
+        result: dict[str, dict[str, Any]] = {}
+        for name, options in value.items():
+            if options is None:
+                options = {}
+            if not isinstance(name, str) or not isinstance(options, dict):
+                raise self.error(f"{key}.{name}", "expected a mapping of options")
+            result[name] = dict(options)
+        return result
+
+    def finish(self) -> None:
+        unknown = sorted(str(key) for key in self._data if key not in self._used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key" + (f" (also unknown: {', '.join(unknown[1:])})"
+                                                          if len(unknown) > 1 else ""))
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", bool: "a boolean", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[int, ...]]:
+    """``sha256:0-7`` or ``sha256:0,1,2,7`` -> ("sha256", (0, 1, 2, 7))."""
+    text = section.string(key, default)
+    bank, _, indices_text = text.partition(":")
+    if bank not in ("sha1", "sha256", "sha384", "sha512") or not indices_text:
+        raise section.error(key, f"expected BANK:INDICES such as sha256:0-7, got {text!r}")
+    indices: set[int] = set()
+    try:
+        for part in indices_text.split(","):
+            low, _, high = part.partition("-")
+            indices.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise section.error(key, f"expected BANK:INDICES such as sha256:0-7, got {text!r}") from None
+    if not indices or min(indices) < 0 or max(indices) > 23:
+        raise section.error(key, "PCR indices must be between 0 and 23")
+    return bank, tuple(sorted(indices))
+
+
+def _parse_tpm(section: _Section) -> TpmConfig:
+    tcti = section.string("tcti", "device:/dev/tpmrm0")
+    ek = cast(EkType, section.choice("ek", get_args(EkType), "rsa2048"))
+    section.finish()
+    return TpmConfig(tcti=tcti, ek=ek)
+
+
+def _parse_agent(section: _Section) -> AgentConfig:
+    state_dir = section.path_value("state_dir", "/var/lib/vouchd/agent")
+    agent = AgentConfig(
+        state_dir=state_dir,
+        socket_path=section.path_value("socket_path", "/run/vouchd/agent.sock"),
+        admin_socket_path=section.path_value("admin_socket_path", "/run/vouchd/admin.sock"),
+        tpm=_parse_tpm(section.section("tpm")),
+        event_log_path=section.optional_path("event_log"),
+        workload_attestors=section.free_mapping("workload_attestors") or {"unix": {}},
+        attestation_deadline=section.duration("attestation_deadline", "5s"),
+        trust_bundle_path=section.optional_path("trust_bundle_path"),
+    )
+    section.finish()
+    return agent
+
+
+def _parse_authority(section: _Section) -> AuthorityConfig:
+    state_dir = section.path_value("state_dir", "/var/lib/vouchd/authority")
+    ek = section.section("ek_trust")
+    roots = ek.path_list("roots")
+    intermediates = ek.path_list("intermediates")
+    enrolment = cast(EnrolmentMode, ek.choice("enrolment", get_args(EnrolmentMode), "allowlist"))
+    enrolled = frozenset(h.lower() for h in ek.string_list("enrolled"))
+    for digest in enrolled:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ek.error("enrolled", f"expected sha256 hex EK hashes, got {digest[:80]!r}")
+    ek.finish()
+    bank, indices = _parse_pcrs(section, "pcr_selection", "sha256:0-7")
+    authority = AuthorityConfig(
+        state_dir=state_dir,
+        ek_roots=roots,
+        ek_intermediates=intermediates,
+        enrolment=enrolment,
+        enrolled_ek_hashes=enrolled,
+        pcr_bank=bank,
+        pcr_indices=indices,
+        accept_missing_event_log=section.boolean("accept_missing_event_log", False),
+        ca_ttl=section.duration("ca_ttl", "30d"),
+        node_svid_ttl=section.duration("node_svid_ttl", "1h"),
+        x509_svid_ttl=section.duration("x509_svid_ttl", "1h"),
+        x509_svid_max_ttl=section.duration("x509_svid_max_ttl", "24h"),
+    )
+    section.finish()
+    if authority.x509_svid_ttl > authority.x509_svid_max_ttl:
+        raise section.error("x509_svid_ttl", "must not exceed x509_svid_max_ttl")
+    return authority
+
+
+def _parse_selectors(section: _Section, key: str) -> frozenset[Selector]:
+    selectors = set()
+    for index, text in enumerate(section.string_list(key)):
+        try:
+            selectors.add(Selector.parse(text))
+        except InvalidSelectorError as err:
+            raise section.error(f"{key}[{index}]", str(err)) from None
+    return frozenset(selectors)
+
+
+def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
+    try:
+        spiffe_id = SpiffeId.parse(section.string("spiffe_id"))
+    except SpiffeError as err:
+        raise section.error("spiffe_id", str(err)) from None
+    if not spiffe_id.is_member_of(trust_domain):
+        raise section.error("spiffe_id", f"must be in the trust domain {trust_domain}")
+    selectors = _parse_selectors(section, "selectors")
+    if not selectors:
+        raise section.error("selectors", "an entry needs at least one selector")
+    if not any((s.type, s.key) in KERNEL_ANCHORED_SELECTORS for s in selectors):
+        anchored = ", ".join(f"{t}:{k}" for t, k in sorted(KERNEL_ANCHORED_SELECTORS))
+        raise section.error("selectors", f"needs at least one kernel-anchored selector ({anchored})")
+    parent = None
+    parent_text = section.optional_string("parent")
+    if parent_text is not None:
+        try:
+            parent = SpiffeId.parse(parent_text)
+        except SpiffeError as err:
+            raise section.error("parent", str(err)) from None
+    node_selectors = _parse_selectors(section, "node_selectors")
+    if node_selectors and not any(
+        (s.type, s.key) == ("tpm", "ek_hash") or (s.type, s.key) == ("node", "label") for s in node_selectors
+    ):
+        raise section.error("node_selectors", "must include tpm:ek_hash or a node:label selector")
+    if parent is not None and node_selectors:
+        raise section.error("node_selectors", "an entry has either a parent or node_selectors, not both")
+    tier_text = section.choice("min_tier", tuple(t.value for t in TrustTier), TrustTier.HARDWARE.value)
+    default_id = _default_entry_id(spiffe_id, selectors)
+    entry_id = section.string("id", default_id)
+    if not _ENTRY_ID.match(entry_id):
+        raise section.error("id", "expected letters, digits, '.', '_' or '-' (at most 128)")
+    dns_names = tuple(section.string_list("dns_names"))
+    entry = EntryConfig(
+        id=entry_id,
+        spiffe_id=spiffe_id,
+        selectors=selectors,
+        parent=parent,
+        node_selectors=node_selectors,
+        min_tier=TrustTier(tier_text),
+        x509_ttl=section.optional_duration("x509_ttl"),
+        dns_names=dns_names,
+        hint=section.optional_string("hint") or "",
+    )
+    section.finish()
+    return entry
+
+
+def _default_entry_id(spiffe_id: SpiffeId, selectors: frozenset[Selector]) -> str:
+    import hashlib
+
+    material = "\n".join([str(spiffe_id), *sorted(str(s) for s in selectors)])
+    return "e-" + hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def _parse_entries(top: _Section, trust_domain: TrustDomain) -> tuple[EntryConfig, ...]:
+    entries: dict[str, EntryConfig] = {}
+    for section in top.sections("entries"):
+        entry = _parse_entry(section, trust_domain)
+        existing = entries.get(entry.id)
+        # An entry listed twice (e.g. the example's "current user" entry when root runs it) is one entry.
+        if existing is not None and existing != entry:
+            raise section.error("id", f"entry id {entry.id!r} is already used by a different entry")
+        entries[entry.id] = entry
+    return tuple(entries.values())
+
+
+def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Parse configuration text; ``source`` names the file in errors and anchors relative paths."""
+    source = source.resolve()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    top = _Section(source, "", data, os.environ if environ is None else environ)
+    try:
+        trust_domain = TrustDomain.parse(top.string("trust_domain"))
+    except SpiffeError as err:
+        raise top.error("trust_domain", str(err)) from None
+    agent = _parse_agent(top.section("agent")) if top.has("agent") else None
+    authority = _parse_authority(top.section("authority")) if top.has("authority") else None
+    entries = _parse_entries(top, trust_domain)
+    log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
+    top.finish()
+    return Config(source=source, trust_domain=trust_domain, agent=agent, authority=authority,
+                  entries=entries, log_level=log_level)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read configuration: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
+    return parse_config(text, path, environ)

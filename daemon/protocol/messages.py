@@ -1,0 +1,193 @@
+"""Agent <-> authority messages, version 1 (docs/protocol.md describes them for operators).
+
+Agent -> authority:
+  AttestRequest        first step of node attestation (DESIGN §4.1)
+  ChallengeResponse    the quote answering a Challenge (§4.3)
+  NonceRequest         asks for a fresh single-use request nonce
+  QuotedRequest        any credential request: the exact bytes of a RequestBody plus a TPM quote
+                       whose extraData is sha256 of those bytes (§5)
+Authority -> agent, always inside a SignedReply:
+  Challenge, AttestResult, NonceGrant, CredentialResponse, ErrorReply
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vouchd.protocol.codec import message
+
+__all__ = [
+    "AttestRequest",
+    "AttestResult",
+    "Challenge",
+    "ChallengeResponse",
+    "CredentialResponse",
+    "EntryView",
+    "ErrorReply",
+    "IssuedX509Svid",
+    "ItemError",
+    "NonceGrant",
+    "NonceRequest",
+    "QuotedRequest",
+    "ReplyPayload",
+    "RequestBody",
+    "SignedReply",
+    "TpmEvidence",
+    "X509SvidRequest",
+]
+
+
+@dataclass(frozen=True)
+class TpmEvidence:
+    """A TPMS_ATTEST and the AK's TPMT_SIGNATURE over it, both in TPM wire form."""
+
+    attest: bytes
+    signature: bytes
+
+
+@message("attest_request")
+@dataclass(frozen=True)
+class AttestRequest:
+    node_id: str                        # derived from the EK; the authority checks it
+    ek_type: str
+    ek_public: bytes                    # TPM2B_PUBLIC
+    ek_certificate: bytes | None        # DER, None when the TPM has none
+    ak_public: bytes                    # TPM2B_PUBLIC
+    node_key_public: bytes              # TPM2B_PUBLIC
+    node_key_certify: TpmEvidence       # TPM2_Certify(node key) by the AK
+    certify_nonce: bytes                # the agent's fresh qualifying data for that Certify
+    event_log: bytes | None             # TCG2 event log, None when the host has none
+
+
+@message("challenge")
+@dataclass(frozen=True)
+class Challenge:
+    session: str
+    credential_blob: bytes              # TPM2B_ID_OBJECT
+    encrypted_secret: bytes             # TPM2B_ENCRYPTED_SECRET
+    server_nonce: bytes
+    pcr_bank: str
+    pcr_indices: tuple[int, ...]
+
+
+@message("challenge_response")
+@dataclass(frozen=True)
+class ChallengeResponse:
+    node_id: str
+    session: str
+    quote: TpmEvidence                  # extraData = sha256(server_nonce || activated secret)
+
+
+@message("attest_result")
+@dataclass(frozen=True)
+class AttestResult:
+    node_svid: bytes                    # DER certificate for the TPM-resident node key
+    bundle: bytes                       # DER certificates of the trust domain
+    selectors: tuple[str, ...]
+    tier: str
+    nonce: bytes                        # single-use nonce for the next request
+    nonce_expires_at: int
+
+
+@message("nonce_request")
+@dataclass(frozen=True)
+class NonceRequest:
+    node_id: str
+
+
+@message("nonce_grant")
+@dataclass(frozen=True)
+class NonceGrant:
+    nonce: bytes
+    expires_at: int
+    pcr_bank: str                       # the selection this node's quotes must cover
+    pcr_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class X509SvidRequest:
+    entry_id: str
+    csr: bytes                          # DER PKCS#10; only its key is used
+
+
+@message("request_body")
+@dataclass(frozen=True)
+class RequestBody:
+    node_id: str
+    nonce: bytes
+    sent_at: int
+    x509_svids: tuple[X509SvidRequest, ...] = ()
+    sync_entries: bool = False
+
+
+@message("quoted_request")
+@dataclass(frozen=True)
+class QuotedRequest:
+    node_id: str
+    body: bytes                         # the exact bytes of an encoded RequestBody
+    quote: TpmEvidence                  # extraData = sha256(body)
+
+
+@dataclass(frozen=True)
+class IssuedX509Svid:
+    entry_id: str
+    spiffe_id: str
+    cert_chain: bytes                   # DER, leaf first
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class ItemError:
+    entry_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EntryView:
+    """A registration entry as the agent sees it: what to match and what to ask for."""
+
+    id: str
+    revision: int
+    spiffe_id: str
+    selectors: tuple[str, ...]
+    x509_ttl: int                       # seconds
+    dns_names: tuple[str, ...] = ()
+    hint: str = ""
+
+
+@message("credential_response")
+@dataclass(frozen=True)
+class CredentialResponse:
+    x509_svids: tuple[IssuedX509Svid, ...]
+    errors: tuple[ItemError, ...]
+    entries: tuple[EntryView, ...] | None   # the node's complete entry set when sync was asked
+    bundle: bytes
+    nonce: bytes
+    nonce_expires_at: int
+
+
+@message("error")
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str
+    message: str
+
+
+@message("reply_payload")
+@dataclass(frozen=True)
+class ReplyPayload:
+    """What the authority signs: the reply, the node it is for and the request it answers."""
+
+    node_id: str
+    in_reply_to: str                    # sha256 hex of the request bytes
+    issued_at: int
+    reply: bytes                        # an encoded Challenge / AttestResult / ... / ErrorReply
+
+
+@message("signed_reply")
+@dataclass(frozen=True)
+class SignedReply:
+    payload: bytes                      # an encoded ReplyPayload
+    signature: bytes                    # ECDSA P-256 SHA-256 (DER) by the authority key
+    signer_chain: bytes                 # DER certificates, leaf first, chaining to the trust bundle

@@ -1,0 +1,114 @@
+"""Signed authority replies (DESIGN §4: there is no insecure bootstrap).
+
+Every authority -> agent message is a SignedReply: an ECDSA signature by the authority's key, whose
+certificate (SPIFFE ID ``spiffe://<td>/vouchd/authority``) chains to the trust bundle the agent was
+configured with, over a payload that names the node and the sha256 of the request it answers. An
+agent drops anything else, so neither the broker nor another node can answer in the authority's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from vouchd.protocol.codec import decode, decode_as, encode
+from vouchd.protocol.errors import RemoteError, SignatureError
+from vouchd.protocol.messages import ErrorReply, ReplyPayload, SignedReply
+from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, X509Bundle, verify_x509_svid
+
+__all__ = ["ReplySigner", "ReplyVerifier", "authority_spiffe_id", "request_digest"]
+
+_SIGNATURE = ec.ECDSA(hashes.SHA256())
+
+
+def authority_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
+    return trust_domain.spiffe_id("/vouchd/authority")
+
+
+def request_digest(request: bytes) -> str:
+    return hashlib.sha256(request).hexdigest()
+
+
+def _split_der_chain(data: bytes) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    offset = 0
+    while offset < len(data):
+        # DER SEQUENCE header: 0x30, then a short or long-form length.
+        if data[offset] != 0x30 or offset + 2 > len(data):
+            raise SignatureError("signer chain is not a sequence of DER certificates")
+        length_byte = data[offset + 1]
+        if length_byte < 0x80:
+            header, length = 2, length_byte
+        else:
+            count = length_byte & 0x7F
+            if count == 0 or count > 4 or offset + 2 + count > len(data):
+                raise SignatureError("signer chain is not a sequence of DER certificates")
+            header, length = 2 + count, int.from_bytes(data[offset + 2: offset + 2 + count], "big")
+        end = offset + header + length
+        if end > len(data):
+            raise SignatureError("signer chain is truncated")
+        try:
+            certs.append(x509.load_der_x509_certificate(data[offset:end]))
+        except ValueError:
+            raise SignatureError("signer chain holds an unreadable certificate") from None
+        offset = end
+    if not certs:
+        raise SignatureError("signer chain is empty")
+    return certs
+
+
+class ReplySigner:
+    """The authority side: wraps replies for one node and one request."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, chain: Sequence[x509.Certificate]) -> None:
+        self._key = key
+        self._chain = b"".join(c.public_bytes(Encoding.DER) for c in chain)
+
+    def sign(self, reply: object, *, node_id: str, request: bytes) -> bytes:
+        payload = encode(ReplyPayload(node_id=node_id, in_reply_to=request_digest(request),
+                                      issued_at=int(time.time()), reply=encode(reply)))
+        signature = self._key.sign(payload, _SIGNATURE)
+        return encode(SignedReply(payload=payload, signature=signature, signer_chain=self._chain))
+
+
+class ReplyVerifier:
+    """The agent side: accepts a reply only from the authority, for this node, to this request."""
+
+    def __init__(self, trust_domain: TrustDomain, bundle: Callable[[], X509Bundle]) -> None:
+        self._authority_id = authority_spiffe_id(trust_domain)
+        self._bundle = bundle
+
+    def open(self, data: bytes, *, node_id: str, request: bytes) -> object:
+        """Verify and decode; an ErrorReply is raised as RemoteError."""
+        signed = decode_as(SignedReply, data)
+        chain = _split_der_chain(signed.signer_chain)
+        try:
+            signer = verify_x509_svid(chain, self._bundle())
+        except SpiffeError as err:
+            raise SignatureError(f"reply signer does not chain to the trust bundle: {err}") from None
+        if signer != self._authority_id:
+            raise SignatureError(f"reply signed by {signer}, not by {self._authority_id}")
+        public_key = chain[0].public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise SignatureError("reply signer key is not an EC key")
+        try:
+            public_key.verify(signed.signature, signed.payload, _SIGNATURE)
+        except InvalidSignature:
+            raise SignatureError("reply signature does not verify") from None
+        payload = decode_as(ReplyPayload, signed.payload)
+        if payload.node_id != node_id:
+            raise SignatureError("reply is addressed to another node")
+        if not hmac.compare_digest(payload.in_reply_to, request_digest(request)):
+            raise SignatureError("reply answers another request")
+        reply = decode(payload.reply)
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.message)
+        return reply

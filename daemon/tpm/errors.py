@@ -1,0 +1,46 @@
+"""Errors raised by the TPM service.
+
+Messages name the TCTI, the command, the TPM response code or the file that was at fault. They never
+carry an authValue, a key, a secret or a credential.
+"""
+
+from __future__ import annotations
+
+from vouchd.errors import VouchdError
+
+__all__ = [
+    "TpmArgumentError",
+    "TpmCapabilityError",
+    "TpmError",
+    "TpmKeyError",
+    "TpmOperationError",
+    "TpmUnavailableError",
+]
+
+
+class TpmError(VouchdError):
+    """Root of the TPM service's errors."""
+
+
+class TpmUnavailableError(TpmError):
+    """The TPM cannot be reached or does not respond; the message names the TCTI."""
+
+
+class TpmCapabilityError(TpmError):
+    """The TPM lacks an algorithm, curve or PCR bank vouchd needs; the message names what is missing."""
+
+
+class TpmKeyError(TpmError):
+    """A stored key blob or authValue is missing, corrupt or does not belong to this TPM; names the file."""
+
+
+class TpmOperationError(TpmError):
+    """A TPM command failed; the message names the command and the response code (hex and text)."""
+
+
+class TpmArgumentError(TpmError, ValueError):
+    """A caller passed a value the TPM service cannot use (unknown bank, PCR out of range, oversized data).
+
+    It is also a ValueError because it is a caller's mistake, yet callers that relay values from the
+    network (a PCR selection demanded by the authority) can catch it as a VouchdError.
+    """

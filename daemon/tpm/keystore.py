@@ -1,0 +1,115 @@
+"""Key blobs and authValues on disk: one 0600 file each, written atomically, in a 0700 directory.
+
+A key is three files named after its role: `<stem>.pub` (marshaled TPM2B_PUBLIC), `<stem>.priv`
+(marshaled TPM2B_PRIVATE, encrypted by the TPM) and `<stem>.auth` (the raw authValue). The first two
+use the same format as tpm2-tools' `-u`/`-r` files.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vouchd.tpm.errors import TpmKeyError
+from vouchd.tpm.values import KeyBlob
+
+__all__ = ["AUTH_VALUE_SIZE", "KeyFiles", "StoredKey", "ensure_state_dir", "read_key", "write_key"]
+
+AUTH_VALUE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    public: Path
+    private: Path
+    auth: Path
+
+    @classmethod
+    def in_directory(cls, directory: Path, stem: str) -> KeyFiles:
+        return cls(directory / f"{stem}.pub", directory / f"{stem}.priv", directory / f"{stem}.auth")
+
+    def all(self) -> tuple[Path, Path, Path]:
+        return (self.public, self.private, self.auth)
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    files: KeyFiles
+    blob: KeyBlob
+    auth_value: bytes = field(repr=False)
+
+
+def ensure_state_dir(directory: Path) -> None:
+    """Create `directory` as 0700 when it does not exist; an existing one is left as the operator made it."""
+    if directory.is_dir():
+        return
+    directory.mkdir(mode=0o700, parents=True)
+    # mkdir's mode is filtered by the umask; make the intent exact.
+    directory.chmod(0o700)
+
+
+def read_key(files: KeyFiles) -> StoredKey | None:
+    """The stored key, or None when none of its files exists.
+
+    A partial set of files is an error, not a reason to create a new key: the caller must not
+    silently replace a key the authority may already know.
+    """
+    present = [path.exists() for path in files.all()]
+    if not any(present):
+        return None
+    for path, exists in zip(files.all(), present, strict=True):
+        if not exists:
+            raise TpmKeyError(f"key file {path} is missing while the rest of its key is present")
+    auth_mode = files.auth.stat().st_mode
+    if auth_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TpmKeyError(
+            f"key file {files.auth} is accessible to group or others (mode {auth_mode & 0o777:o})"
+        )
+    auth_value = _read(files.auth)
+    if len(auth_value) != AUTH_VALUE_SIZE:
+        raise TpmKeyError(f"key file {files.auth} is corrupt: expected {AUTH_VALUE_SIZE} bytes")
+    return StoredKey(files, KeyBlob(_read(files.public), _read(files.private)), auth_value)
+
+
+def write_key(files: KeyFiles, blob: KeyBlob, auth_value: bytes) -> StoredKey:
+    """Store a key; each file appears complete or not at all."""
+    for path, data in ((files.public, blob.public), (files.private, blob.private), (files.auth, auth_value)):
+        try:
+            _write_atomically(path, data)
+        except OSError as err:
+            raise TpmKeyError(f"cannot write key file {path}: {err.strerror}") from err
+    return StoredKey(files, blob, auth_value)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise TpmKeyError(f"cannot read key file {path}: {err.strerror}") from err
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have narrowed it; make it exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    # The rename is durable only once the directory entry is.
+    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)

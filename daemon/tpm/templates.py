@@ -1,0 +1,70 @@
+"""The public areas of the keys vouchd creates under the EK, and the check that a stored one is ours.
+
+Both keys are ECC P-256 ECDSA-SHA256 signing keys that cannot leave the TPM (fixedTPM, fixedParent)
+and whose private part the TPM generated (sensitiveDataOrigin). They are used with a random
+authValue (userWithAuth), so a process that can talk to the TPM still cannot sign with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPM2B_PUBLIC, TPMA_OBJECT
+
+__all__ = ["KeyRole", "describe_mismatch", "public_template"]
+
+_SIGNING_ATTRIBUTES = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.SIGN_ENCRYPT
+)
+
+
+@dataclass(frozen=True)
+class _RoleSpec:
+    file_stem: str
+    attributes: TPMA_OBJECT
+
+
+class KeyRole(Enum):
+    """A key vouchd keeps in the TPM, by what it is for."""
+
+    # Restricted: signs only TPM-generated structures (quotes, certifications), never outside digests.
+    ATTESTATION_KEY = _RoleSpec("ak", _SIGNING_ATTRIBUTES | TPMA_OBJECT.RESTRICTED)
+    # The node's X.509 identity key: signs arbitrary digests (CSRs, bus messages).
+    NODE_KEY = _RoleSpec("node_key", _SIGNING_ATTRIBUTES)
+
+    @property
+    def file_stem(self) -> str:
+        return self.value.file_stem
+
+    @property
+    def attributes(self) -> TPMA_OBJECT:
+        return self.value.attributes
+
+
+def public_template(role: KeyRole) -> TPM2B_PUBLIC:
+    # parse() defaults to sign|decrypt attributes: always pass them explicitly.
+    return TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=role.attributes)
+
+
+def describe_mismatch(role: KeyRole, public: TPM2B_PUBLIC) -> str | None:
+    """What makes `public` differ from the public area vouchd creates for `role`, or None if nothing."""
+    area = public.publicArea
+    if area.type != TPM2_ALG.ECC:
+        return "key type is not ecc"
+    if area.nameAlg != TPM2_ALG.SHA256:
+        return "name algorithm is not sha256"
+    if area.objectAttributes != role.attributes:
+        return f"object attributes are {area.objectAttributes!s}, expected {role.attributes!s}"
+    detail = area.parameters.eccDetail
+    if detail.curveID != TPM2_ECC.NIST_P256:
+        return "curve is not nist p-256"
+    if detail.scheme.scheme != TPM2_ALG.ECDSA or detail.scheme.details.anySig.hashAlg != TPM2_ALG.SHA256:
+        return "signing scheme is not ecdsa-sha256"
+    if len(area.authPolicy) != 0:
+        return "key carries an authorization policy"
+    return None

@@ -1,0 +1,338 @@
+"""Node attestation end to end against a real swtpm and the in-process authority (DESIGN §4, §5).
+
+Every refusal test changes exactly one thing about an otherwise valid exchange, and checks both
+the authority's refusal code and that no node SVID was issued.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.tpm.conftest import TRUST_DOMAIN, BootedTpm, authority_config
+from vouchd.agent.node import NodeIdentity
+from vouchd.authority.server import Authority
+from vouchd.evidence import ObjectAttributes, TpmPublic, make_credential
+from vouchd.protocol.codec import encode
+from vouchd.protocol.errors import RemoteError
+from vouchd.protocol.messages import (
+    AttestRequest,
+    AttestResult,
+    Challenge,
+    ChallengeResponse,
+    CredentialResponse,
+    QuotedRequest,
+    RequestBody,
+    TpmEvidence,
+    X509SvidRequest,
+)
+from vouchd.protocol.signing import ReplyVerifier
+from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, LocalTransport
+from vouchd.spiffe import SpiffeId, TrustTier, make_csr, read_tier, validate_x509_svid_leaf, verify_x509_svid
+from vouchd.tpm import NodeKeys, TpmOperationError, TpmService
+
+
+def ek_hash_of(tpm: TpmService) -> str:
+    return hashlib.sha256(TpmPublic.from_tpm2b(tpm.ek.public).spki_der()).hexdigest()
+
+
+def node_id_of(tpm: TpmService) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/vouchd/node/tpm/{ek_hash_of(tpm)}"
+
+
+class Exchange:
+    """Speaks the attestation protocol by hand so a test can alter one step."""
+
+    def __init__(self, authority: Authority, tpm: TpmService, keys: NodeKeys, event_log: Path) -> None:
+        self.authority, self.tpm, self.keys, self.event_log = authority, tpm, keys, event_log
+        self.node_id = node_id_of(tpm)
+        self.verifier = ReplyVerifier(TRUST_DOMAIN, authority.bundle)
+
+    async def call(self, topic: str, message: object) -> object:
+        request = encode(message)
+        reply = await self.authority.handle(topic, request)
+        return self.verifier.open(reply, node_id=self.node_id, request=request)
+
+    async def attest_request(self, **changes: object) -> AttestRequest:
+        nonce = os.urandom(32)
+        certify = await self.tpm.certify_node_key(nonce)
+        fields: dict[str, object] = {
+            "node_id": self.node_id, "ek_type": "rsa2048", "ek_public": self.tpm.ek.public,
+            "ek_certificate": self.tpm.ek.certificate, "ak_public": self.keys.ak.public,
+            "node_key_public": self.keys.node_key.public,
+            "node_key_certify": TpmEvidence(certify.attest, certify.signature), "certify_nonce": nonce,
+            "event_log": self.event_log.read_bytes(),
+        }
+        fields.update(changes)
+        return AttestRequest(**fields)  # type: ignore[arg-type]
+
+    async def challenge(self, request: AttestRequest | None = None) -> Challenge:
+        reply = await self.call(ATTEST_TOPIC, request or await self.attest_request())
+        assert isinstance(reply, Challenge)
+        return reply
+
+    async def answer(self, challenge: Challenge, extra_data: bytes) -> object:
+        quote = await self.tpm.quote(challenge.pcr_bank, challenge.pcr_indices, extra_data)
+        return await self.call(ATTEST_TOPIC, ChallengeResponse(
+            node_id=self.node_id, session=challenge.session, quote=TpmEvidence(quote.attest, quote.signature)))
+
+    async def attest(self) -> AttestResult:
+        challenge = await self.challenge()
+        secret = await self.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+        result = await self.answer(challenge, hashlib.sha256(challenge.server_nonce + secret).digest())
+        assert isinstance(result, AttestResult)
+        return result
+
+
+@pytest.fixture
+def exchange(authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm) -> Exchange:
+    authority.enrol(ek_hash_of(tpm), "test")
+    return Exchange(authority, tpm, node_keys, booted_tpm.event_log)
+
+
+def no_node_record(authority: Authority, exchange: Exchange) -> bool:
+    return authority.store.node(exchange.node_id) is None
+
+
+async def test_valid_attestation_issues_node_svid_for_the_tpm_resident_node_key(exchange: Exchange) -> None:
+    result = await exchange.attest()
+
+    svid = x509.load_der_x509_certificate(result.node_svid)
+    bundle = exchange.authority.bundle()
+    assert verify_x509_svid([svid], bundle) == SpiffeId.parse(exchange.node_id)
+    assert svid.public_key() == TpmPublic.from_tpm2b(exchange.keys.node_key.public).public_key()
+    assert read_tier(svid) is TrustTier.HARDWARE
+    ek_hex = ek_hash_of(exchange.tpm)
+    assert f"tpm:ek_hash:{ek_hex}" in result.selectors
+    assert "node:tier:hardware" in result.selectors
+    assert any(s.startswith("tpm:ek_issuer_cn:") for s in result.selectors)
+    assert any(s.startswith("tpm:pcr_profile:learned-") for s in result.selectors)
+
+
+async def test_credential_made_for_another_ak_cannot_be_activated_and_no_svid_follows(exchange: Exchange) -> None:
+    challenge = await exchange.challenge()
+    ek = TpmPublic.from_tpm2b(exchange.tpm.ek.public)
+    other_name = TpmPublic.from_tpm2b(exchange.keys.node_key.public).name
+    blob, secret = make_credential(ek, os.urandom(32), other_name)
+
+    with pytest.raises(TpmOperationError):
+        await exchange.tpm.activate_credential(blob, secret)
+    # Without the activated secret the agent can only guess the extraData: refused.
+    with pytest.raises(RemoteError) as refused:
+        await exchange.answer(challenge, hashlib.sha256(challenge.server_nonce + os.urandom(32)).digest())
+    assert refused.value.code == "bad_quote"
+    assert no_node_record(exchange.authority, exchange)
+
+
+async def test_quote_with_wrong_nonce_is_refused(exchange: Exchange) -> None:
+    challenge = await exchange.challenge()
+    secret = await exchange.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+
+    with pytest.raises(RemoteError) as refused:
+        await exchange.answer(challenge, hashlib.sha256(os.urandom(32) + secret).digest())
+    assert refused.value.code == "bad_quote"
+    assert "extraData" in refused.value.reason
+    assert no_node_record(exchange.authority, exchange)
+
+
+async def test_challenge_session_is_single_use(exchange: Exchange) -> None:
+    challenge = await exchange.challenge()
+    secret = await exchange.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+    extra = hashlib.sha256(challenge.server_nonce + secret).digest()
+    assert isinstance(await exchange.answer(challenge, extra), AttestResult)
+
+    with pytest.raises(RemoteError) as refused:
+        await exchange.answer(challenge, extra)
+    assert refused.value.code == "session_expired"
+
+
+async def test_ek_certificate_not_chaining_to_configured_roots_is_refused(
+    tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
+) -> None:
+    stranger_root = tmp_path / "other-root.pem"
+    stranger_root.write_bytes(_self_signed_ca_pem("Some Other TPM Vendor Root"))
+    authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm, ek_roots=(stranger_root,),
+                                           ek_intermediates=()), TRUST_DOMAIN)
+    try:
+        authority.enrol(ek_hash_of(tpm), "test")
+        exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
+        with pytest.raises(RemoteError) as refused:
+            await exchange.challenge()
+        assert refused.value.code == "ek_untrusted"
+        assert no_node_record(authority, exchange)
+    finally:
+        authority.close()
+
+
+async def test_ek_that_is_not_enrolled_is_refused_in_allowlist_mode(
+    authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm
+) -> None:
+    exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge()
+    assert refused.value.code == "not_enrolled"
+
+
+async def test_ak_without_restricted_attribute_is_refused(exchange: Exchange) -> None:
+    # The node key is a non-restricted signing key: presenting it as the AK must fail.
+    request = await exchange.attest_request(ak_public=exchange.keys.node_key.public)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(request)
+    assert refused.value.code == "bad_evidence"
+    assert "restricted" in refused.value.reason.lower()
+
+
+async def test_ak_without_fixed_tpm_attribute_is_refused(exchange: Exchange) -> None:
+    ak = TpmPublic.from_tpm2b(exchange.keys.ak.public)
+    altered = _with_attributes(exchange.keys.ak.public, ak.attributes & ~ObjectAttributes.FIXED_TPM)
+    request = await exchange.attest_request(ak_public=altered)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(request)
+    assert refused.value.code == "bad_evidence"
+    assert "fixed" in refused.value.reason.lower()
+
+
+async def test_certify_by_the_ak_must_name_the_presented_node_key(exchange: Exchange) -> None:
+    nonce = os.urandom(32)
+    certify = await exchange.tpm.certify_node_key(nonce)
+    request = await exchange.attest_request(certify_nonce=os.urandom(32),
+                                            node_key_certify=TpmEvidence(certify.attest, certify.signature))
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(request)
+    assert refused.value.code == "bad_evidence"
+
+
+async def test_event_log_that_does_not_replay_to_the_quote_is_refused(exchange: Exchange) -> None:
+    from vouchd.evidence import EventType, build_event_log
+
+    forged, _ = build_event_log([(0, int(EventType.EV_POST_CODE), b"a different firmware"),
+                                 *[(i, int(EventType.EV_SEPARATOR), b"\0\0\0\0") for i in range(8)]])
+    challenge = await exchange.challenge(await exchange.attest_request(event_log=forged))
+    secret = await exchange.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.answer(challenge, hashlib.sha256(challenge.server_nonce + secret).digest())
+    assert refused.value.code == "bad_quote"
+    assert no_node_record(exchange.authority, exchange)
+
+
+async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
+    tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
+) -> None:
+    from vouchd.agent.agent import standalone_entries
+    from vouchd.config import parse_config
+
+    config = parse_config(
+        "trust_domain: example.org\n"
+        "entries:\n"
+        "  - {id: mine, spiffe_id: spiffe://example.org/app, selectors: ['unix:uid:1000']}\n"
+        "  - {id: other-node, spiffe_id: spiffe://example.org/elsewhere, selectors: ['unix:uid:1000'],\n"
+        "     parent: 'spiffe://example.org/vouchd/node/tpm/" + "ab" * 32 + "'}\n",
+        tmp_path / "c.yaml",
+    )
+    authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm), TRUST_DOMAIN,
+                          standalone_entries(config.entries, ek_hash_of(tpm)))
+    try:
+        authority.enrol(ek_hash_of(tpm), "test")
+        await _issue_and_replay(Exchange(authority, tpm, node_keys, booted_tpm.event_log))
+    finally:
+        authority.close()
+
+
+async def _issue_and_replay(exchange: Exchange) -> None:
+    result = await exchange.attest()
+    key = ec.generate_private_key(ec.SECP256R1())
+    body = encode(RequestBody(node_id=exchange.node_id, nonce=result.nonce, sent_at=int(dt.datetime.now().timestamp()),
+                              x509_svids=(X509SvidRequest("mine", make_csr(key)),
+                                          X509SvidRequest("other-node", make_csr(key))),
+                              sync_entries=True))
+    quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(body).digest())
+    request = QuotedRequest(node_id=exchange.node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature))
+    response = await exchange.call(REQUEST_TOPIC, request)
+
+    assert isinstance(response, CredentialResponse)
+    assert [s.entry_id for s in response.x509_svids] == ["mine"]
+    assert [(e.entry_id, e.code) for e in response.errors] == [("other-node", "not_authorized")]
+    assert [e.id for e in response.entries or ()] == ["mine"]
+    leaf = x509.load_der_x509_certificate(response.x509_svids[0].cert_chain)
+    assert validate_x509_svid_leaf(leaf) == SpiffeId.parse("spiffe://example.org/app")
+    assert leaf.public_key() == key.public_key()
+
+    # The same bytes again (QoS 1 redelivery) get the very same reply; new bytes with the used nonce do not.
+    assert await exchange.authority.handle(REQUEST_TOPIC, encode(request)) == \
+        await exchange.authority.handle(REQUEST_TOPIC, encode(request))
+    replay_body = encode(RequestBody(node_id=exchange.node_id, nonce=result.nonce,
+                                     sent_at=int(dt.datetime.now().timestamp()) + 1))
+    replay_quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(replay_body).digest())
+    with pytest.raises(RemoteError) as refused:
+        await exchange.call(REQUEST_TOPIC, QuotedRequest(node_id=exchange.node_id, body=replay_body,
+                                                         quote=TpmEvidence(replay_quote.attest, replay_quote.signature)))
+    assert refused.value.code == "nonce"
+
+
+async def test_credential_request_with_wrong_extra_data_is_refused(exchange: Exchange) -> None:
+    result = await exchange.attest()
+    body = encode(RequestBody(node_id=exchange.node_id, nonce=result.nonce,
+                              sent_at=int(dt.datetime.now().timestamp())))
+    quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(body + b"x").digest())
+    with pytest.raises(RemoteError) as refused:
+        await exchange.call(REQUEST_TOPIC, QuotedRequest(node_id=exchange.node_id, body=body,
+                                                         quote=TpmEvidence(quote.attest, quote.signature)))
+    assert refused.value.code == "bad_quote"
+
+
+async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
+    authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path
+) -> None:
+    authority.enrol(ek_hash_of(tpm), "test")
+    node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
+                        transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
+                        initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
+    await node.attest()
+    first = authority.store.node(node.node_id)
+    assert first is not None
+
+    # Reboot: resetCount goes up and PCRs start over; the same boot is measured again.
+    from vouchd.devtools import simulate_measured_boot
+
+    await tpm.close()
+    booted_tpm.swtpm.power_cycle()
+    await simulate_measured_boot(booted_tpm.tcti, booted_tpm.event_log)
+    async with TpmService(booted_tpm.tcti) as rebooted:
+        # The agent restarts after the reboot: same key blobs, no nonce, a stale attestation record.
+        await rebooted.ensure_node_keys(tmp_path / "agent-tpm")
+        restarted = NodeIdentity(tpm=rebooted, ak_public=node_keys.ak.public,
+                                 node_key_public=node_keys.node_key.public,
+                                 transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
+                                 initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
+        response = await restarted.request(sync_entries=True)
+    assert response.entries == ()
+    second = authority.store.node(node.node_id)
+    assert second is not None and second.reset_count > first.reset_count
+
+
+def _with_attributes(tpm2b_public: bytes, attributes: int) -> bytes:
+    # TPM2B_PUBLIC: size(2) type(2) nameAlg(2) objectAttributes(4) ...
+    return tpm2b_public[:6] + struct.pack(">I", attributes) + tpm2b_public[10:]
+
+
+def _self_signed_ca_pem(common_name: str) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.PEM)

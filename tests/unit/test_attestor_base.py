@@ -1,0 +1,131 @@
+"""attest_workload: concurrent attestors under one deadline, failing closed and naming the culprit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+
+import pytest
+
+from vouchd.attestors import AttestorError, WorkloadProcess, attest_workload, read_start_time
+from vouchd.selectors import Selector
+
+PROCESS = WorkloadProcess(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), start_time=read_start_time(os.getpid()))
+
+
+class FixedAttestor:
+    def __init__(self, name: str, *selectors: str) -> None:
+        self.name = name
+        self._selectors = [Selector.parse(s) for s in selectors]
+        self.seen: list[WorkloadProcess] = []
+
+    async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
+        self.seen.append(process)
+        return self._selectors
+
+
+class FailingAttestor:
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name = name
+        self._error = error
+
+    async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
+        raise self._error
+
+
+class StuckAttestor:
+    """Never answers; records that it was cancelled rather than left running."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+class NotSelectorsAttestor:
+    name = "sloppy"
+
+    async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
+        return ["unix:uid:0"]  # type: ignore[list-item]
+
+
+async def test_selectors_of_all_attestors_are_merged() -> None:
+    unix = FixedAttestor("unix", "unix:uid:0", "unix:gid:0")
+    systemd = FixedAttestor("systemd", "systemd:unit:web.service", "unix:uid:0")
+
+    selectors = await attest_workload(PROCESS, [unix, systemd], deadline=5)
+
+    assert selectors == frozenset(
+        Selector.parse(s) for s in ("unix:uid:0", "unix:gid:0", "systemd:unit:web.service")
+    )
+    assert unix.seen == [PROCESS]
+    assert systemd.seen == [PROCESS]
+
+
+async def test_a_failing_attestor_fails_the_whole_attestation_and_is_named() -> None:
+    stuck = StuckAttestor("lineage")
+    failing = FailingAttestor("container", OSError("cgroup file vanished"))
+
+    with pytest.raises(AttestorError) as caught:
+        await attest_workload(PROCESS, [FixedAttestor("unix", "unix:uid:0"), stuck, failing], deadline=5)
+
+    assert caught.value.attestor == "container"
+    assert str(caught.value) == "workloadattestor(container): OSError: cgroup file vanished"
+    assert stuck.cancelled, "the other attestors must not outlive the failed attestation"
+
+
+async def test_an_attestor_error_keeps_its_reason() -> None:
+    failing = FailingAttestor("unix", AttestorError("unix", "process 12 has exited"))
+
+    with pytest.raises(AttestorError, match=r"^workloadattestor\(unix\): process 12 has exited$"):
+        await attest_workload(PROCESS, [failing], deadline=5)
+
+
+async def test_an_attestor_missing_the_deadline_fails_the_attestation() -> None:
+    stuck = StuckAttestor("systemd")
+
+    with pytest.raises(AttestorError, match=r"^workloadattestor\(systemd\): no answer within 0.05s$"):
+        await attest_workload(PROCESS, [FixedAttestor("unix", "unix:uid:0"), stuck], deadline=0.05)
+
+    assert stuck.cancelled
+
+
+async def test_cancelling_the_attestation_cancels_every_attestor() -> None:
+    stuck = StuckAttestor("systemd")
+    attestation = asyncio.create_task(attest_workload(PROCESS, [stuck], deadline=60))
+    await stuck.started.wait()
+
+    attestation.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attestation
+
+    assert stuck.cancelled
+
+
+async def test_results_that_are_not_selectors_are_an_attestor_error() -> None:
+    with pytest.raises(AttestorError, match=r"workloadattestor\(sloppy\): returned str, not a Selector"):
+        await attest_workload(PROCESS, [NotSelectorsAttestor()], deadline=5)
+
+
+async def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="at least one workload attestor"):
+        await attest_workload(PROCESS, [], deadline=5)
+    with pytest.raises(ValueError, match="deadline must be positive"):
+        await attest_workload(PROCESS, [FixedAttestor("unix")], deadline=0)
+
+
+def test_workload_process_refuses_impossible_values() -> None:
+    with pytest.raises(ValueError, match="pid must be positive"):
+        WorkloadProcess(pid=0, uid=0, gid=0, start_time=1)
+    with pytest.raises(ValueError, match="start time must not be negative"):
+        WorkloadProcess(pid=1, uid=0, gid=0, start_time=-1)

@@ -1,0 +1,119 @@
+"""/proc parsing: stat lines whose command name is hostile, status Groups, and real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vouchd.attestors import ProcessExitedError, ProcessInfoError, read_start_time
+from vouchd.attestors.workload.procfs import (
+    parse_stat,
+    parse_status_groups,
+    read_process_stat,
+    read_supplementary_groups,
+)
+
+# A real stat line of `sleep`, with comm replaced below.
+_STAT_TAIL = (
+    "S 1 4242 4242 0 -1 4194560 103 0 0 0 0 0 0 0 20 0 1 0 987654 5746688 224 "
+    "18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 3 0 0 0 0 0"
+)
+
+HOSTILE_COMM = "a) (b c"
+
+
+def _stat_line(pid: int, comm: str) -> str:
+    return f"{pid} ({comm}) {_STAT_TAIL}\n"
+
+
+def test_parse_stat_takes_comm_up_to_the_last_parenthesis() -> None:
+    stat = parse_stat(_stat_line(77, "x) S 1 2 3 (y"))
+
+    assert stat.pid == 77
+    assert stat.comm == "x) S 1 2 3 (y"
+    assert stat.state == "S"
+    assert stat.ppid == 1
+    assert stat.start_time == 987654
+
+
+@given(comm=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\n"), max_size=15))
+def test_parse_stat_round_trips_any_comm(comm: str) -> None:
+    stat = parse_stat(_stat_line(12345, comm))
+
+    assert (stat.pid, stat.comm, stat.start_time) == (12345, comm, 987654)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["", "1234", "1234 (sleep", "1234 (sleep) S 1 2", "x (sleep) " + _STAT_TAIL, "1 (a) S 1 " + "z " * 30],
+)
+def test_parse_stat_rejects_malformed_lines(line: str) -> None:
+    with pytest.raises(ProcessInfoError, match="malformed /proc stat line"):
+        parse_stat(line)
+
+
+def test_parse_status_groups() -> None:
+    status = "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nNgid:\t0\n"
+
+    assert parse_status_groups(status) == (4, 24, 27, 1000)
+    assert parse_status_groups("Name:\tx\nGroups:\t\n") == ()
+    with pytest.raises(ProcessInfoError, match="no Groups line"):
+        parse_status_groups("Name:\tx\n")
+
+
+@pytest.fixture
+def hostile_named_process() -> Iterator[subprocess.Popen[str]]:
+    """A live process that renamed itself to a comm full of parentheses and spaces."""
+    script = (
+        f"open('/proc/self/comm', 'w').write({HOSTILE_COMM!r});"
+        "print('ready', flush=True); import sys; sys.stdin.read()"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "ready\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_read_start_time_of_a_process_named_with_parentheses(hostile_named_process: subprocess.Popen[str]) -> None:
+    pid = hostile_named_process.pid
+    start_time = read_start_time(pid)
+
+    assert read_process_stat(pid).comm == HOSTILE_COMM
+    # psutil derives create_time from the same field: boot time + ticks / CLK_TCK.
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    assert psutil.boot_time() + start_time / ticks_per_second == pytest.approx(
+        psutil.Process(pid).create_time(), abs=0.05
+    )
+    assert start_time >= read_start_time(os.getpid())
+
+
+def test_read_supplementary_groups_matches_the_kernel() -> None:
+    assert sorted(read_supplementary_groups(os.getpid())) == sorted(os.getgroups())
+
+
+def test_reading_an_exited_process_says_so() -> None:
+    process = subprocess.Popen(["true"])
+    process.wait()
+
+    with pytest.raises(ProcessExitedError, match=f"process {process.pid} has exited"):
+        read_start_time(process.pid)
+    with pytest.raises(ProcessExitedError):
+        read_supplementary_groups(process.pid)
+
+
+def test_invalid_pid_is_refused() -> None:
+    with pytest.raises(ProcessInfoError, match="invalid pid 0"):
+        read_start_time(0)
