@@ -47,6 +47,8 @@ class Swtpm:
                        env={**os.environ, "TSS2_LOG": "all+NONE"})
         subprocess.run(["swtpm_ioctl", "--unix", str(self.ctrl_path), "-i"], check=True,
                        capture_output=True)
+        subprocess.run(["tpm2_startup", "--clear", "-T", self.tcti], check=True, capture_output=True,
+                       env={**os.environ, "TSS2_LOG": "all+NONE"})
 
     def stop(self) -> None:
         if self.process.poll() is None:

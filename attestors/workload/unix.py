@@ -267,9 +267,7 @@ class UnixAttestor:
         if hasher is not None and not isinstance(hasher, ExecutableHasher):
             raise ConfigError("workloadattestor(unix): hasher must be an ExecutableHasher")
         self._hash_executables = hash_executables
-        self._hasher = hasher or ExecutableHasher(
-            max_bytes=max_hash_bytes, hashes_per_second=float(hashes_per_second)
-        )
+        self._hasher = hasher or ExecutableHasher(max_bytes=max_hash_bytes, hashes_per_second=float(hashes_per_second))
 
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
         try:
@@ -334,4 +332,3 @@ def _group_name(gid: int) -> str | None:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return None
-

@@ -219,12 +219,11 @@ class SvidManager:
         for item in response.errors:
             failed[item.entry_id] = f"{item.code}: {item.message}"
         for issued in response.x509_svids:
-            key = keys.get(issued.entry_id)
-            entry = self._entries.get(issued.entry_id)
-            if key is None or entry is None:
+            issued_key = keys.get(issued.entry_id)
+            if issued_key is None or issued.entry_id not in self._entries:
                 continue
             certificate = x509.load_der_x509_certificate(issued.cert_chain)
-            if certificate.public_key() != key.public_key():
+            if certificate.public_key() != issued_key.public_key():
                 failed[issued.entry_id] = "authority returned a certificate for another key"
                 continue
             expires = certificate.not_valid_after_utc.timestamp()
@@ -232,15 +231,16 @@ class SvidManager:
             self._svids[issued.entry_id] = CachedSvid(
                 entry_id=issued.entry_id, spiffe_id=issued.spiffe_id, certificate=certificate,
                 chain_der=issued.cert_chain,
-                private_key_der=key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
+                private_key_der=issued_key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
                 issued_at=now, expires_at=expires,
                 rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
             )
             log.info("x509-svid cached", extra={"entry_id": issued.entry_id, "spiffe_id": issued.spiffe_id,
                                                 "svid_serial": f"{certificate.serial_number:x}"})
-        for entry_id in requests:
-            if entry_id.entry_id not in self._svids or self._svids[entry_id.entry_id].issued_at != now:
-                failed.setdefault(entry_id.entry_id, "authority did not issue an SVID")
+        for request in requests:
+            cached = self._svids.get(request.entry_id)
+            if cached is None or cached.issued_at != now:
+                failed.setdefault(request.entry_id, "authority did not issue an SVID")
         await self._bump()
         return failed
 

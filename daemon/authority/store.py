@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from vouchd.authority.errors import AuthorityError
 
@@ -202,14 +203,13 @@ class AuthorityStore:
         }
 
 
-def _node_from_row(row: tuple[object, ...]) -> NodeRecord:
+def _node_from_row(row: Any) -> NodeRecord:
     (node_id, ek_hash, tier, state, ak_public, node_key_public, selectors, pcr_bank, pcr_indices,
      pcr_digest, reset_count, restart_count, clock, attested_at, last_quote_at) = row
     return NodeRecord(
-        node_id=str(node_id), ek_hash=str(ek_hash), tier=str(tier), state=NodeState(str(state)),
-        ak_public=bytes(ak_public), node_key_public=bytes(node_key_public),  # type: ignore[arg-type]
-        selectors=tuple(json.loads(str(selectors))), pcr_bank=str(pcr_bank),
-        pcr_indices=tuple(json.loads(str(pcr_indices))), pcr_digest=bytes(pcr_digest),  # type: ignore[arg-type]
-        reset_count=int(reset_count), restart_count=int(restart_count), clock=int(clock),  # type: ignore[call-overload]
-        attested_at=float(attested_at), last_quote_at=float(last_quote_at),  # type: ignore[arg-type]
+        node_id=node_id, ek_hash=ek_hash, tier=tier, state=NodeState(state),
+        ak_public=bytes(ak_public), node_key_public=bytes(node_key_public),
+        selectors=tuple(json.loads(selectors)), pcr_bank=pcr_bank, pcr_indices=tuple(json.loads(pcr_indices)),
+        pcr_digest=bytes(pcr_digest), reset_count=reset_count, restart_count=restart_count, clock=clock,
+        attested_at=attested_at, last_quote_at=last_quote_at,
     )

@@ -100,6 +100,7 @@ def make_credential(ek: TpmPublic, secret: bytes, object_name: bytes) -> tuple[b
         raise EvidenceError(f"credential secret must be 1 to {seed_size} bytes")
     seed, encrypted_seed = _seed(ek, seed_size)
     symmetric_key = _kdfa(ek.name_alg, seed, _STORAGE_LABEL, object_name, ek.symmetric_bits)
+    # A zero IV is what the TPM uses: the key is fresh for every credential (derived from a new seed).
     encryptor = Cipher(algorithms.AES(symmetric_key), CFB(b"\0" * _AES_BLOCK)).encryptor()
     encrypted_identity = encryptor.update(_wire.sized(secret)) + encryptor.finalize()
     hmac_key = _kdfa(ek.name_alg, seed, _INTEGRITY_LABEL, b"", seed_size * 8)

@@ -16,7 +16,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, cast, get_args, get_origin, get_type_hints
 
 from vouchd.protocol.errors import MessageError
 
@@ -154,5 +154,5 @@ def _from_json(tp: Any, value: object, where: str) -> Any:
                     continue
                 raise MessageError(f"{where}: missing field {name!r}")
             kwargs[name] = _from_json(hints[name], value[name], f"{where}.{name}")
-        return tp(**kwargs)
+        return cast(Any, tp)(**kwargs)
     raise TypeError(f"{where}: unsupported field type {tp!r}")

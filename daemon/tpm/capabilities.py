@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tpm2_pytss import TPM2_ALG, TPM2_ECC
+
 from vouchd.tpm.ek import EkType
 
 __all__ = ["TpmCapabilities", "missing_capabilities"]
@@ -52,9 +53,7 @@ def missing_capabilities(ek_type: EkType, capabilities: TpmCapabilities) -> list
         for alg in (*_COMMON_ALGORITHMS, *_EK_ALGORITHMS[ek_type])
         if alg not in capabilities.algorithms
     ]
-    missing += [
-        f"curve {_CURVE_NAMES[curve]}" for curve in _EK_CURVES[ek_type] if curve not in capabilities.curves
-    ]
+    missing += [f"curve {_CURVE_NAMES[curve]}" for curve in _EK_CURVES[ek_type] if curve not in capabilities.curves]
     if TPM2_ALG.SHA256 not in capabilities.pcr_banks:
         missing.append("an allocated sha256 pcr bank")
     return missing

@@ -43,6 +43,7 @@ from tpm2_pytss import (
     TSS2_Exception,
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
+
 from vouchd.tpm.capabilities import TpmCapabilities, missing_capabilities
 from vouchd.tpm.ek import EkProfile
 from vouchd.tpm.errors import (
@@ -133,7 +134,7 @@ class TpmDevice:
         self._ek_template: TPM2B_PUBLIC | None = None
         self._ek_public: bytes = b""
         self._ek_context: object = None
-        self.ek_info: EkInfo | None = None
+        self._ek_info: EkInfo | None = None
 
     @classmethod
     def open(cls, tcti: str, profile: EkProfile) -> TpmDevice:
@@ -149,6 +150,12 @@ class TpmDevice:
             device.close()
             raise
         return device
+
+    @property
+    def ek_info(self) -> EkInfo:
+        if self._ek_info is None:
+            raise TpmError("the tpm device has no endorsement key yet")
+        return self._ek_info
 
     def close(self) -> None:
         self._esapi.close()
@@ -166,9 +173,7 @@ class TpmDevice:
             self._esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, 0, 1)
         except TSS2_Exception as err:
             if err.error != TPM2_RC.INITIALIZE:
-                raise TpmUnavailableError(
-                    f"the tpm at tcti {self._tcti!r} does not answer: {_describe(err)}"
-                ) from err
+                raise TpmUnavailableError(f"the tpm at tcti {self._tcti!r} does not answer: {_describe(err)}") from err
             # Firmware or the kernel normally start the TPM; a simulator that was just reset needs it
             # from its first client, as tpm2-abrmd does.
             _log.info("tpm was not started up, sending TPM2_Startup(CLEAR)", extra={"tcti": self._tcti})
@@ -213,17 +218,14 @@ class TpmDevice:
             if response[6:10] == b"\x00\x00\x00\x00":
                 flushed += 1
         if flushed:
-            _log.info(
-                "flushed objects and sessions left in the tpm by earlier clients", extra={"count": flushed}
-            )
+            _log.info("flushed objects and sessions left in the tpm by earlier clients", extra={"count": flushed})
 
     def _check_capabilities(self) -> None:
         algorithms: set[int] = set()
         curves: set[int] = set()
         banks: set[int] = set()
         with _command("GetCapability"):
-            more, data = True, None
-            start = 0
+            more, start = True, 0
             while more:
                 more, data = self._esapi.get_capability(TPM2_CAP.ALGS, start, 128)
                 found = [int(prop.alg) for prop in data.data.algorithms]
@@ -261,7 +263,7 @@ class TpmDevice:
         handle, public = self._create_ek_primary()
         self._ek_public = public.marshal()
         self._save_ek(handle)
-        self.ek_info = EkInfo(
+        self._ek_info = EkInfo(
             ek_type=self._profile.ek_type,
             public=self._ek_public,
             certificate=_trim_der(certificate) if certificate else None,
@@ -302,15 +304,11 @@ class TpmDevice:
         except TSS2_Exception as err:
             # A TPM Reset or Restart invalidates saved object contexts; the EK itself is derived from
             # the endorsement seed and comes back identical unless the TPM was cleared.
-            _log.warning(
-                "saved ek context no longer loads, deriving the ek again", extra={"rc": _describe(err)}
-            )
+            _log.warning("saved ek context no longer loads, deriving the ek again", extra={"rc": _describe(err)})
             handle, public = self._create_ek_primary()
             if public.marshal() != self._ek_public:
                 self._flush_quietly(handle)
-                raise TpmError(
-                    "the endorsement key changed since start: the tpm was cleared or replaced"
-                ) from err
+                raise TpmError("the endorsement key changed since start: the tpm was cleared or replaced") from err
             with _command("ContextSave"):
                 try:
                     self._ek_context = self._esapi.context_save(handle)
@@ -460,9 +458,7 @@ def _pcr_selection(bank: TPM2_ALG, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
     bitmap = bytearray(_PCR_SELECT_BYTES)
     for index in pcrs:
         bitmap[index // 8] |= 1 << (index % 8)
-    return TPML_PCR_SELECTION(
-        [TPMS_PCR_SELECTION(hash=bank, sizeofSelect=_PCR_SELECT_BYTES, pcrSelect=bytes(bitmap))]
-    )
+    return TPML_PCR_SELECTION([TPMS_PCR_SELECTION(hash=bank, sizeofSelect=_PCR_SELECT_BYTES, pcrSelect=bytes(bitmap))])
 
 
 def _selected_indices(selection: TPML_PCR_SELECTION, bank: TPM2_ALG) -> list[int]:

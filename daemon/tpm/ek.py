@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
 from tpm2_pytss import TPM2_ALG
+
 from vouchd.tpm.errors import TpmArgumentError
 
 __all__ = ["EK_PROFILES", "EkProfile", "EkType", "parse_ek_type"]

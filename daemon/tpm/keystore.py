@@ -46,9 +46,12 @@ def ensure_state_dir(directory: Path) -> None:
     """Create `directory` as 0700 when it does not exist; an existing one is left as the operator made it."""
     if directory.is_dir():
         return
-    directory.mkdir(mode=0o700, parents=True)
-    # mkdir's mode is filtered by the umask; make the intent exact.
-    directory.chmod(0o700)
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        # mkdir's mode is filtered by the umask; make the intent exact.
+        directory.chmod(0o700)
+    except OSError as err:
+        raise TpmKeyError(f"cannot create key directory {directory}: {err.strerror}") from err
 
 
 def read_key(files: KeyFiles) -> StoredKey | None:
@@ -63,11 +66,12 @@ def read_key(files: KeyFiles) -> StoredKey | None:
     for path, exists in zip(files.all(), present, strict=True):
         if not exists:
             raise TpmKeyError(f"key file {path} is missing while the rest of its key is present")
-    auth_mode = files.auth.stat().st_mode
+    try:
+        auth_mode = files.auth.stat().st_mode
+    except OSError as err:
+        raise TpmKeyError(f"cannot read key file {files.auth}: {err.strerror}") from err
     if auth_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TpmKeyError(
-            f"key file {files.auth} is accessible to group or others (mode {auth_mode & 0o777:o})"
-        )
+        raise TpmKeyError(f"key file {files.auth} is accessible to group or others (mode {auth_mode & 0o777:o})")
     auth_value = _read(files.auth)
     if len(auth_value) != AUTH_VALUE_SIZE:
         raise TpmKeyError(f"key file {files.auth} is corrupt: expected {AUTH_VALUE_SIZE} bytes")

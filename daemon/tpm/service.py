@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Self, TypeVar, TypeVarTuple
 
 from tpm2_pytss import TPM2_ALG
+
 from vouchd.tpm.device import PCR_COUNT, TpmDevice
 from vouchd.tpm.ek import EK_PROFILES, EkType, parse_ek_type
 from vouchd.tpm.errors import TpmArgumentError, TpmError
@@ -69,6 +70,8 @@ class TpmService:
 
     async def start(self) -> None:
         """Connect, flush leftovers, check capabilities, create the EK and save its context."""
+        if self._closed:
+            raise TpmError("tpm service is closed")
         if self._started:
             raise TpmError("tpm service was already started")
         self._started = True
@@ -76,29 +79,38 @@ class TpmService:
         os.environ.setdefault("TSS2_LOG", "all+NONE")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vouchd-tpm")
         try:
-            device = await self._on_worker("start", TpmDevice.open, self._tcti, self._profile)
+            self._ek = await self._on_worker("start", self._open_on_worker)
         except BaseException:
             await self.close()
             raise
-        self._device = device
-        self._ek = device.ek_info
+        if self._closed:
+            raise TpmError("tpm service was closed while starting")
 
     async def close(self) -> None:
         """Wait for queued operations, close the ESAPI context and stop the worker thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        executor, device = self._executor, self._device
-        self._device = None
+        executor = self._executor
         if executor is None:
             return
         try:
-            if device is not None:
-                # Queued behind every operation submitted before close(): they finish first.
-                await asyncio.get_running_loop().run_in_executor(executor, device.close)
+            # Queued behind every operation submitted before close(), a start() in progress included.
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_on_worker)
         finally:
             # The worker is idle now, so this joins it at once.
             executor.shutdown(wait=True)
+
+    def _open_on_worker(self) -> EkInfo:
+        # The device is created, used and closed on the worker thread only.
+        device = TpmDevice.open(self._tcti, self._profile)
+        self._device = device
+        return device.ek_info
+
+    def _close_on_worker(self) -> None:
+        device, self._device = self._device, None
+        if device is not None:
+            device.close()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -98,8 +98,10 @@ def verify_tpm_signature(signer_public: bytes, signed: bytes, signature: bytes) 
 
 
 def qualified_signer_of_ek_child(ek_public: bytes, child_public: bytes) -> bytes:
-    """TPM2B_NAME of the qualified name of a key whose parent is the EK (a primary in the endorsement
-    hierarchy): QN(EK) = nameAlg || H(TPM_RH_ENDORSEMENT || name(EK)); QN(child) = nameAlg || H(QN(EK) || name(child))."""
+    """The qualified name of a key whose parent is the EK, a primary in the endorsement hierarchy.
+
+    QN(EK) = nameAlg || H(TPM_RH_ENDORSEMENT || name(EK)); QN(child) = nameAlg || H(QN(EK) || name(child)).
+    """
     alg = TPM_ALG_SHA256.to_bytes(2, "big")
     qualified_ek = alg + hashlib.sha256(TPM_RH_ENDORSEMENT.to_bytes(4, "big") + name_of(ek_public)).digest()
     return alg + hashlib.sha256(qualified_ek + name_of(child_public)).digest()
@@ -164,9 +166,7 @@ async def test_rsa_ek_certificate_matches_ek_public_and_chains_to_manufacturer(
     assert area.parameters.rsaDetail.keyBits == 2048
 
 
-async def test_ecc_p384_ek_has_certificate_and_keys_work_under_it(
-    swtpm: swtpm_mod.Swtpm, tmp_path: Path
-) -> None:
+async def test_ecc_p384_ek_has_certificate_and_keys_work_under_it(swtpm: swtpm_mod.Swtpm, tmp_path: Path) -> None:
     async with TpmService(swtpm.tcti, ek_type="ecc-p384") as tpm:
         assert tpm.ek.ek_type == "ecc-p384"
         assert tpm.ek.certificate is not None
@@ -247,11 +247,30 @@ async def test_close_is_idempotent_stops_the_worker_and_refuses_later_operations
     assert len(tpm_worker_threads()) == threads_before
     with pytest.raises(TpmError, match="closed"):
         await service.quote("sha256", [0], b"")
-    with pytest.raises(TpmError, match="already started"):
+    with pytest.raises(TpmError, match="closed"):
         await service.start()
 
 
+async def test_close_during_start_closes_the_connection_and_fails_the_start(swtpm: swtpm_mod.Swtpm) -> None:
+    threads_before = len(tpm_worker_threads())
+    service = TpmService(swtpm.tcti)
+    starting = asyncio.create_task(service.start())
+    await asyncio.sleep(0)  # let start() queue its work on the TPM thread
+    await service.close()
+    with pytest.raises(TpmError, match="closed while starting"):
+        await starting
+    assert len(tpm_worker_threads()) == threads_before
+    assert loaded_handles(swtpm.tcti) == ([], [])
+
+    never_started = TpmService(swtpm.tcti)
+    await never_started.close()
+    with pytest.raises(TpmError, match="closed"):
+        await never_started.start()
+
+
 async def test_operations_need_start_and_node_keys(swtpm: swtpm_mod.Swtpm, tpm: TpmService) -> None:
+    with pytest.raises(TpmError, match="already started"):
+        await tpm.start()
     fresh = TpmService(swtpm.tcti)
     with pytest.raises(TpmError, match="not started"):
         _ = fresh.ek
@@ -334,6 +353,13 @@ def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+async def test_state_dir_that_cannot_be_created_raises_key_error(tpm: TpmService, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(TpmKeyError, match="a-file"):
+        await tpm.ensure_node_keys(blocker / "state")
 
 
 async def test_keys_made_under_another_ek_do_not_load(swtpm: swtpm_mod.Swtpm, tmp_path: Path) -> None:
@@ -533,7 +559,9 @@ async def test_many_concurrent_operations_all_succeed_and_leave_nothing_loaded(
 # ------------------------------------------------------------------ private swtpm: resets and bad auth
 
 
-async def test_ek_is_derived_again_after_a_tpm_reset(private_swtpm: swtpm_mod.Swtpm, tmp_path: Path) -> None:
+async def test_ek_is_derived_again_after_a_tpm_reset(
+    private_swtpm: swtpm_mod.Swtpm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with TpmService(private_swtpm.tcti) as tpm:
         keys = await tpm.ensure_node_keys(tmp_path / "state")
         ek_before = tpm.ek
@@ -548,6 +576,10 @@ async def test_ek_is_derived_again_after_a_tpm_reset(private_swtpm: swtpm_mod.Sw
         secret = os.urandom(32)
         blob, encrypted = make_credential(parse_public(tpm.ek.public), secret, name_of(keys.ak.public))
         assert await tpm.activate_credential(blob.marshal(), encrypted.marshal()) == secret
+        assert tpm.ek == ek_before
+    assert [r.message for r in caplog.records if "ek context" in r.message] == [
+        "saved ek context no longer loads, deriving the ek again"
+    ]
 
 
 async def test_wrong_auth_value_raises_key_error_naming_the_auth_file(
@@ -601,4 +633,3 @@ def test_latency_recorder_reports_observed_percentiles() -> None:
     snapshot = recorder.snapshot()
     assert snapshot["quote"] == {"count": 100.0, "last_ms": 100.0, "p50_ms": 50.0, "p99_ms": 99.0, "max_ms": 100.0}
     assert snapshot["sign"] == {"count": 1.0, "last_ms": 3.0, "p50_ms": 3.0, "p99_ms": 3.0, "max_ms": 3.0}
-

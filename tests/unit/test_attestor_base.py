@@ -65,9 +65,7 @@ async def test_selectors_of_all_attestors_are_merged() -> None:
 
     selectors = await attest_workload(PROCESS, [unix, systemd], deadline=5)
 
-    assert selectors == frozenset(
-        Selector.parse(s) for s in ("unix:uid:0", "unix:gid:0", "systemd:unit:web.service")
-    )
+    assert selectors == frozenset(Selector.parse(s) for s in ("unix:uid:0", "unix:gid:0", "systemd:unit:web.service"))
     assert unix.seen == [PROCESS]
     assert systemd.seen == [PROCESS]
 

@@ -43,7 +43,7 @@ def test_parse_stat_takes_comm_up_to_the_last_parenthesis() -> None:
     assert stat.start_time == 987654
 
 
-@given(comm=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\n"), max_size=15))
+@given(comm=st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00\n"), max_size=15))
 def test_parse_stat_round_trips_any_comm(comm: str) -> None:
     stat = parse_stat(_stat_line(12345, comm))
 
@@ -72,12 +72,9 @@ def test_parse_status_groups() -> None:
 def hostile_named_process() -> Iterator[subprocess.Popen[str]]:
     """A live process that renamed itself to a comm full of parentheses and spaces."""
     script = (
-        f"open('/proc/self/comm', 'w').write({HOSTILE_COMM!r});"
-        "print('ready', flush=True); import sys; sys.stdin.read()"
+        f"open('/proc/self/comm', 'w').write({HOSTILE_COMM!r});print('ready', flush=True); import sys; sys.stdin.read()"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         assert process.stdout.readline() == "ready\n"

@@ -61,9 +61,7 @@ def spawn() -> Iterator[Spawn]:
     def start(binary: Path) -> WorkloadProcess:
         child = subprocess.Popen([str(binary), "60"])
         children.append(child)
-        return WorkloadProcess(
-            pid=child.pid, uid=os.getuid(), gid=os.getgid(), start_time=read_start_time(child.pid)
-        )
+        return WorkloadProcess(pid=child.pid, uid=os.getuid(), gid=os.getgid(), start_time=read_start_time(child.pid))
 
     yield start
     for child in children:

@@ -48,7 +48,7 @@ class FakeEntryPoint:
 
 
 def test_the_builtins_are_always_there() -> None:
-    assert BUILTIN_WORKLOAD_ATTESTORS == {"unix": UnixAttestor}
+    assert dict(BUILTIN_WORKLOAD_ATTESTORS) == {"unix": UnixAttestor}
     assert workload_attestor_factories(entry_points=[]) == {"unix": UnixAttestor}
     assert WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP == "vouchd.workload_attestors"
 
@@ -84,10 +84,10 @@ def test_a_plugin_shadowing_a_builtin_is_fatal_and_both_sources_are_named() -> N
 
 
 def test_two_plugins_with_one_name_are_fatal() -> None:
-    with pytest.raises(CatalogError, match="'k8s' is defined twice: by entry point 'a.k8s:A' and by entry point 'b.k8s:B'"):
-        workload_attestor_factories(
-            entry_points=[FakeEntryPoint("k8s", "a.k8s:A"), FakeEntryPoint("k8s", "b.k8s:B")]
-        )
+    with pytest.raises(
+        CatalogError, match=r"'k8s' is defined twice: by entry point 'a.k8s:A' and by entry point 'b.k8s:B'"
+    ):
+        workload_attestor_factories(entry_points=[FakeEntryPoint("k8s", "a.k8s:A"), FakeEntryPoint("k8s", "b.k8s:B")])
 
 
 def test_a_real_entry_point_names_its_source() -> None:
@@ -95,7 +95,7 @@ def test_a_real_entry_point_names_its_source() -> None:
         name="unix", value="vouchd.attestors.workload.unix:UnixAttestor", group=WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP
     )
 
-    with pytest.raises(CatalogError, match="and by entry point 'vouchd.attestors.workload.unix:UnixAttestor'$"):
+    with pytest.raises(CatalogError, match=r"and by entry point 'vouchd.attestors.workload.unix:UnixAttestor'$"):
         workload_attestor_factories(entry_points=[real])
 
 
@@ -141,7 +141,7 @@ def test_an_unknown_option_is_named() -> None:
 
 
 def test_at_least_one_attestor_is_required() -> None:
-    with pytest.raises(CatalogError, match="^at least one workload attestor must be configured$"):
+    with pytest.raises(CatalogError, match=r"^at least one workload attestor must be configured$"):
         build_workload_attestors({})
 
 
@@ -150,7 +150,7 @@ def test_a_factory_must_build_an_attestor_of_its_own_name() -> None:
     not_an_attestor = FakeEntryPoint("thing", "acme:dict", dict)
     factories = workload_attestor_factories(entry_points=[misnamed, not_an_attestor])
 
-    with pytest.raises(CatalogError, match="^workload attestor 'systemd': factory built an attestor named 'unix'$"):
+    with pytest.raises(CatalogError, match=r"^workload attestor 'systemd': factory built an attestor named 'unix'$"):
         build_workload_attestors({"systemd": {}}, factories=factories)
-    with pytest.raises(CatalogError, match="^workload attestor 'thing': factory returned dict, not an attestor$"):
+    with pytest.raises(CatalogError, match=r"^workload attestor 'thing': factory returned dict, not an attestor$"):
         build_workload_attestors({"thing": {}}, factories=factories)

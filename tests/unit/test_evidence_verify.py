@@ -177,11 +177,23 @@ def test_unsupported_signature_algorithm_is_malformed() -> None:
         verify_signature(fake_ak().public, struct.pack(">HH", TpmAlg.ECSCHNORR, TpmAlg.SHA256), b"m")
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=160))
-def test_signature_parser_only_raises_evidence_errors(data: bytes) -> None:
+_RSA_SIGNER = rsa.generate_private_key(65537, 2048)
+_SIGNING_KEYS = (
+    fake_ak().public,
+    rsa_public(_RSA_SIGNER.public_key(), NODE_KEY_ATTRIBUTES, scheme=TpmAlg.NULL),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_SIGNING_KEYS), st.one_of(
+    st.binary(max_size=160),
+    st.tuples(st.sampled_from([TpmAlg.ECDSA, TpmAlg.RSASSA, TpmAlg.RSAPSS]),
+              st.sampled_from([TpmAlg.SHA256, TpmAlg.SHA1, TpmAlg.NULL]),
+              st.lists(st.binary(max_size=300), min_size=1, max_size=2)).map(
+        lambda t: struct.pack(">HH", t[0], t[1]) + b"".join(_sized(p) for p in t[2]))))
+def test_signature_parser_only_raises_evidence_errors(key: TpmPublic, data: bytes) -> None:
     with pytest.raises(EvidenceError):
-        verify_signature(fake_ak().public, data, b"m")
+        verify_signature(key, data, b"m")
 
 
 # ---------------------------------------------------------------- quote

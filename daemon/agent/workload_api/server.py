@@ -28,7 +28,7 @@ from typing import Any
 
 from grpclib.const import Status
 from grpclib.events import RecvRequest, listen
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Server, Stream
 
 from vouchd.agent.workload_api.errors import NoIdentityError, PeerError, WorkloadApiError
@@ -212,7 +212,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 extra=call.fields(refusal.outcome, refusal.detail),
             )
             raise GRPCError(refusal.status, refusal.public) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StreamTerminatedError):
+            # The client went away (or the server is closing): routine for long-lived streams.
             level = logging.DEBUG if call.answered else logging.INFO
             self._log.log(level, "workload api request cancelled", extra=call.fields("cancelled", None))
             raise
@@ -272,9 +273,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._log.info("workload api request", extra=call.fields("ok", None))
 
 
-def _with_unique_hints(
-    svids: Sequence[X509SvidMaterial], log: logging.Logger
-) -> tuple[X509SvidMaterial, ...]:
+def _with_unique_hints(svids: Sequence[X509SvidMaterial], log: logging.Logger) -> tuple[X509SvidMaterial, ...]:
     # The spec makes the server responsible for unique hints; like SPIRE, keep the first SVID that
     # carries a hint and drop later ones, so clients picking "the one with hint X" stay unambiguous.
     seen: set[str] = set()
@@ -390,4 +389,3 @@ def _remove_stale_socket(path: Path) -> None:
     if in_use:
         raise WorkloadApiError(f"another process is serving on {path}")
     path.unlink(missing_ok=True)
-

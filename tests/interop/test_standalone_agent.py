@@ -1,0 +1,216 @@
+"""The standalone agent as a user runs it, with real SPIFFE clients in separate processes.
+
+One agent process per module: its own swtpm (provisioned with a manufacturer CA), a simulated
+measured boot, `vouchd agent --standalone`, then py-spiffe and raw gRPC clients against its socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import swtpm as swtpm_mod
+
+pytestmark = pytest.mark.interop
+
+VOUCHD = [sys.executable, "-m", "vouchd.cli"]
+NOBODY = 65534
+
+
+@dataclass
+class RunningAgent:
+    process: subprocess.Popen[bytes]
+    socket: Path
+    admin_socket: Path
+    log: Path
+
+    def client_env(self) -> dict[str, str]:
+        return {**os.environ, "SPIFFE_ENDPOINT_SOCKET": f"unix:{self.socket}"}
+
+
+def _write_config(directory: Path, runtime: Path, tcti: str, swtpm: swtpm_mod.Swtpm, event_log: Path) -> Path:
+    config = directory / "standalone.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        trust_domain: example.org
+        agent:
+          state_dir: {directory}/agent
+          socket_path: {runtime}/agent.sock
+          admin_socket_path: {runtime}/admin.sock
+          tpm: {{tcti: "{tcti}", ek: rsa2048}}
+          event_log: {event_log}
+        authority:
+          state_dir: {directory}/authority
+          ek_trust:
+            roots: [{swtpm.manufacturer_root}]
+            intermediates: [{swtpm.manufacturer_issuer}]
+          x509_svid_ttl: 10m
+        entries:
+          - spiffe_id: spiffe://example.org/user/root
+            selectors: ["unix:uid:0"]
+          - spiffe_id: spiffe://example.org/only-for/uid-4242
+            selectors: ["unix:uid:4242"]
+        """))
+    return config
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    base = tmp_path_factory.mktemp("standalone")
+    swtpm_mod.provision(base / "swtpm")
+    tpm = swtpm_mod.start(base / "swtpm")
+    process = None
+    try:
+        event_log = base / "eventlog.bin"
+        subprocess.run([*VOUCHD, "dev", "simulate-boot", "--tcti", tpm.tcti, "--event-log", str(event_log)],
+                       check=True, capture_output=True)
+        # Like /run/vouchd: reachable by every user (pytest's own temp folders are root-only).
+        runtime = Path(tempfile.mkdtemp(prefix="vouchd-run-"))
+        runtime.chmod(0o755)
+        config = _write_config(base, runtime, tpm.tcti, tpm, event_log)
+        log = base / "agent.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(config)],
+                                       stdout=sink, stderr=subprocess.STDOUT)
+        running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log)
+        deadline = time.monotonic() + 60
+        while subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(running.admin_socket)],
+                             capture_output=True).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"agent did not become healthy:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield running
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        tpm.stop()
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_py_spiffe_fetches_the_entrys_x509_svid(agent: RunningAgent) -> None:
+    result = _python("""
+        from spiffe import WorkloadApiClient
+        print(WorkloadApiClient().fetch_x509_svid().spiffe_id)
+    """, agent.client_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "spiffe://example.org/user/root"
+
+
+def test_x509_svid_is_a_spec_conformant_short_lived_leaf(agent: RunningAgent) -> None:
+    result = _python("""
+        import json
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from spiffe import WorkloadApiClient
+        with WorkloadApiClient() as client:
+            context = client.fetch_x509_context()
+        svid = context.default_svid
+        leaf = svid.leaf
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage)
+        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints)
+        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        leaf.verify_directly_issued_by(list(bundle.x509_authorities)[0])
+        print(json.dumps({
+            "uris": [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)],
+            "san_count": len(list(sans)),
+            "ca": bc.value.ca, "bc_critical": bc.critical, "ku_critical": ku.critical,
+            "digital_signature": ku.value.digital_signature, "key_cert_sign": ku.value.key_cert_sign,
+            "crl_sign": ku.value.crl_sign,
+            "lifetime": (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds(),
+            "key_curve": svid.private_key.curve.name if isinstance(svid.private_key, ec.EllipticCurvePrivateKey) else None,
+        }))
+    """, agent.client_env())
+    assert result.returncode == 0, result.stderr
+    leaf = json.loads(result.stdout)
+    assert leaf["uris"] == ["spiffe://example.org/user/root"]
+    assert leaf["san_count"] == 1
+    assert leaf["ca"] is False and leaf["bc_critical"] is True
+    assert leaf["digital_signature"] is True and leaf["ku_critical"] is True
+    assert leaf["key_cert_sign"] is False and leaf["crl_sign"] is False
+    assert leaf["lifetime"] <= 10 * 60 + 30  # x509_svid_ttl 10m plus the 30 s backdating
+    assert leaf["key_curve"] == "secp256r1"
+
+
+def test_py_spiffe_fetches_x509_bundles(agent: RunningAgent) -> None:
+    result = _python("""
+        from spiffe import WorkloadApiClient
+        bundles = WorkloadApiClient().fetch_x509_bundles()
+        print(sorted(str(b.trust_domain) for b in bundles.bundles))
+    """, agent.client_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['example.org']"
+
+
+def test_caller_whose_uid_has_no_entry_gets_permission_denied(agent: RunningAgent) -> None:
+    # The kernel reports the uid at connect(); drop to nobody after the imports are loaded.
+    result = _python(f"""
+        import os
+        from spiffe import WorkloadApiClient
+        from spiffe.errors import PySpiffeError
+        import grpc
+        from spiffe._proto import workload_pb2, workload_pb2_grpc
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        channel = grpc.insecure_channel("unix:{agent.socket}")
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        try:
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")]))
+        except grpc.RpcError as err:
+            print(err.code().name)
+        else:
+            print("SERVED")
+    """, agent.client_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "PERMISSION_DENIED"
+
+
+def test_call_without_security_header_gets_invalid_argument(agent: RunningAgent) -> None:
+    result = _python(f"""
+        import grpc
+        from spiffe._proto import workload_pb2, workload_pb2_grpc
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:{agent.socket}"))
+        for call in (lambda: next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest())),
+                     lambda: next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest()))):
+            try:
+                call()
+            except grpc.RpcError as err:
+                print(err.code().name)
+            else:
+                print("SERVED")
+    """, agent.client_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+
+
+def test_status_reports_hardware_tier_node_and_served_svid(agent: RunningAgent) -> None:
+    _python("from spiffe import WorkloadApiClient; WorkloadApiClient().fetch_x509_svid()", agent.client_env())
+    result = subprocess.run([*VOUCHD, "status", "--json", "--admin-socket", str(agent.admin_socket)],
+                            capture_output=True, text=True, check=True)
+    status = json.loads(result.stdout)
+    assert status["node"]["tier"] == "hardware"
+    assert status["node"]["id"].startswith("spiffe://example.org/vouchd/node/tpm/")
+    assert any(s.startswith("tpm:pcr_profile:") for s in status["node"]["selectors"])
+    assert [s["spiffe_id"] for s in status["svids"]] == ["spiffe://example.org/user/root"]
+    assert oct(agent.admin_socket.stat().st_mode & 0o777) == "0o600"
+    assert oct(agent.socket.stat().st_mode & 0o777) == "0o777"
+
+
+def test_agent_log_holds_no_private_key_material(agent: RunningAgent) -> None:
+    text = agent.log.read_text()
+    assert "PRIVATE KEY" not in text
+    assert "x509_svid_key" not in text
