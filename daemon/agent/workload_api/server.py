@@ -140,7 +140,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             version = self._identities.version
             current = await self._x509_svid_set(selectors)
             await stream.send_message(current.message())
-            self._answered(call, current)
+            self._answered(call, tuple(svid.spiffe_id for svid in current.svids))
             while True:
                 version = await self._identities.wait_for_change(version)
                 self._recheck(process)
@@ -157,8 +157,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             version = self._identities.version
             current = self._x509_bundles()
             await stream.send_message(pb.X509BundlesResponse(bundles=dict(current)))
-            call.answered = True
-            self._log.info("workload api request", extra=call.fields("ok", None))
+            self._answered(call)
             while True:
                 version = await self._identities.wait_for_change(version)
                 self._recheck(process)
@@ -168,7 +167,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                     current = latest
                     self._log.debug("x509 bundles update sent", extra=call.fields("updated", None))
 
-    # -- not implemented yet: answered before any other check, as the spec wants for unknown RPCs ----
+    # -- not served yet (a later change adds JWT): answered at once, without header check or
+    # attestation, because nothing is handed out -------------------------------------------------------
 
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         self._unimplemented("FetchJWTSVID")
@@ -207,7 +207,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 )
             yield call
         except _RefusedError as refusal:
-            self._log.warning(
+            # A workload without an entry retries with backoff: routine, not a warning.
+            level = logging.INFO if refusal.outcome == "no_identity" else logging.WARNING
+            self._log.log(
+                level,
                 "workload api request" if not call.answered else "workload api stream ended",
                 extra=call.fields(refusal.outcome, refusal.detail),
             )
@@ -267,9 +270,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             raise _RefusedError(Status.UNAVAILABLE, "unavailable", "trust bundle not available", "no x509 bundles")
         return bundles
 
-    def _answered(self, call: _Call, svids: _X509SvidSet) -> None:
+    def _answered(self, call: _Call, spiffe_ids: tuple[str, ...] = ()) -> None:
         call.answered = True
-        call.spiffe_ids = tuple(svid.spiffe_id for svid in svids.svids)
+        call.spiffe_ids = spiffe_ids
         self._log.info("workload api request", extra=call.fields("ok", None))
 
 
