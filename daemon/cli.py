@@ -86,7 +86,8 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"trust domain   {status['trust_domain']}  ({status['mode']})")
     print(f"node           {node.get('id', '-')}")
     print(f"  tier/state   {node.get('tier', '-')} / {node.get('state', '-')}")
-    print(f"  node svid    serial {node.get('svid_serial', '-')}, expires in {node.get('svid_expires_in_seconds', '-')} s")
+    print(f"  node svid    serial {node.get('svid_serial', '-')}, "
+          f"expires in {node.get('svid_expires_in_seconds', '-')} s")
     print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
     for selector in node.get("selectors", []):
         print(f"  selector     {selector}")

@@ -242,11 +242,9 @@ class _Section:
             raise self.error(key, f"expected a mapping of name to options, got {_kind(value)}")
         result: dict[str, dict[str, Any]] = {}
         for name, options in value.items():
-            if options is None:
-                options = {}
-            if not isinstance(name, str) or not isinstance(options, dict):
+            if not isinstance(name, str) or not isinstance(options, dict | None):
                 raise self.error(f"{key}.{name}", "expected a mapping of options")
-            result[name] = dict(options)
+            result[name] = dict(options or {})
         return result
 
     def finish(self) -> None:

@@ -10,6 +10,7 @@ and wakes every open Workload API stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -172,10 +173,8 @@ class SvidManager:
         while True:
             wait = max(0.0, min(self._next_rotation(), retry_at or float("inf")) - time.time())
             if not self._pending:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
             self._wake.clear()
             now = time.time()
             due = {e for e, s in self._svids.items() if s.rotate_at <= now and e in self._entries}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vouchd.errors import VouchdError
 
-__all__ = ["AuthorityError", "CaError", "Refusal"]
+__all__ = ["AuthorityError", "CaError", "RefusalError"]
 
 
 class AuthorityError(VouchdError):
@@ -15,7 +15,7 @@ class CaError(AuthorityError):
     """The trust domain's CA cannot be loaded, created or used for what was asked."""
 
 
-class Refusal(AuthorityError):
+class RefusalError(AuthorityError):
     """The authority refuses a node's request.
 
     `code` is what the agent acts on (for example ``reattest`` or ``nonce``); the message is for

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.entries import Entry, EntryIndex
-from vouchd.authority.errors import AuthorityError, Refusal
+from vouchd.authority.errors import AuthorityError, RefusalError
 from vouchd.authority.store import AuthorityStore, NodeRecord, NodeState
 from vouchd.authority.verifier import (
     AttestationSession,
@@ -186,11 +186,11 @@ class Authority:
                 return self._sign(self._grant_nonce(message.node_id), node_id=node_id, request=request)
             if topic == REQUEST_TOPIC and isinstance(message, QuotedRequest):
                 return self._quoted_request(message, request)
-            raise Refusal("bad_request", f"{type(message).__name__} is not accepted on {topic}")
+            raise RefusalError("bad_request", f"{type(message).__name__} is not accepted on {topic}")
         except MessageError as err:
             log.warning("malformed request", extra={"topic": topic, "reason": str(err)})
             return self._sign(ErrorReply("bad_request", str(err)), node_id=node_id, request=request)
-        except Refusal as refusal:
+        except RefusalError as refusal:
             log.warning("request refused", extra={"topic": topic, "node_id": node_id, "code": refusal.code,
                                                   "reason": str(refusal)})
             return self._sign(ErrorReply(refusal.code, str(refusal)), node_id=node_id, request=request)
@@ -200,17 +200,17 @@ class Authority:
         try:
             ek = TpmPublic.from_tpm2b(request.ek_public)
         except EvidenceError as err:
-            raise Refusal("bad_evidence", f"EK public area: {err}") from None
+            raise RefusalError("bad_evidence", f"EK public area: {err}") from None
         ek_hex = ek_hash(ek)
         node_id = str(node_spiffe_id(self._trust_domain, ek_hex))
         if request.node_id != node_id:
-            raise Refusal("bad_request", "node id is not derived from the presented EK")
+            raise RefusalError("bad_request", "node id is not derived from the presented EK")
         if self._store.is_banned(node_id):
-            raise Refusal("banned", "node is banned")
+            raise RefusalError("banned", "node is banned")
         mode = self._config.enrolment
         enrolled = ek_hex in self._config.enrolled_ek_hashes or self._store.is_enrolled(ek_hex)
         if mode in ("allowlist", "approve") and not enrolled:
-            raise Refusal("not_enrolled", f"EK {ek_hex[:16]}... is not enrolled")
+            raise RefusalError("not_enrolled", f"EK {ek_hex[:16]}... is not enrolled")
         session, blob, secret = begin_attestation(
             request,
             trust=self._trust,
@@ -222,7 +222,7 @@ class Authority:
         session.node_id = node_id
         self._expire_sessions()
         if len(self._sessions) >= MAX_PENDING_SESSIONS:
-            raise Refusal("busy", "too many attestations in progress")
+            raise RefusalError("busy", "too many attestations in progress")
         self._sessions[session.session] = session
         log.info("attestation challenge", extra={"node_id": node_id, "ek_hash": ek_hex})
         return Challenge(session=session.session, credential_blob=blob, encrypted_secret=secret,
@@ -237,7 +237,7 @@ class Authority:
     def _complete(self, response: ChallengeResponse) -> AttestResult:
         session = self._sessions.pop(response.session, None)
         if session is None or session.node_id != response.node_id:
-            raise Refusal("session_expired", "unknown or expired attestation session")
+            raise RefusalError("session_expired", "unknown or expired attestation session")
         verified = complete_attestation(session, response.quote)
         profile = self._event_log_profile(session, verified.event_digests)
         selectors = [f"tpm:ek_hash:{session.ek_hash}", f"tpm:pcr_profile:{profile}", "node:tier:hardware"]
@@ -255,7 +255,7 @@ class Authority:
         ))
         public_key = session.node_key.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise Refusal("bad_evidence", "node key is not an EC key")
+            raise RefusalError("bad_evidence", "node key is not an EC key")
         node_svid = self._ca.sign_x509_svid(public_key, SpiffeId.parse(session.node_id),
                                             ttl=self._config.node_svid_ttl, tier=TrustTier.HARDWARE)
         nonce, expires = self._new_nonce(session.node_id)
@@ -283,7 +283,7 @@ class Authority:
             self._store.save_profile(name, list(digests), learned_from=session.node_id)
             log.info("event log profile learned", extra={"profile": name, "node_id": session.node_id})
             return name
-        raise Refusal("policy", "event log contains measurements outside every accepted profile")
+        raise RefusalError("policy", "event log contains measurements outside every accepted profile")
 
     # -- requests ----------------------------------------------------------------------------
     def _new_nonce(self, node_id: str) -> tuple[bytes, float]:
@@ -295,11 +295,11 @@ class Authority:
     def _trusted_node(self, node_id: str) -> NodeRecord:
         node = self._store.node(node_id)
         if node is None:
-            raise Refusal("reattest", "node is unknown; attest first")
+            raise RefusalError("reattest", "node is unknown; attest first")
         if node.state in (NodeState.BANNED, NodeState.FAILED):
-            raise Refusal(node.state.value, f"node is {node.state.value}")
+            raise RefusalError(node.state.value, f"node is {node.state.value}")
         if node.state is not NodeState.TRUSTED:
-            raise Refusal("reattest", f"node is {node.state.value}; attest again")
+            raise RefusalError("reattest", f"node is {node.state.value}; attest again")
         return node
 
     def _grant_nonce(self, node_id: str) -> NonceGrant:
@@ -316,17 +316,17 @@ class Authority:
             return cached  # a redelivered request gets the very same reply
         try:
             attest = check_request_quote(node, message.quote, message.body)
-        except Refusal as refusal:
+        except RefusalError as refusal:
             if refusal.code == "reattest":  # raised only after the AK's signature verified
                 self._store.set_node_state(node.node_id, NodeState.ATTESTING)
             raise
         body = decode_as(RequestBody, message.body)
         if body.node_id != node.node_id:
-            raise Refusal("bad_request", "request body names another node")
+            raise RefusalError("bad_request", "request body names another node")
         if abs(body.sent_at - time.time()) > _CLOCK_TOLERANCE:
-            raise Refusal("bad_request", "request time is too far from the authority's clock")
+            raise RefusalError("bad_request", "request time is too far from the authority's clock")
         if not self._store.consume_nonce(node.node_id, body.nonce):
-            raise Refusal("nonce", "request nonce is unknown, already used or expired")
+            raise RefusalError("nonce", "request nonce is unknown, already used or expired")
         clock = attest.clock_info
         self._store.record_quote(node.node_id, reset_count=clock.reset_count,
                                  restart_count=clock.restart_count, clock=clock.clock)
@@ -337,7 +337,7 @@ class Authority:
 
     def _serve(self, node: NodeRecord, body: RequestBody, *, quote_digest: str) -> CredentialResponse:
         if len(body.x509_svids) > MAX_CSRS_PER_REQUEST:
-            raise Refusal("bad_request", f"more than {MAX_CSRS_PER_REQUEST} SVID requests in one batch")
+            raise RefusalError("bad_request", f"more than {MAX_CSRS_PER_REQUEST} SVID requests in one batch")
         view = _NodeView(SpiffeId.parse(node.node_id), frozenset(Selector.parse(s) for s in node.selectors),
                          TrustTier(node.tier))
         issued: list[IssuedX509Svid] = []

@@ -1,7 +1,7 @@
 """Node attestation and quote-bound requests, verified at the authority (DESIGN §4, §5).
 
 Everything here is pure: TPM structures are checked with `vouchd.evidence`, never with a TPM.
-Each refusal is a `Refusal` carrying a machine code for the agent and a message for the log; no
+Each refusal is a `RefusalError` carrying a machine code for the agent and a message for the log; no
 refusal message contains a secret.
 """
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from vouchd.authority.errors import Refusal
+from vouchd.authority.errors import RefusalError
 from vouchd.authority.store import NodeRecord
 from vouchd.evidence import (
     Attest,
@@ -83,7 +83,7 @@ class EkTrust:
         return bool(self._roots)
 
     def verify_chain(self, certificate: x509.Certificate, extra: Sequence[x509.Certificate] = ()) -> None:
-        """Walk issuer links from the EK certificate to a configured root; Refusal otherwise.
+        """Walk issuer links from the EK certificate to a configured root; RefusalError otherwise.
 
         EK certificates break WebPKI rules (critical SAN with a directory name, no subject), so the
         chain is walked by hand: each link's signature, validity and CA flag are checked.
@@ -93,15 +93,15 @@ class EkTrust:
         current = certificate
         for _ in range(_MAX_CHAIN_DEPTH):
             if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
-                raise Refusal("ek_untrusted", f"certificate {_describe(current)} is not valid now")
+                raise RefusalError("ek_untrusted", f"certificate {_describe(current)} is not valid now")
             for root in self._roots:
                 if _issued_by(current, root):
                     return
             issuer = next((c for c in pool if c is not current and _issued_by(current, c) and _is_ca(c)), None)
             if issuer is None:
-                raise Refusal("ek_untrusted", "EK certificate does not chain to a configured manufacturer root")
+                raise RefusalError("ek_untrusted", "EK certificate does not chain to a configured manufacturer root")
             current = issuer
-        raise Refusal("ek_untrusted", "EK certificate chain is too long")
+        raise RefusalError("ek_untrusted", "EK certificate chain is too long")
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -157,23 +157,23 @@ def _parse_public(data: bytes, what: str) -> TpmPublic:
     try:
         return TpmPublic.from_tpm2b(data)
     except EvidenceError as err:
-        raise Refusal("bad_evidence", f"{what}: {err}") from None
+        raise RefusalError("bad_evidence", f"{what}: {err}") from None
 
 
 def _check_ek_shape(ek: TpmPublic, ek_type: str) -> None:
     shape = _EK_SHAPES.get(ek_type)
     if shape is None:
-        raise Refusal("bad_evidence", f"unknown EK type {ek_type[:20]!r}")
+        raise RefusalError("bad_evidence", f"unknown EK type {ek_type[:20]!r}")
     key_type, curve, bits = shape
     if ek.type != key_type or (curve is not None and ek.curve != curve) or (bits and ek.rsa_bits != bits):
-        raise Refusal("bad_evidence", f"EK public area is not a {ek_type} key")
+        raise RefusalError("bad_evidence", f"EK public area is not a {ek_type} key")
     if ek.attributes & _EK_REQUIRED != _EK_REQUIRED:
-        raise Refusal("bad_evidence", "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
+        raise RefusalError("bad_evidence", "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
 
 
 def _spki(key: object) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        raise Refusal("bad_evidence", "EK certificate key is neither RSA nor EC")
+        raise RefusalError("bad_evidence", "EK certificate key is neither RSA nor EC")
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -199,17 +199,17 @@ def begin_attestation(
         try:
             certificate = x509.load_der_x509_certificate(request.ek_certificate)
         except ValueError:
-            raise Refusal("bad_evidence", "EK certificate is not DER X.509") from None
+            raise RefusalError("bad_evidence", "EK certificate is not DER X.509") from None
         if _spki(certificate.public_key()) != ek.spki_der():
-            raise Refusal("bad_evidence", "EK certificate does not certify the presented EK")
+            raise RefusalError("bad_evidence", "EK certificate does not certify the presented EK")
         if trust.configured:
             trust.verify_chain(certificate)
         elif require_certificate:
-            raise Refusal("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
+            raise RefusalError("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
         # else: the operator enrolled this exact EK by its hash, which pins more than any chain could.
         issuer_cn = _issuer_common_name(certificate)
     elif require_certificate:
-        raise Refusal("ek_untrusted", "an EK without a certificate must be enrolled beforehand")
+        raise RefusalError("ek_untrusted", "an EK without a certificate must be enrolled beforehand")
 
     ak = _parse_public(request.ak_public, "AK public area")
     node_key = _parse_public(request.node_key_public, "node key public area")
@@ -222,18 +222,18 @@ def begin_attestation(
                        extra_data=request.certify_nonce, certified=node_key,
                        expected_signer_qualified_name=ak_qn)
     except EvidenceError as err:
-        raise Refusal("bad_evidence", str(err)) from None
+        raise RefusalError("bad_evidence", str(err)) from None
 
     event_log = None
     if request.event_log is not None:
         try:
             event_log = parse_event_log(request.event_log)
         except EvidenceError as err:
-            raise Refusal("bad_evidence", f"event log: {err}") from None
+            raise RefusalError("bad_evidence", f"event log: {err}") from None
         if _BANKS[bank] not in event_log.algorithms:
-            raise Refusal("bad_evidence", f"event log has no {bank} bank")
+            raise RefusalError("bad_evidence", f"event log has no {bank} bank")
     elif not accept_missing_event_log:
-        raise Refusal("policy", "no event log, and the authority does not accept hosts without measured boot")
+        raise RefusalError("policy", "no event log, and the authority does not accept hosts without measured boot")
 
     secret = secrets.token_bytes(32)
     credential_blob, encrypted_secret = make_credential(ek, secret, ak.name)
@@ -265,13 +265,13 @@ class VerifiedNode:
 def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> VerifiedNode:
     """Verify the quote answering the Challenge (DESIGN §4.4)."""
     if time.monotonic() > session.expires_at:
-        raise Refusal("session_expired", "attestation session expired; start again")
+        raise RefusalError("session_expired", "attestation session expired; start again")
     try:
         if session.event_log is not None:
             values = session.event_log.replay(session.selection.hash_alg)
             zero = bytes(len(next(iter(values.values()))))
             if any(values[i] == zero for i in session.selection.pcrs):
-                raise Refusal("policy", "a selected PCR is all-zero: the event log does not cover it")
+                raise RefusalError("policy", "a selected PCR is all-zero: the event log does not cover it")
             # PCR values come from replaying the log, never from the agent: the quote must match them.
             attest = verify_quote(session.ak, quote.attest, quote.signature,
                                   extra_data=session.expected_extra_data, selection=session.selection,
@@ -281,7 +281,7 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> Ver
             attest = _verify_quote_without_log(session.ak, quote, session.expected_extra_data, session.selection)
             digests = ()
     except EvidenceError as err:
-        raise Refusal("bad_quote", str(err)) from None
+        raise RefusalError("bad_quote", str(err)) from None
     return VerifiedNode(attest=attest, pcr_digest=attest.pcr_digest, event_digests=digests)
 
 
@@ -291,11 +291,11 @@ def _verify_quote_without_log(ak: TpmPublic, quote: TpmEvidence, extra_data: byt
     verify_signature(ak, quote.signature, quote.attest)
     attest = Attest.parse(quote.attest)
     if attest.type != AttestType.QUOTE:
-        raise Refusal("bad_quote", "evidence is not a quote")
+        raise RefusalError("bad_quote", "evidence is not a quote")
     if not hmac.compare_digest(attest.extra_data, extra_data):
-        raise Refusal("bad_quote", "quote extraData does not match the challenge")
+        raise RefusalError("bad_quote", "quote extraData does not match the challenge")
     if attest.pcr_selection != (selection,):
-        raise Refusal("bad_quote", "quote PCR selection differs from the demanded one")
+        raise RefusalError("bad_quote", "quote PCR selection differs from the demanded one")
     return attest
 
 
@@ -311,21 +311,21 @@ def check_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> At
         verify_signature(ak, quote.signature, quote.attest)
         attest = Attest.parse(quote.attest)
     except EvidenceError as err:
-        raise Refusal("bad_quote", str(err)) from None
+        raise RefusalError("bad_quote", str(err)) from None
     if attest.type != AttestType.QUOTE:
-        raise Refusal("bad_quote", "evidence is not a quote")
+        raise RefusalError("bad_quote", "evidence is not a quote")
     if not hmac.compare_digest(attest.extra_data, hashlib.sha256(body).digest()):
-        raise Refusal("bad_quote", "quote extraData is not the digest of the request body")
+        raise RefusalError("bad_quote", "quote extraData is not the digest of the request body")
     expected = PcrSelection(_BANKS[node.pcr_bank], tuple(node.pcr_indices))
     if attest.pcr_selection != (expected,):
-        raise Refusal("bad_quote", "quote PCR selection differs from the node's profile")
+        raise RefusalError("bad_quote", "quote PCR selection differs from the node's profile")
     clock = attest.clock_info
     if clock.reset_count != node.reset_count:
-        raise Refusal("reattest", "the TPM was reset since the last attestation")
+        raise RefusalError("reattest", "the TPM was reset since the last attestation")
     if clock.restart_count < node.restart_count or (
         clock.restart_count == node.restart_count and clock.clock < node.clock
     ):
-        raise Refusal("reattest", "the TPM clock went backwards")
+        raise RefusalError("reattest", "the TPM clock went backwards")
     if not hmac.compare_digest(attest.pcr_digest, node.pcr_digest):
-        raise Refusal("reattest", "PCR values changed since the last attestation")
+        raise RefusalError("reattest", "PCR values changed since the last attestation")
     return attest

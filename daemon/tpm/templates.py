@@ -3,6 +3,7 @@
 Both keys are ECC P-256 ECDSA-SHA256 signing keys that cannot leave the TPM (fixedTPM, fixedParent)
 and whose private part the TPM generated (sensitiveDataOrigin). They are used with a random
 authValue (userWithAuth), so a process that can talk to the TPM still cannot sign with them.
+The authValue is random and 32 bytes long, so the keys opt out of dictionary-attack lockout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ _SIGNING_ATTRIBUTES = (
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
     | TPMA_OBJECT.SIGN_ENCRYPT
+    # noDA: the authValue is 32 random bytes, so dictionary-attack protection adds nothing, while
+    # every unclean shutdown of the host would count against it and could lock the keys out.
+    | TPMA_OBJECT.NODA
 )
 
 

@@ -85,7 +85,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
         running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log)
         deadline = time.monotonic() + 60
         while subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(running.admin_socket)],
-                             capture_output=True).returncode != 0:
+                             capture_output=True, check=False).returncode != 0:
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"agent did not become healthy:\n{log.read_text()}")
             time.sleep(0.1)
@@ -99,7 +99,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
 
 
 def test_py_spiffe_fetches_the_entrys_x509_svid(agent: RunningAgent) -> None:
@@ -133,7 +133,8 @@ def test_x509_svid_is_a_spec_conformant_short_lived_leaf(agent: RunningAgent) ->
             "digital_signature": ku.value.digital_signature, "key_cert_sign": ku.value.key_cert_sign,
             "crl_sign": ku.value.crl_sign,
             "lifetime": (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds(),
-            "key_curve": svid.private_key.curve.name if isinstance(svid.private_key, ec.EllipticCurvePrivateKey) else None,
+            "key_curve": (svid.private_key.curve.name
+                          if isinstance(svid.private_key, ec.EllipticCurvePrivateKey) else None),
         }))
     """, agent.client_env())
     assert result.returncode == 0, result.stderr

@@ -272,9 +272,10 @@ async def _issue_and_replay(exchange: Exchange) -> None:
     replay_body = encode(RequestBody(node_id=exchange.node_id, nonce=result.nonce,
                                      sent_at=int(dt.datetime.now().timestamp()) + 1))
     replay_quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(replay_body).digest())
+    replayed = QuotedRequest(node_id=exchange.node_id, body=replay_body,
+                             quote=TpmEvidence(replay_quote.attest, replay_quote.signature))
     with pytest.raises(RemoteError) as refused:
-        await exchange.call(REQUEST_TOPIC, QuotedRequest(node_id=exchange.node_id, body=replay_body,
-                                                         quote=TpmEvidence(replay_quote.attest, replay_quote.signature)))
+        await exchange.call(REQUEST_TOPIC, replayed)
     assert refused.value.code == "nonce"
 
 

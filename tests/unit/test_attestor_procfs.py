@@ -74,14 +74,15 @@ def hostile_named_process() -> Iterator[subprocess.Popen[str]]:
     script = (
         f"open('/proc/self/comm', 'w').write({HOSTILE_COMM!r});print('ready', flush=True); import sys; sys.stdin.read()"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline() == "ready\n"
-        yield process
-    finally:
-        process.kill()
-        process.wait()
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n"
+            yield process
+        finally:
+            process.kill()
 
 
 def test_read_start_time_of_a_process_named_with_parentheses(hostile_named_process: subprocess.Popen[str]) -> None:
