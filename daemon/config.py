@@ -65,6 +65,7 @@ class AgentConfig:
     event_log_path: Path | None
     workload_attestors: Mapping[str, Mapping[str, Any]]
     attestation_deadline: timedelta
+    attestation_interval: timedelta
     trust_bundle_path: Path | None
 
 
@@ -297,6 +298,7 @@ def _parse_agent(section: _Section) -> AgentConfig:
         event_log_path=section.optional_path("event_log"),
         workload_attestors=section.free_mapping("workload_attestors") or {"unix": {}},
         attestation_deadline=section.duration("attestation_deadline", "5s"),
+        attestation_interval=section.duration("attestation_interval", "60s"),
         trust_bundle_path=section.optional_path("trust_bundle_path"),
     )
     section.finish()

@@ -36,8 +36,6 @@ __all__ = ["Agent", "standalone_entries"]
 
 log = logging.getLogger("vouchd.agent")
 
-HEARTBEAT_INTERVAL = 60.0
-
 
 def standalone_entries(entries: Sequence[EntryConfig], local_ek_hash: str) -> list[Entry]:
     """Entries of a standalone host; those that name no node are bound to the local TPM's EK."""
@@ -139,22 +137,28 @@ class Agent:
                                                       "node_id": node.node_id})
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(svids.run(), name="svid-issuance")
-                    tasks.create_task(self._heartbeat(svids), name="heartbeat")
+                    tasks.create_task(self._heartbeat(node, svids), name="heartbeat")
             finally:
                 await admin.close()
         finally:
             notify("STOPPING=1")
             await workload_api.close()
 
-    async def _heartbeat(self, svids: SvidManager) -> None:
-        """Continuous attestation: a quote-bound entry sync every interval (DESIGN §4.5)."""
+    async def _heartbeat(self, node: NodeIdentity, svids: SvidManager) -> None:
+        """Continuous attestation (DESIGN §4.5): a quote-bound entry sync every interval, and a full
+        attestation, which renews the node SVID, once half of that SVID's lifetime has passed."""
+        interval = self._agent_config.attestation_interval.total_seconds()
         while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            await asyncio.sleep(interval)
             try:
+                if await node.renew_if_due():
+                    log.info("node svid renewed by re-attestation", extra={"node_id": node.node_id})
                 await svids.sync_entries()
-            except Exception as err:
+            except Exception as err:  # keep serving cached SVIDs; report and retry next interval
                 log.warning("heartbeat failed", extra={"reason": str(err)})
                 notify(f"STATUS=authority unreachable: {err}")
+            else:
+                notify(f"STATUS=serving on {self._agent_config.socket_path}")
 
     def status(self) -> dict[str, Any]:
         """What `vouchd status` shows; never key material."""
@@ -173,7 +177,10 @@ class Agent:
         }
         if node is not None:
             result["node"] = {
-                "id": node.node_id, "tier": node.tier, "state": "trusted", "selectors": list(node.selectors),
+                "id": node.node_id, "tier": node.tier, "selectors": list(node.selectors),
+                # The authority owns node states; the agent shows what its last exchange implied.
+                "state": "trusted" if node.authority_error is None else "unconfirmed",
+                "authority_link": "ok" if node.authority_error is None else node.authority_error,
                 "svid_serial": node.svid_serial, "svid_expires_in_seconds": round(node.svid_expires_at - now),
                 "last_quote_age_seconds": round(now - node.last_quote_at, 1),
             }

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -65,13 +65,22 @@ class NodeAttestationError(RemoteError):
 
 @dataclass(frozen=True)
 class NodeStatus:
+    """What the agent knows of its node's standing, as the authority last answered it."""
+
     node_id: str
     tier: str
     selectors: tuple[str, ...]
     svid_serial: str
+    svid_issued_at: float
     svid_expires_at: float
     attested_at: float
     last_quote_at: float
+    authority_error: str | None = None      # the last exchange's failure, None when it succeeded
+
+    @property
+    def renew_at(self) -> float:
+        """Re-attest (and so renew the node SVID) when half of its lifetime is left."""
+        return self.svid_issued_at + (self.svid_expires_at - self.svid_issued_at) / 2
 
 
 def node_id_for_ek(trust_domain: TrustDomain, ek_public: bytes) -> SpiffeId:
@@ -162,8 +171,8 @@ class NodeIdentity:
         now = time.time()
         self._status = NodeStatus(
             node_id=self.node_id, tier=result.tier, selectors=result.selectors,
-            svid_serial=f"{svid.serial_number:x}", svid_expires_at=svid.not_valid_after_utc.timestamp(),
-            attested_at=now, last_quote_at=now,
+            svid_serial=f"{svid.serial_number:x}", svid_issued_at=now,
+            svid_expires_at=svid.not_valid_after_utc.timestamp(), attested_at=now, last_quote_at=now,
         )
         log.info("node attested", extra={"node_id": self.node_id, "svid_serial": self._status.svid_serial})
 
@@ -182,7 +191,28 @@ class NodeIdentity:
                       sync_entries: bool = False) -> CredentialResponse:
         """One quote-bound request; re-attests once when the authority asks for it."""
         async with self._in_flight:
-            return await self._request_locked(tuple(x509_svids), sync_entries)
+            try:
+                response = await self._request_locked(tuple(x509_svids), sync_entries)
+            except Exception as err:
+                self._note_outcome(str(err))
+                raise
+            self._note_outcome(None)
+            return response
+
+    async def renew_if_due(self) -> bool:
+        """Attest again when the node SVID has passed half of its lifetime; True if it did."""
+        async with self._in_flight:
+            if self._status is not None and time.time() < self._status.renew_at:
+                return False
+            await self.attest()
+            return True
+
+    def _note_outcome(self, error: str | None) -> None:
+        if self._status is not None:
+            changes: dict[str, object] = {"authority_error": error}
+            if error is None:
+                changes["last_quote_at"] = time.time()
+            self._status = replace(self._status, **changes)  # type: ignore[arg-type]
 
     async def _request_locked(self, x509_svids: tuple[X509SvidRequest, ...],
                               sync_entries: bool) -> CredentialResponse:
@@ -210,6 +240,4 @@ class NodeIdentity:
             raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
         self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)
         self._bundle = X509Bundle.from_der(self._trust_domain, response.bundle)
-        if self._status is not None:
-            self._status = NodeStatus(**{**self._status.__dict__, "last_quote_at": time.time()})
         return response

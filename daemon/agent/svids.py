@@ -185,7 +185,7 @@ class SvidManager:
                 continue
             try:
                 failed = await self._issue(batch)
-            except Exception as err:
+            except Exception as err:  # whatever failed, every waiter hears of it and the loop goes on
                 log.warning("svid issuance failed", extra={"entries": batch, "reason": str(err)})
                 retry_at = time.time() + _RETRY_AFTER_FAILURE
                 for future in waiting.values():

@@ -68,6 +68,7 @@ MAX_CSRS_PER_REQUEST = 256
 MAX_PENDING_SESSIONS = 10_000
 _AUTHORITY_KEY_TTL = timedelta(hours=24)
 _CLOCK_TOLERANCE = 300
+_CA_CHECK_INTERVAL = 60.0
 
 
 def node_spiffe_id(trust_domain: TrustDomain, ek_hash_hex: str) -> SpiffeId:
@@ -134,6 +135,7 @@ class Authority:
         self._trust_domain = trust_domain
         self._store = AuthorityStore(config.state_dir / "authority.db")
         self._ca = CertificateAuthority.load_or_create(config.state_dir, trust_domain, ca_ttl=config.ca_ttl)
+        self._ca_checked_at = time.monotonic()
         self._trust = EkTrust(_load_certificates(config.ek_roots, "EK root certificate"),
                               _load_certificates(config.ek_intermediates, "EK intermediate certificate"))
         self._entries = EntryIndex(entries)
@@ -153,7 +155,19 @@ class Authority:
         self._store.close()
 
     def bundle(self) -> X509Bundle:
-        return self._ca.bundle()
+        return self._current_ca().bundle()
+
+    def _current_ca(self) -> CertificateAuthority:
+        """The CA, rotated when its root passes half of its lifetime (checked once a minute)."""
+        if time.monotonic() - self._ca_checked_at >= _CA_CHECK_INTERVAL:
+            previous = self._ca.certificate
+            self._ca = CertificateAuthority.load_or_create(self._config.state_dir, self._trust_domain,
+                                                           ca_ttl=self._config.ca_ttl)
+            self._ca_checked_at = time.monotonic()
+            if self._ca.certificate != previous:
+                log.info("ca rotated", extra={"root_serial": f"{self._ca.certificate.serial_number:x}"})
+                self._signer, self._signer_expires = self._mint_signer()
+        return self._ca
 
     def enrol(self, ek_hash_hex: str, source: str) -> None:
         """Record an EK as enrolled (standalone mode enrols the local TPM's EK itself)."""
@@ -256,7 +270,7 @@ class Authority:
         public_key = session.node_key.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise RefusalError("bad_evidence", "node key is not an EC key")
-        node_svid = self._ca.sign_x509_svid(public_key, SpiffeId.parse(session.node_id),
+        node_svid = self._current_ca().sign_x509_svid(public_key, SpiffeId.parse(session.node_id),
                                             ttl=self._config.node_svid_ttl, tier=TrustTier.HARDWARE)
         nonce, expires = self._new_nonce(session.node_id)
         log.info("node attested", extra={"node_id": session.node_id, "pcr_profile": profile,
@@ -353,7 +367,7 @@ class Authority:
                 errors.append(ItemError(item.entry_id, "bad_csr", str(err)))
                 continue
             ttl = min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
-            cert = self._ca.sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=view.tier,
+            cert = self._current_ca().sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=view.tier,
                                            dns_names=entry.dns_names)
             issued.append(IssuedX509Svid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id),
                                          cert_chain=cert.public_bytes(Encoding.DER),

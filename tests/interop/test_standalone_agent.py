@@ -1,100 +1,31 @@
 """The standalone agent as a user runs it, with real SPIFFE clients in separate processes.
 
-One agent process per module: its own swtpm (provisioned with a manufacturer CA), a simulated
-measured boot, `vouchd agent --standalone`, then py-spiffe and raw gRPC clients against its socket.
+One agent process for the module (see conftest.running_agent), then py-spiffe and raw gRPC clients
+against its socket.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests import swtpm as swtpm_mod
+from tests.interop.conftest import VOUCHD, RunningAgent, running_agent
 
 pytestmark = pytest.mark.interop
 
-VOUCHD = [sys.executable, "-m", "vouchd.cli"]
 NOBODY = 65534
-
-
-@dataclass
-class RunningAgent:
-    process: subprocess.Popen[bytes]
-    socket: Path
-    admin_socket: Path
-    log: Path
-
-    def client_env(self) -> dict[str, str]:
-        return {**os.environ, "SPIFFE_ENDPOINT_SOCKET": f"unix:{self.socket}"}
-
-
-def _write_config(directory: Path, runtime: Path, tcti: str, swtpm: swtpm_mod.Swtpm, event_log: Path) -> Path:
-    config = directory / "standalone.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        trust_domain: example.org
-        agent:
-          state_dir: {directory}/agent
-          socket_path: {runtime}/agent.sock
-          admin_socket_path: {runtime}/admin.sock
-          tpm: {{tcti: "{tcti}", ek: rsa2048}}
-          event_log: {event_log}
-        authority:
-          state_dir: {directory}/authority
-          ek_trust:
-            roots: [{swtpm.manufacturer_root}]
-            intermediates: [{swtpm.manufacturer_issuer}]
-          x509_svid_ttl: 10m
-        entries:
-          - spiffe_id: spiffe://example.org/user/root
-            selectors: ["unix:uid:0"]
-          - spiffe_id: spiffe://example.org/only-for/uid-4242
-            selectors: ["unix:uid:4242"]
-        """))
-    return config
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
-    base = tmp_path_factory.mktemp("standalone")
-    swtpm_mod.provision(base / "swtpm")
-    tpm = swtpm_mod.start(base / "swtpm")
-    process = None
-    try:
-        event_log = base / "eventlog.bin"
-        subprocess.run([*VOUCHD, "dev", "simulate-boot", "--tcti", tpm.tcti, "--event-log", str(event_log)],
-                       check=True, capture_output=True)
-        # Like /run/vouchd: reachable by every user (pytest's own temp folders are root-only).
-        runtime = Path(tempfile.mkdtemp(prefix="vouchd-run-"))
-        runtime.chmod(0o755)
-        config = _write_config(base, runtime, tpm.tcti, tpm, event_log)
-        log = base / "agent.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(config)],
-                                       stdout=sink, stderr=subprocess.STDOUT)
-        running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log)
-        deadline = time.monotonic() + 60
-        while subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(running.admin_socket)],
-                             capture_output=True, check=False).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"agent did not become healthy:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield running
-    finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
-        tpm.stop()
+    with running_agent(tmp_path_factory.mktemp("standalone"), x509_svid_ttl="10m",
+                       extra_entries=[("spiffe://example.org/only-for/uid-4242", "unix:uid:4242")]) as agent:
+        yield agent
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
