@@ -89,6 +89,7 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"  node svid    serial {node.get('svid_serial', '-')}, "
           f"expires in {node.get('svid_expires_in_seconds', '-')} s")
     print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
+    print(f"  authority    {node.get('authority_link', '-')}")
     for selector in node.get("selectors", []):
         print(f"  selector     {selector}")
     print(f"workload api   {status['workload_api_socket']}  ({'ready' if status['ready'] else 'starting'})")

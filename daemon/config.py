@@ -21,7 +21,7 @@ import yaml
 
 from vouchd.errors import ConfigError
 from vouchd.selectors import InvalidSelectorError, Selector
-from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier
+from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier, check_dns_name
 
 __all__ = [
     "AgentConfig",
@@ -66,7 +66,6 @@ class AgentConfig:
     workload_attestors: Mapping[str, Mapping[str, Any]]
     attestation_deadline: timedelta
     attestation_interval: timedelta
-    trust_bundle_path: Path | None
 
 
 @dataclass(frozen=True)
@@ -299,7 +298,6 @@ def _parse_agent(section: _Section) -> AgentConfig:
         workload_attestors=section.free_mapping("workload_attestors") or {"unix": {}},
         attestation_deadline=section.duration("attestation_deadline", "5s"),
         attestation_interval=section.duration("attestation_interval", "60s"),
-        trust_bundle_path=section.optional_path("trust_bundle_path"),
     )
     section.finish()
     return agent
@@ -354,6 +352,8 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
         raise section.error("spiffe_id", str(err)) from None
     if not spiffe_id.is_member_of(trust_domain):
         raise section.error("spiffe_id", f"must be in the trust domain {trust_domain}")
+    if not spiffe_id.path:
+        raise section.error("spiffe_id", "a workload's SPIFFE ID needs a path, e.g. spiffe://example.org/web")
     selectors = _parse_selectors(section, "selectors")
     if not selectors:
         raise section.error("selectors", "an entry needs at least one selector")
@@ -380,6 +380,11 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
     if not _ENTRY_ID.match(entry_id):
         raise section.error("id", "expected letters, digits, '.', '_' or '-' (at most 128)")
     dns_names = tuple(section.string_list("dns_names"))
+    for index, name in enumerate(dns_names):
+        try:
+            check_dns_name(name)
+        except SpiffeError as err:
+            raise section.error(f"dns_names[{index}]", str(err)) from None
     entry = EntryConfig(
         id=entry_id,
         spiffe_id=spiffe_id,

@@ -132,7 +132,10 @@ class NodeIdentity:
             with self._event_log_path.open("rb") as handle:
                 data = handle.read(_MAX_EVENT_LOG_BYTES + 1)
         except FileNotFoundError:
-            return None
+            return None  # a host without measured boot; the authority's policy decides
+        except OSError as err:
+            raise NodeAttestationError("local", f"{self._event_log_path}: cannot read the event log: "
+                                                f"{err.strerror}") from None
         if len(data) > _MAX_EVENT_LOG_BYTES:
             raise NodeAttestationError("local", f"{self._event_log_path}: event log is over 16 MiB")
         return data
@@ -174,7 +177,7 @@ class NodeIdentity:
             svid_serial=f"{svid.serial_number:x}", svid_issued_at=now,
             svid_expires_at=svid.not_valid_after_utc.timestamp(), attested_at=now, last_quote_at=now,
         )
-        log.info("node attested", extra={"node_id": self.node_id, "svid_serial": self._status.svid_serial})
+        log.info("node identity obtained", extra={"node_id": self.node_id, "svid_serial": self._status.svid_serial})
 
     async def _fresh_nonce(self) -> bytes:
         # Keep a margin: the nonce must still be valid when the authority receives the request.

@@ -1,18 +1,31 @@
-"""The trust domain's certificate authority: a self-signed root kept on disk, rotated at half-life.
+"""The trust domain's certificate authority: self-signed roots kept on disk, rotated with overlap.
 
-Files under `<state_dir>/ca/` (directory 0700):
+Files under `<state_dir>/ca/` (directory 0700), each root a `.key` (PEM PKCS#8, 0600) and `.crt`:
 
-- `root.key` / `root.crt`: the active root, which signs every SVID;
-- `previous.key` / `previous.crt`: the root it replaced, published in the bundle until it expires
-  so that SVIDs it signed shortly before the rotation keep verifying.
+- `root.*`: the active root, the only one that signs;
+- `next.*`: the prepared root, published in the bundle but never signing, so that agents (which
+  learn new roots only from replies they verify against the bundle they already hold) have it
+  before anything is signed under it;
+- `previous.*`: the root the active one replaced, published until it expires so that SVIDs it
+  signed shortly before the promotion keep verifying.
 
-Keys are PEM PKCS#8, mode 0600, written to a temporary file, fsynced and renamed into place, so a
-crash leaves either the old file or the new one, never half a key.
+Rotation, with T = ca_ttl: once the active root has less than T/2 left a prepared root is created
+(valid for T from then); once the active root has less than T/4 left and the prepared root has been
+published for at least T/4, the prepared root is promoted (active -> previous, prepared -> active).
+Agents that sync at least once per T/4 thus always hold a root before it signs. An active root that
+has expired is replaced at once, by the prepared root if there is one, else by a new root: after a
+long outage no overlap is possible.
+
+Every file is written to a temporary, fsynced and renamed into place, and each rotation is a
+sequence of such renames in an order chosen so that a crash at any point leaves a state the next
+load_or_create repairs or completes (see _repair_interrupted_steps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import fcntl
 import os
 import re
@@ -21,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import assert_never
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,6 +50,7 @@ __all__ = ["CertificateAuthority"]
 
 _CA_DIR_NAME = "ca"
 _ACTIVE_NAME = "root"
+_PREPARED_NAME = "next"
 _PREVIOUS_NAME = "previous"
 _LOCK_NAME = "lock"
 _DIR_MODE = 0o700
@@ -63,14 +78,66 @@ class _RootFiles:
         return cls(ca_dir / f"{name}.key", ca_dir / f"{name}.crt")
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    active: _RootFiles
+    prepared: _RootFiles
+    previous: _RootFiles
+
+    @classmethod
+    def of(cls, ca_dir: Path) -> _Layout:
+        return cls(
+            _RootFiles.named(ca_dir, _ACTIVE_NAME),
+            _RootFiles.named(ca_dir, _PREPARED_NAME),
+            _RootFiles.named(ca_dir, _PREVIOUS_NAME),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredHalves:
+    """What one root's files hold, before checking they form a root: a crash may leave one half."""
+
+    key: ec.EllipticCurvePrivateKey | None = field(repr=False)
+    certificate: x509.Certificate | None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.key is None and self.certificate is None
+
+    @property
+    def is_partial(self) -> bool:
+        return (self.key is None) != (self.certificate is None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Roots:
+    active: _Root | None
+    prepared: _Root | None
+    previous: _Root | None
+    # Counts discarded roots too, so that no two roots ever share a generation number.
+    highest_generation: int = 0
+
+    @classmethod
+    def loaded(cls, active: _Root | None, prepared: _Root | None, previous: _Root | None) -> _Roots:
+        present = [root.certificate for root in (active, prepared, previous) if root is not None]
+        return cls(active, prepared, previous, max((_generation(c) for c in present), default=0))
+
+
+class _Step(enum.Enum):
+    DISCARD_EXPIRED_PREPARED = enum.auto()
+    DISCARD_EXPIRED_PREVIOUS = enum.auto()
+    PREPARE = enum.auto()
+    PROMOTE = enum.auto()
+
+
 class CertificateAuthority:
-    """The trust domain's self-signed root, created on first start and kept on disk.
+    """The trust domain's self-signed roots: the active one signs, the bundle publishes them all.
 
     Instances are immutable: to pick up a rotation in a long-running process, call load_or_create
     again (it is cheap when nothing is due).
     """
 
-    __slots__ = ("_certificate", "_key", "_previous", "_trust_domain")
+    __slots__ = ("_certificate", "_key", "_prepared", "_previous", "_trust_domain")
 
     def __init__(
         self,
@@ -78,13 +145,15 @@ class CertificateAuthority:
         key: ec.EllipticCurvePrivateKey,
         certificate: x509.Certificate,
         previous: Sequence[x509.Certificate] = (),
+        prepared: x509.Certificate | None = None,
     ) -> None:
-        """Prefer load_or_create; this wires an already-loaded root (and older roots to publish)."""
+        """Prefer load_or_create; this wires already-loaded roots: the active one, prepared and older ones."""
         if _spki(key.public_key()) != _spki(certificate.public_key()):
             raise CaError("ca key does not match the ca certificate")
         self._trust_domain = trust_domain
         self._key = key
         self._certificate = certificate
+        self._prepared = prepared
         self._previous = tuple(previous)
 
     @classmethod
@@ -96,40 +165,37 @@ class CertificateAuthority:
         ca_ttl: timedelta = timedelta(days=30),
         now: datetime | None = None,
     ) -> CertificateAuthority:
-        """Loads the root from `state_dir/ca`, creating it on first start and rotating it when due.
+        """Loads the roots from `state_dir/ca` and performs the rotation steps due at `now`.
 
-        A new root replaces the active one once less than half of `ca_ttl` remains on it (or it
-        has expired); the replaced root, if still valid, is kept as `previous` and stays in the
-        bundle until it expires.
+        Creates the first root on first start and completes or undoes a rotation that a crash
+        interrupted; the module docstring gives the schedule.
         """
         now = _utc(now)
         if ca_ttl <= timedelta(0):
             raise CaError("ca ttl must be positive")
         ca_dir = _prepare_directory(state_dir / _CA_DIR_NAME)
-        active_files = _RootFiles.named(ca_dir, _ACTIVE_NAME)
-        previous_files = _RootFiles.named(ca_dir, _PREVIOUS_NAME)
+        layout = _Layout.of(ca_dir)
         # Two processes starting at once must not each create a root and keep only one on disk.
         with _exclusive_lock(ca_dir / _LOCK_NAME):
-            active = _load_root(active_files, trust_domain)
-            previous = _load_root(previous_files, trust_domain)
-            if active is None:
-                generation = _generation(previous.certificate) + 1 if previous is not None else 1
-                active = _create_root(trust_domain, ca_ttl, now, generation)
-                _store_root(active_files, active)
-            elif active.certificate.not_valid_after_utc - now < ca_ttl / 2:
-                replacement = _create_root(trust_domain, ca_ttl, now, _generation(active.certificate) + 1)
-                if active.certificate.not_valid_after_utc > now:
-                    # previous first: a crash before the active files change leaves a state that
-                    # simply rotates again on the next start.
-                    _store_root(previous_files, active)
-                    previous = active
-                else:
-                    _remove_root(previous_files)
-                    previous = None
-                _store_root(active_files, replacement)
-                active = replacement
-        older = (previous.certificate,) if previous is not None else ()
-        return cls(trust_domain, active.key, active.certificate, older)
+            _repair_interrupted_steps(layout)
+            roots = _Roots.loaded(
+                active=_load_root(layout.active, trust_domain),
+                prepared=_load_root(layout.prepared, trust_domain),
+                previous=_load_root(layout.previous, trust_domain),
+            )
+            # Terminates: a step removes a root, or fills an empty prepared slot, or empties it by
+            # promoting; a fresh prepared root is never promoted while the active root is valid.
+            while (step := _due_step(roots, ca_ttl, now)) is not None:
+                roots = _perform(step, roots, layout, trust_domain=trust_domain, ca_ttl=ca_ttl, now=now)
+        if roots.active is None:  # unreachable: _due_step promotes whenever there is no active root
+            raise CaError(f"ca directory {ca_dir} has no active root after rotation")
+        return cls(
+            trust_domain,
+            roots.active.key,
+            roots.active.certificate,
+            previous=(roots.previous.certificate,) if roots.previous is not None else (),
+            prepared=roots.prepared.certificate if roots.prepared is not None else None,
+        )
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -140,10 +206,16 @@ class CertificateAuthority:
         """The active root: the one that signs."""
         return self._certificate
 
+    @property
+    def prepared(self) -> x509.Certificate | None:
+        """The prepared root: published in the bundle, signing nothing until it is promoted."""
+        return self._prepared
+
     def bundle(self, now: datetime | None = None) -> X509Bundle:
-        """Every root that has not expired at `now`, the active one first."""
+        """Every root that has not expired at `now`: the active one, the prepared one, then older ones."""
         now = _utc(now)
-        roots = (self._certificate, *self._previous)
+        prepared = (self._prepared,) if self._prepared is not None else ()
+        roots = (self._certificate, *prepared, *self._previous)
         return X509Bundle(self._trust_domain, tuple(c for c in roots if c.not_valid_after_utc > now))
 
     def sign_x509_svid(
@@ -179,6 +251,107 @@ class CertificateAuthority:
             f"CertificateAuthority(trust_domain={self._trust_domain.name!r}, "
             f"root_serial={self._certificate.serial_number:#x})"
         )
+
+
+def _due_step(roots: _Roots, ca_ttl: timedelta, now: datetime) -> _Step | None:
+    """The next rotation step due at `now`, or None when the roots are as they should be."""
+    if roots.prepared is not None and not _is_valid(roots.prepared, now):
+        return _Step.DISCARD_EXPIRED_PREPARED
+    if roots.previous is not None and not _is_valid(roots.previous, now):
+        return _Step.DISCARD_EXPIRED_PREVIOUS
+    if roots.active is None or not _is_valid(roots.active, now):
+        return _Step.PROMOTE if roots.prepared is not None else _Step.PREPARE
+    remaining = roots.active.certificate.not_valid_after_utc - now
+    if roots.prepared is None:
+        return _Step.PREPARE if remaining < ca_ttl / 2 else None
+    # Waiting until the prepared root has been published for T/4 matters only when the authority was
+    # down across the half-life: promoting it at once would sign under a root no agent has yet.
+    if remaining < ca_ttl / 4 and now - _created_at(roots.prepared) >= ca_ttl / 4:
+        return _Step.PROMOTE
+    return None
+
+
+def _perform(
+    step: _Step, roots: _Roots, layout: _Layout, *, trust_domain: TrustDomain, ca_ttl: timedelta, now: datetime
+) -> _Roots:
+    match step:
+        case _Step.DISCARD_EXPIRED_PREPARED:
+            _remove_root(layout.prepared)
+            return dataclasses.replace(roots, prepared=None)
+        case _Step.DISCARD_EXPIRED_PREVIOUS:
+            _remove_root(layout.previous)
+            return dataclasses.replace(roots, previous=None)
+        case _Step.PREPARE:
+            # A new root always passes through next.*, even on first start, so that an interrupted
+            # write of root.* is never a crash state but always a repairable copy of next.*.
+            generation = roots.highest_generation + 1
+            prepared = _create_root(trust_domain, ca_ttl, now, generation)
+            _store_root(layout.prepared, prepared)
+            return dataclasses.replace(roots, prepared=prepared, highest_generation=generation)
+        case _Step.PROMOTE:
+            return _promote(roots, layout, now)
+        case _:
+            assert_never(step)
+
+
+def _promote(roots: _Roots, layout: _Layout, now: datetime) -> _Roots:
+    """Prepared -> active -> previous, in the order _repair_interrupted_steps can pick up after a crash."""
+    if roots.prepared is None:  # unreachable: _due_step promotes only a prepared root
+        raise CaError(f"ca directory {layout.prepared.key.parent} has no prepared root to promote")
+    previous = roots.previous
+    if roots.active is not None:
+        if _is_valid(roots.active, now):
+            _store_root(layout.previous, roots.active)
+            previous = roots.active
+        else:
+            _remove_root(layout.previous)
+            previous = None
+    _store_root(layout.active, roots.prepared)
+    _remove_root(layout.prepared)
+    return dataclasses.replace(roots, active=roots.prepared, prepared=None, previous=previous)
+
+
+def _repair_interrupted_steps(layout: _Layout) -> None:
+    """Completes or undoes what a crash left half done; every other inconsistency stays an error.
+
+    Key files are renamed (and removed) before their certificates, so the crash states are:
+    - next.* with one half: an interrupted prepare or removal of next.*; it never signed -> drop it;
+    - root.key holding the prepared key but root.crt not its certificate: promotion interrupted
+      while writing root.* -> finish writing root.* from next.*;
+    - next.* equal to root.*: promotion interrupted before removing next.* -> drop next.*;
+    - previous.key holding the active key: promotion interrupted while writing previous.*, or
+      after it -> drop previous.* (the promotion is still due and writes it again);
+    - previous.crt without its key: interrupted removal of previous.* -> drop it.
+    """
+    prepared = _read_halves(layout.prepared)
+    if prepared.is_partial:
+        _remove_root(layout.prepared)
+        prepared = _StoredHalves(None, None)
+    active = _read_halves(layout.active)
+    if prepared.key is not None and prepared.certificate is not None:
+        if _same_key(active.key, prepared.certificate) and active.certificate != prepared.certificate:
+            _store_root(layout.active, _Root(prepared.key, prepared.certificate))
+            active = prepared
+        if active.certificate == prepared.certificate and _same_key(active.key, prepared.certificate):
+            _remove_root(layout.prepared)
+    previous = _read_halves(layout.previous)
+    holds_active_key = active.certificate is not None and _same_key(previous.key, active.certificate)
+    removal_interrupted = previous.key is None and previous.certificate is not None
+    if holds_active_key or removal_interrupted:
+        _remove_root(layout.previous)
+
+
+def _is_valid(root: _Root, now: datetime) -> bool:
+    return root.certificate.not_valid_after_utc > now
+
+
+def _created_at(root: _Root) -> datetime:
+    # _create_root backdates notBefore by CLOCK_SKEW.
+    return root.certificate.not_valid_before_utc + CLOCK_SKEW
+
+
+def _same_key(key: ec.EllipticCurvePrivateKey | None, certificate: x509.Certificate) -> bool:
+    return key is not None and _spki(key.public_key()) == _spki(certificate.public_key())
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -234,36 +407,51 @@ def _read_file(path: Path, *, private: bool) -> bytes:
             raise CaError(f"{what} {path} cannot be read: {err.strerror}") from err
 
 
-def _load_root(files: _RootFiles, trust_domain: TrustDomain) -> _Root | None:
-    key_exists, cert_exists = files.key.exists(), files.certificate.exists()
-    if not key_exists and not cert_exists:
-        return None
-    if not cert_exists:
-        raise CaError(f"ca certificate file {files.certificate} is missing but key file {files.key} exists")
-    if not key_exists:
-        raise CaError(f"ca key file {files.key} is missing but certificate file {files.certificate} exists")
+def _read_halves(files: _RootFiles) -> _StoredHalves:
+    key: ec.EllipticCurvePrivateKey | None = None
+    certificate: x509.Certificate | None = None
+    # lexists: a symlink, even a dangling one, is there and must be refused by _read_file, not skipped.
+    if os.path.lexists(files.key):
+        key = _parse_key(files.key, _read_file(files.key, private=True))
+    if os.path.lexists(files.certificate):
+        certificate = _parse_certificate(files.certificate, _read_file(files.certificate, private=False))
+    return _StoredHalves(key, certificate)
 
-    key_pem = _read_file(files.key, private=True)
+
+def _parse_key(path: Path, key_pem: bytes) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # The parser's own message is dropped on purpose: nothing derived from the key goes out.
-        raise CaError(f"ca key file {files.key} does not hold an unencrypted pem private key") from None
+        raise CaError(f"ca key file {path} does not hold an unencrypted pem private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise CaError(f"ca key file {files.key} does not hold an ec p-256 key")
+        raise CaError(f"ca key file {path} does not hold an ec p-256 key")
+    return key
 
+
+def _parse_certificate(path: Path, certificate_pem: bytes) -> x509.Certificate:
     try:
-        certificate = x509.load_pem_x509_certificate(_read_file(files.certificate, private=False))
+        return x509.load_pem_x509_certificate(certificate_pem)
     except ValueError as err:
-        raise CaError(f"ca certificate file {files.certificate} is not a pem certificate") from err
-    if _spki(key.public_key()) != _spki(certificate.public_key()):
+        raise CaError(f"ca certificate file {path} is not a pem certificate") from err
+
+
+def _load_root(files: _RootFiles, trust_domain: TrustDomain) -> _Root | None:
+    halves = _read_halves(files)
+    if halves.is_empty:
+        return None
+    if halves.certificate is None:
+        raise CaError(f"ca certificate file {files.certificate} is missing but key file {files.key} exists")
+    if halves.key is None:
+        raise CaError(f"ca key file {files.key} is missing but certificate file {files.certificate} exists")
+    if not _same_key(halves.key, halves.certificate):
         raise CaError(f"ca key file {files.key} does not match certificate file {files.certificate}")
-    problem = _root_problem(certificate, trust_domain)
+    problem = _root_problem(halves.certificate, trust_domain)
     if problem is not None:
         raise CaError(
             f"ca certificate file {files.certificate} is not a root of trust domain {trust_domain}: {problem}"
         )
-    return _Root(key, certificate)
+    return _Root(halves.key, halves.certificate)
 
 
 def _root_problem(certificate: x509.Certificate, trust_domain: TrustDomain) -> str | None:
@@ -345,15 +533,21 @@ def _store_root(files: _RootFiles, root: _Root) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     cert_pem = root.certificate.public_bytes(serialization.Encoding.PEM)
+    # Key before certificate: _repair_interrupted_steps knows the crash states this order leaves.
     _write_atomically([(files.key, key_pem, _KEY_MODE), (files.certificate, cert_pem, _CERT_MODE)])
 
 
 def _remove_root(files: _RootFiles) -> None:
+    # Key before certificate, as in _store_root: a crash leaves at most a certificate, never a lone key.
     for path in (files.key, files.certificate):
         try:
             path.unlink(missing_ok=True)
         except OSError as err:
             raise CaError(f"ca file {path} cannot be removed: {err.strerror}") from err
+    try:
+        _fsync_directory(files.key.parent)
+    except OSError as err:
+        raise CaError(f"ca directory {files.key.parent} cannot be synced: {err.strerror}") from err
 
 
 def _write_atomically(files: Sequence[tuple[Path, bytes, int]]) -> None:

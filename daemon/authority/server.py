@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.entries import Entry, EntryIndex
-from vouchd.authority.errors import AuthorityError, RefusalError
+from vouchd.authority.errors import AuthorityError, CaError, RefusalError
 from vouchd.authority.store import AuthorityStore, NodeRecord, NodeState
 from vouchd.authority.verifier import (
     AttestationSession,
@@ -140,7 +140,7 @@ class Authority:
                               _load_certificates(config.ek_intermediates, "EK intermediate certificate"))
         self._entries = EntryIndex(entries)
         self._sessions: dict[str, AttestationSession] = {}
-        self._signing_key = _load_or_create_key(config.state_dir / "authority" / "signing.key")
+        self._signing_key = _load_or_create_key(config.state_dir / "reply-signing.key")
         self._signer, self._signer_expires = self._mint_signer()
 
     @property
@@ -160,10 +160,13 @@ class Authority:
     def _current_ca(self) -> CertificateAuthority:
         """The CA, rotated when its root passes half of its lifetime (checked once a minute)."""
         if time.monotonic() - self._ca_checked_at >= _CA_CHECK_INTERVAL:
-            previous = self._ca.certificate
+            previous, previously_prepared = self._ca.certificate, self._ca.prepared
             self._ca = CertificateAuthority.load_or_create(self._config.state_dir, self._trust_domain,
                                                            ca_ttl=self._config.ca_ttl)
             self._ca_checked_at = time.monotonic()
+            if self._ca.prepared is not None and self._ca.prepared != previously_prepared:
+                log.info("ca root prepared: published in the bundle, signs once agents have it",
+                         extra={"root_serial": f"{self._ca.prepared.serial_number:x}"})
             if self._ca.certificate != previous:
                 log.info("ca rotated", extra={"root_serial": f"{self._ca.certificate.serial_number:x}"})
                 self._signer, self._signer_expires = self._mint_signer()
@@ -367,8 +370,13 @@ class Authority:
                 errors.append(ItemError(item.entry_id, "bad_csr", str(err)))
                 continue
             ttl = min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
-            cert = self._current_ca().sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=view.tier,
-                                           dns_names=entry.dns_names)
+            try:
+                cert = self._current_ca().sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=view.tier,
+                                                         dns_names=entry.dns_names)
+            except (InvalidSvidError, CaError) as err:
+                log.error("x509-svid not signed", extra={"entry_id": entry.id, "reason": str(err)})
+                errors.append(ItemError(item.entry_id, "cannot_sign", str(err)))
+                continue
             issued.append(IssuedX509Svid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id),
                                          cert_chain=cert.public_bytes(Encoding.DER),
                                          expires_at=int(cert.not_valid_after_utc.timestamp())))

@@ -22,7 +22,8 @@ from vouchd.protocol.errors import MessageError
 
 __all__ = ["MAX_MESSAGE_BYTES", "canonical_json", "decode", "decode_as", "encode", "message"]
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# An attestation request carries the whole TCG event log (up to 16 MiB, base64 in JSON).
+MAX_MESSAGE_BYTES = 24 * 1024 * 1024
 PROTOCOL_VERSION = 1
 
 T = TypeVar("T")

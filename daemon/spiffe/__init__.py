@@ -8,16 +8,10 @@ from __future__ import annotations
 from vouchd.spiffe.bundle import X509Bundle
 from vouchd.spiffe.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, SpiffeError
 from vouchd.spiffe.ids import SCHEME_PREFIX, SpiffeId, TrustDomain
-from vouchd.spiffe.tier import (
-    JWT_TIER_CLAIM,
-    TIER_EXTENSION_OID,
-    TIER_EXTENSION_UUID,
-    TrustTier,
-    read_tier,
-    tier_extension_value,
-)
+from vouchd.spiffe.tier import JWT_TIER_CLAIM, TIER_SUBJECT_PREFIX, TrustTier, read_tier
 from vouchd.spiffe.x509svid import (
     CLOCK_SKEW,
+    check_dns_name,
     csr_public_key,
     make_csr,
     mint_x509_svid,
@@ -29,8 +23,7 @@ __all__ = [
     "CLOCK_SKEW",
     "JWT_TIER_CLAIM",
     "SCHEME_PREFIX",
-    "TIER_EXTENSION_OID",
-    "TIER_EXTENSION_UUID",
+    "TIER_SUBJECT_PREFIX",
     "InvalidBundleError",
     "InvalidSpiffeIdError",
     "InvalidSvidError",
@@ -39,11 +32,11 @@ __all__ = [
     "TrustDomain",
     "TrustTier",
     "X509Bundle",
+    "check_dns_name",
     "csr_public_key",
     "make_csr",
     "mint_x509_svid",
     "read_tier",
-    "tier_extension_value",
     "validate_x509_svid_leaf",
     "verify_x509_svid",
 ]

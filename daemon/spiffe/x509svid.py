@@ -2,7 +2,7 @@
 
 Follows spiffe/spiffe standards/X509-SVID.md and DESIGN §3: exactly one URI SAN, CA false, key
 usage digitalSignature only (critical), EKU serverAuth + clientAuth, EC P-256 keys, plus vouchd's
-trust tier extension.
+trust tier in the subject (see vouchd.spiffe.tier for why not in an extension).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from vouchd.spiffe.bundle import X509Bundle
 from vouchd.spiffe.errors import InvalidSpiffeIdError, InvalidSvidError
 from vouchd.spiffe.ids import SpiffeId
-from vouchd.spiffe.tier import TIER_EXTENSION_OID, TrustTier, tier_extension_value
+from vouchd.spiffe.tier import TIER_SUBJECT_PREFIX, TrustTier
 
 __all__ = [
     "CLOCK_SKEW",
+    "check_dns_name",
     "csr_public_key",
     "make_csr",
     "mint_x509_svid",
@@ -64,12 +65,22 @@ def _spki(key: CertificatePublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _svid_subject(tier: TrustTier) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _SVID_ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{TIER_SUBJECT_PREFIX}{tier.value}"),
+        ]
+    )
+
+
 def _random_serial() -> int:
     # Uniform over [1, 2**128 - 1]: positive and unpredictable, as RFC 5280 and CA/B practice want.
     return 1 + secrets.randbelow((1 << 128) - 1)
 
 
-def _check_dns_name(name: str) -> None:
+def check_dns_name(name: str) -> None:
+    """InvalidSvidError unless `name` can be a DNS SAN (a wildcard only as the leftmost label)."""
     if not name or len(name) > _MAX_DNS_NAME or not _DNS_NAME.fullmatch(name):
         raise InvalidSvidError(f"dns name {name[:80]!r} is not a valid dns name")
 
@@ -111,7 +122,7 @@ def mint_x509_svid(
     if isinstance(dns_names, str):
         raise InvalidSvidError("dns names must be a sequence of names, not one string")
     for name in dns_names:
-        _check_dns_name(name)
+        check_dns_name(name)
     if _spki(ca_key.public_key()) != _spki(ca_cert.public_key()):
         raise InvalidSvidError("ca key does not match the ca certificate")
     ca_not_after = ca_cert.not_valid_after_utc
@@ -125,7 +136,7 @@ def mint_x509_svid(
 
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, _SVID_ORGANIZATION)]))
+        .subject_name(_svid_subject(tier))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(_random_serial())
@@ -154,7 +165,6 @@ def mint_x509_svid(
         .add_extension(x509.SubjectAlternativeName(subject_alt_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_authority_key_identifier(ca_cert), critical=False)
-        .add_extension(x509.UnrecognizedExtension(TIER_EXTENSION_OID, tier_extension_value(tier)), critical=False)
     )
     return builder.sign(ca_key, hashes.SHA256())
 
