@@ -43,10 +43,14 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from vouchd.agent.agent import Agent
     from vouchd.config import load_config
     from vouchd.logs import configure_logging
+    from vouchd.standalone import standalone_connector
 
     config = load_config(Path(args.config))
+    if not args.standalone:
+        raise VouchdError("fleet mode (agent -> authority over MQTT) is not available in this version; "
+                          "run `vouchd agent --standalone`")
     configure_logging(config.log_level, args.log_format)
-    agent = Agent(config, standalone=args.standalone)
+    agent = Agent(config, standalone_connector(config))
     _run_until_signalled(agent.run())
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
+from vouchd.entry_rules import entry_violation
 from vouchd.errors import ConfigError
 from vouchd.selectors import InvalidSelectorError, Selector
 from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier, check_dns_name
@@ -38,11 +39,6 @@ __all__ = [
 
 EkType = Literal["rsa2048", "ecc-p256", "ecc-p384"]
 EnrolmentMode = Literal["allowlist", "approve", "any-genuine"]
-
-# DESIGN §6: path/sha256/script selectors never stand alone; one of these must anchor an entry.
-KERNEL_ANCHORED_SELECTORS = frozenset(
-    {("unix", "uid"), ("unix", "gid"), ("systemd", "unit"), ("container", "id"), ("k8s", "pod_uid")}
-)
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -352,14 +348,7 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
         raise section.error("spiffe_id", str(err)) from None
     if not spiffe_id.is_member_of(trust_domain):
         raise section.error("spiffe_id", f"must be in the trust domain {trust_domain}")
-    if not spiffe_id.path:
-        raise section.error("spiffe_id", "a workload's SPIFFE ID needs a path, e.g. spiffe://example.org/web")
     selectors = _parse_selectors(section, "selectors")
-    if not selectors:
-        raise section.error("selectors", "an entry needs at least one selector")
-    if not any((s.type, s.key) in KERNEL_ANCHORED_SELECTORS for s in selectors):
-        anchored = ", ".join(f"{t}:{k}" for t, k in sorted(KERNEL_ANCHORED_SELECTORS))
-        raise section.error("selectors", f"needs at least one kernel-anchored selector ({anchored})")
     parent = None
     parent_text = section.optional_string("parent")
     if parent_text is not None:
@@ -368,12 +357,9 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
         except SpiffeError as err:
             raise section.error("parent", str(err)) from None
     node_selectors = _parse_selectors(section, "node_selectors")
-    if node_selectors and not any(
-        (s.type, s.key) == ("tpm", "ek_hash") or (s.type, s.key) == ("node", "label") for s in node_selectors
-    ):
-        raise section.error("node_selectors", "must include tpm:ek_hash or a node:label selector")
-    if parent is not None and node_selectors:
-        raise section.error("node_selectors", "an entry has either a parent or node_selectors, not both")
+    violation = entry_violation(spiffe_id, selectors, parent, node_selectors)
+    if violation is not None:
+        raise section.error(violation.field, violation.message)
     tier_text = section.choice("min_tier", tuple(t.value for t in TrustTier), TrustTier.HARDWARE.value)
     default_id = _default_entry_id(spiffe_id, selectors)
     entry_id = section.string("id", default_id)

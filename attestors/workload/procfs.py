@@ -15,9 +15,12 @@ from vouchd.attestors.errors import ProcessExitedError, ProcessInfoError
 
 __all__ = [
     "PROC_ROOT",
+    "ProcessCredentials",
     "ProcessStat",
     "parse_stat",
+    "parse_status_credentials",
     "parse_status_groups",
+    "read_process_credentials",
     "read_process_stat",
     "read_supplementary_groups",
 ]
@@ -71,6 +74,34 @@ def parse_stat(text: str) -> ProcessStat:
         raise ProcessInfoError("malformed /proc stat line: a numeric field is not a number") from err
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessCredentials:
+    """The user and group ids of a process now, from the `Uid:` and `Gid:` lines of /proc/<pid>/status."""
+
+    real_uid: int
+    effective_uid: int
+    real_gid: int
+    effective_gid: int
+
+
+def parse_status_credentials(text: str) -> ProcessCredentials:
+    """The real and effective uid and gid from /proc/<pid>/status (`Uid:` / `Gid:` list real, effective, ...)."""
+    ids: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in {"Uid", "Gid"}:
+            fields = value.split()
+            try:
+                ids[name] = (int(fields[0]), int(fields[1]))
+            except (IndexError, ValueError) as err:
+                raise ProcessInfoError(f"malformed {name} line in /proc status") from err
+    for name in ("Uid", "Gid"):
+        if name not in ids:
+            raise ProcessInfoError(f"no {name} line in /proc status")
+    (real_uid, effective_uid), (real_gid, effective_gid) = ids["Uid"], ids["Gid"]
+    return ProcessCredentials(real_uid, effective_uid, real_gid, effective_gid)
+
+
 def parse_status_groups(text: str) -> tuple[int, ...]:
     """The supplementary group ids from the `Groups:` line of /proc/<pid>/status."""
     for line in text.splitlines():
@@ -94,6 +125,11 @@ def read_process_stat(pid: int, *, proc_root: Path = PROC_ROOT) -> ProcessStat:
 def read_supplementary_groups(pid: int, *, proc_root: Path = PROC_ROOT) -> tuple[int, ...]:
     """The supplementary group ids of a process, as the kernel lists them in /proc/<pid>/status."""
     return parse_status_groups(_read_proc_text(pid, "status", proc_root))
+
+
+def read_process_credentials(pid: int, *, proc_root: Path = PROC_ROOT) -> ProcessCredentials:
+    """The real and effective uid and gid a process has now, as the kernel lists them in /proc/<pid>/status."""
+    return parse_status_credentials(_read_proc_text(pid, "status", proc_root))
 
 
 def _read_proc_text(pid: int, name: str, proc_root: Path) -> str:

@@ -1,7 +1,8 @@
 """The agent's composition root: builds every part from one Config and runs them (DESIGN §1, §11).
 
-Start-up order matters and is the order below: TPM, node keys, (embedded authority), node
-attestation, first entry sync, Workload API socket, admin socket, then READY=1. Long-running
+Start-up order matters and is the order below: TPM, node keys, the link to the authority (the
+connector decides which: vouchd.standalone embeds one), node attestation, first entry sync,
+Workload API socket, admin socket, then READY=1. Long-running
 parts are tasks of one TaskGroup; cancelling `run()` stops them all and closes the TPM.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vouchd.agent.admin import AdminServer
@@ -22,52 +23,42 @@ from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.agent.workloads import AgentWorkloadIdentities
 from vouchd.attestors.catalog import build_workload_attestors
-from vouchd.authority.entries import Entry
-from vouchd.authority.server import Authority
-from vouchd.config import AgentConfig, Config, EntryConfig
+from vouchd.config import AgentConfig, Config
 from vouchd.errors import ConfigError
-from vouchd.evidence import TpmPublic
-from vouchd.protocol.transport import LocalTransport
-from vouchd.selectors import Selector
+from vouchd.protocol.transport import AuthorityTransport
 from vouchd.spiffe import X509Bundle
-from vouchd.tpm import TpmService
+from vouchd.tpm import EkInfo, TpmService
 
-__all__ = ["Agent", "standalone_entries"]
+__all__ = ["Agent", "AuthorityConnector", "AuthorityLink"]
 
 log = logging.getLogger("vouchd.agent")
 
 
-def standalone_entries(entries: Sequence[EntryConfig], local_ek_hash: str) -> list[Entry]:
-    """Entries of a standalone host; those that name no node are bound to the local TPM's EK."""
-    bound = []
-    for entry in entries:
-        node_selectors = entry.node_selectors
-        if entry.parent is None and not node_selectors:
-            node_selectors = frozenset({Selector("tpm", "ek_hash", local_ek_hash)})
-        bound.append(Entry(
-            id=entry.id, revision=1, spiffe_id=entry.spiffe_id, selectors=entry.selectors, parent=entry.parent,
-            node_selectors=node_selectors, min_tier=entry.min_tier, x509_ttl=entry.x509_ttl,
-            dns_names=entry.dns_names, hint=entry.hint,
-        ))
-    return bound
+@dataclass(frozen=True)
+class AuthorityLink:
+    """How this agent reaches its authority, and the trust bundle it starts from."""
+
+    mode: str                                   # "standalone" | "fleet"
+    transport: AuthorityTransport
+    initial_bundle: Callable[[], X509Bundle]
+
+
+# Given the local TPM's EK, open the link to the authority (and close it when the agent stops).
+AuthorityConnector = Callable[[EkInfo], contextlib.AbstractContextManager[AuthorityLink]]
 
 
 class Agent:
-    def __init__(self, config: Config, *, standalone: bool) -> None:
+    def __init__(self, config: Config, connect: AuthorityConnector) -> None:
         if config.agent is None:
             raise ConfigError(f"{config.source}: agent: section is required to run the agent")
-        if standalone and config.authority is None:
-            raise ConfigError(f"{config.source}: authority: section is required with --standalone")
-        if not standalone:
-            raise ConfigError("fleet mode (agent -> authority over MQTT) is not available in this version; "
-                              "run `vouchd agent --standalone`")
         self._config = config
+        self._connect = connect
+        self._mode = "starting"
         self._agent_config: AgentConfig = config.agent
         self._started_at = time.time()
         self._node: NodeIdentity | None = None
         self._svids: SvidManager | None = None
         self._tpm: TpmService | None = None
-        self._authority: Authority | None = None
         self._ready = asyncio.Event()
 
     @property
@@ -78,12 +69,12 @@ class Agent:
     async def run(self) -> None:
         async with self._tpm_service() as tpm:
             keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
-            local_ek_hash = hashlib.sha256(TpmPublic.from_tpm2b(tpm.ek.public).spki_der()).hexdigest()
-            with self._embedded_authority(local_ek_hash) as authority:
+            with self._connect(tpm.ek) as link:
+                self._mode = link.mode
                 node = NodeIdentity(
                     tpm=tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
-                    transport=LocalTransport(authority.handle), trust_domain=self._config.trust_domain,
-                    initial_bundle=authority.bundle, event_log_path=self._agent_config.event_log_path,
+                    transport=link.transport, trust_domain=self._config.trust_domain,
+                    initial_bundle=link.initial_bundle, event_log_path=self._agent_config.event_log_path,
                 )
                 self._node = node
                 notify("STATUS=attesting node")
@@ -102,20 +93,6 @@ class Agent:
             yield tpm
         finally:
             await tpm.close()
-
-    @contextlib.contextmanager
-    def _embedded_authority(self, local_ek_hash: str) -> Any:
-        assert self._config.authority is not None
-        # Standalone: the operator of the host is the operator of the authority, so the local EK is
-        # enrolled here. Its certificate chain is still checked when the TPM has one.
-        authority = Authority(self._config.authority, self._config.trust_domain,
-                              standalone_entries(self._config.entries, local_ek_hash))
-        authority.enrol(local_ek_hash, "standalone: local TPM")
-        self._authority = authority
-        try:
-            yield authority
-        finally:
-            authority.close()
 
     async def _serve(self, node: NodeIdentity, svids: SvidManager) -> None:
         attestors = build_workload_attestors(self._agent_config.workload_attestors)
@@ -165,7 +142,7 @@ class Agent:
         now = time.time()
         node = self._node.status if self._node is not None else None
         result: dict[str, Any] = {
-            "mode": "standalone",
+            "mode": self._mode,
             "trust_domain": str(self._config.trust_domain),
             "uptime_seconds": round(now - self._started_at, 1),
             "ready": self._ready.is_set(),
@@ -173,7 +150,7 @@ class Agent:
             "node": None,
             "entries": [],
             "svids": [],
-            "tpm_latency": self._tpm.latency_snapshot() if self._tpm is not None else {},
+            "tpm_latency_ms": self._tpm_latency(),
         }
         if node is not None:
             result["node"] = {
@@ -194,5 +171,9 @@ class Agent:
             ]
         return result
 
-    def bundle(self) -> X509Bundle | None:
-        return self._node.bundle() if self._node is not None else None
+    def _tpm_latency(self) -> dict[str, dict[str, float]]:
+        """Per TPM operation: count and milliseconds (every TPM call queues on one device)."""
+        if self._tpm is None:
+            return {}
+        return {op: {key: (int(value) if key == "count" else round(value, 2)) for key, value in figures.items()}
+                for op, figures in self._tpm.latency_snapshot().items()}

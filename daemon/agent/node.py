@@ -23,6 +23,7 @@ from cryptography import x509
 from vouchd.evidence import TpmPublic
 from vouchd.protocol.codec import encode
 from vouchd.protocol.errors import RemoteError, SignatureError
+from vouchd.protocol.identities import ek_hash, node_spiffe_id
 from vouchd.protocol.messages import (
     AttestRequest,
     AttestResult,
@@ -38,7 +39,7 @@ from vouchd.protocol.messages import (
 )
 from vouchd.protocol.signing import ReplyVerifier
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, AuthorityTransport
-from vouchd.spiffe import SpiffeId, TrustDomain, X509Bundle
+from vouchd.spiffe import TrustDomain, X509Bundle
 from vouchd.tpm import EkInfo, TpmQuote
 
 __all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm"]
@@ -83,11 +84,6 @@ class NodeStatus:
         return self.svid_issued_at + (self.svid_expires_at - self.svid_issued_at) / 2
 
 
-def node_id_for_ek(trust_domain: TrustDomain, ek_public: bytes) -> SpiffeId:
-    ek = TpmPublic.from_tpm2b(ek_public)
-    return trust_domain.spiffe_id(f"/vouchd/node/tpm/{hashlib.sha256(ek.spki_der()).hexdigest()}")
-
-
 class NodeIdentity:
     def __init__(
         self,
@@ -109,7 +105,7 @@ class NodeIdentity:
         self._bundle: X509Bundle | None = None
         self._verifier = ReplyVerifier(trust_domain, self.bundle)
         self._event_log_path = event_log_path
-        self.node_id = str(node_id_for_ek(trust_domain, tpm.ek.public))
+        self.node_id = str(node_spiffe_id(trust_domain, ek_hash(TpmPublic.from_tpm2b(tpm.ek.public))))
         self._nonce: bytes | None = None
         self._nonce_expires = 0.0
         self._pcr_bank = "sha256"
@@ -184,7 +180,7 @@ class NodeIdentity:
         if self._nonce is not None and time.time() < self._nonce_expires - 2:
             nonce, self._nonce = self._nonce, None
             return nonce
-        grant = await self._call(REQUEST_TOPIC, NonceRequest(node_id=self.node_id))
+        grant = await self._call(REQUEST_TOPIC, NonceRequest(node_id=self.node_id, request_id=os.urandom(16)))
         if not isinstance(grant, NonceGrant):
             raise SignatureError(f"authority answered a nonce request with {type(grant).__name__}")
         self._pcr_bank, self._pcr_indices = grant.pcr_bank, tuple(grant.pcr_indices)

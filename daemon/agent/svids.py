@@ -33,6 +33,7 @@ __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 log = logging.getLogger("vouchd.agent.svids")
 
 _RETRY_AFTER_FAILURE = 5.0
+_MAX_BACKOFF = 300.0
 _IDLE_WAKE = 3600.0
 
 
@@ -61,6 +62,13 @@ class CachedSvid:
         return f"{self.certificate.serial_number:x}"
 
 
+@dataclass(frozen=True)
+class _Backoff:
+    next_attempt: float
+    delay: float
+    reason: str
+
+
 class SvidManager:
     def __init__(self, source: CredentialSource) -> None:
         self._source = source
@@ -69,6 +77,7 @@ class SvidManager:
         self._index: dict[Selector, set[str]] = defaultdict(set)
         self._svids: dict[str, CachedSvid] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}
+        self._backoff: dict[str, _Backoff] = {}
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._version = 0
@@ -108,6 +117,7 @@ class SvidManager:
             if entry is None or entry != self._entries.get(entry_id) or entry.spiffe_id != svid.spiffe_id:
                 del self._svids[entry_id]
         self._entries = new
+        self._backoff = {e: b for e, b in self._backoff.items() if e in new}
         self._entry_selectors = {e.id: frozenset(Selector.parse(s) for s in e.selectors) for e in new.values()}
         self._index = defaultdict(set)
         for entry_id, selectors in self._entry_selectors.items():
@@ -130,54 +140,91 @@ class SvidManager:
         return svid is not None and svid.expires_at > now
 
     async def x509_svids(self, selectors: frozenset[Selector]) -> list[X509SvidMaterial]:
+        """Every valid SVID of the entries the caller matches; issues the missing ones first.
+
+        An entry that cannot be issued right now does not take the caller's other identities away:
+        NoIdentityError only when not a single SVID is valid.
+        """
         entries = self.match(selectors)
         if not entries:
             raise NoIdentityError("no registration entry matches the caller")
         now = time.time()
         missing = [e.id for e in entries if not self._valid(e.id, now)]
-        if missing:
-            await self._ensure(missing)
+        failures = await self._ensure(missing) if missing else []
         bundle = self.bundle_der()
-        materials = []
-        for entry in entries:
-            svid = self._svids.get(entry.id)
-            if svid is not None and svid.expires_at > time.time():
-                materials.append(X509SvidMaterial(spiffe_id=svid.spiffe_id, cert_chain_der=svid.chain_der,
-                                                  private_key_der=svid.private_key_der, bundle_der=bundle,
-                                                  hint=entry.hint))
+        now = time.time()
+        materials = [
+            X509SvidMaterial(spiffe_id=svid.spiffe_id, cert_chain_der=svid.chain_der,
+                             private_key_der=svid.private_key_der, bundle_der=bundle, hint=entry.hint)
+            for entry in entries
+            if (svid := self._svids.get(entry.id)) is not None and svid.expires_at > now
+        ]
         if not materials:
-            raise NoIdentityError("no SVID could be issued for the caller")
+            raise NoIdentityError(failures[0] if failures else "no SVID could be issued for the caller")
         return materials
 
-    async def _ensure(self, entry_ids: Sequence[str]) -> None:
+    async def _ensure(self, entry_ids: Sequence[str]) -> list[str]:
+        """Have the issuance loop try these entries; returns the reasons of those that failed.
+
+        An entry that failed recently is not retried before its backoff ends: a workload asking again
+        and again must not turn into a TPM quote and an authority request each time.
+        """
         loop = asyncio.get_running_loop()
+        now = time.time()
+        failures = []
         futures = []
         for entry_id in entry_ids:
+            backoff = self._backoff.get(entry_id)
+            if backoff is not None and backoff.next_attempt > now:
+                failures.append(backoff.reason)
+                continue
             future = self._pending.get(entry_id)
             if future is None:
                 future = self._pending[entry_id] = loop.create_future()
             futures.append(future)
-        self._wake.set()
-        # shield: a caller that goes away must not cancel issuance the others wait for.
-        results = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if len(failures) == len(results):
-            raise NoIdentityError(str(failures[0]))
+        if futures:
+            self._wake.set()
+            # shield: a caller that goes away must not cancel issuance the others wait for.
+            results = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
+            failures.extend(str(r) for r in results if isinstance(r, BaseException))
+        return failures
 
     # -- the issuance loop -------------------------------------------------------------------
-    def _next_rotation(self) -> float:
-        return min((s.rotate_at for s in self._svids.values()), default=time.time() + _IDLE_WAKE)
+    def _next_wake(self, now: float) -> float:
+        """When the loop has something to do on its own: a rotation (not in backoff) or an expiry."""
+        times = [max(s.rotate_at, self._next_attempt(e)) for e, s in self._svids.items()]
+        times += [s.expires_at for s in self._svids.values()]
+        return min(times, default=now + _IDLE_WAKE)
+
+    def _next_attempt(self, entry_id: str) -> float:
+        backoff = self._backoff.get(entry_id)
+        return backoff.next_attempt if backoff is not None else 0.0
+
+    async def _drop_expired(self, now: float) -> None:
+        """Expired SVIDs leave the cache, and open streams hear of it (e.g. while the authority is down)."""
+        expired = [e for e, s in self._svids.items() if s.expires_at <= now]
+        for entry_id in expired:
+            del self._svids[entry_id]
+            log.warning("x509-svid expired before it could be rotated", extra={"entry_id": entry_id})
+        if expired:
+            await self._bump()
+
+    def _note_failure(self, entry_id: str, reason: str, now: float) -> None:
+        previous = self._backoff.get(entry_id)
+        delay = min(_MAX_BACKOFF, previous.delay * 2) if previous is not None else _RETRY_AFTER_FAILURE
+        self._backoff[entry_id] = _Backoff(next_attempt=now + delay, delay=delay, reason=reason)
 
     async def run(self) -> None:
-        retry_at = 0.0
         while True:
-            wait = max(0.0, min(self._next_rotation(), retry_at or float("inf")) - time.time())
+            wait = max(0.0, self._next_wake(time.time()) - time.time())
             if not self._pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
             now = time.time()
-            due = {e for e, s in self._svids.items() if s.rotate_at <= now and e in self._entries}
+            await self._drop_expired(now)
+            due = {e for e, s in self._svids.items()
+                   if s.rotate_at <= now and self._next_attempt(e) <= now and e in self._entries}
             waiting = dict(self._pending)
             self._pending.clear()
             batch = sorted(set(waiting) | due)
@@ -187,12 +234,13 @@ class SvidManager:
                 failed = await self._issue(batch)
             except Exception as err:  # whatever failed, every waiter hears of it and the loop goes on
                 log.warning("svid issuance failed", extra={"entries": batch, "reason": str(err)})
-                retry_at = time.time() + _RETRY_AFTER_FAILURE
-                for future in waiting.values():
-                    if not future.done():
-                        future.set_exception(NoIdentityError("the authority did not issue an SVID"))
-                continue
-            retry_at = 0.0
+                failed = {entry_id: f"the authority did not issue an SVID: {err}" for entry_id in batch}
+            now = time.time()
+            for entry_id in batch:
+                if entry_id in failed:
+                    self._note_failure(entry_id, failed[entry_id], now)
+                else:
+                    self._backoff.pop(entry_id, None)
             for entry_id, future in waiting.items():
                 if future.done():
                     continue

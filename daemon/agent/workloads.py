@@ -28,6 +28,9 @@ class AgentWorkloadIdentities:
     async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
         return await attest_workload(process, self._attestors, deadline=self._deadline)
 
+    def entitled(self, selectors: frozenset[Selector]) -> bool:
+        return bool(self._svids.match(selectors))
+
     async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
         return await self._svids.x509_svids(selectors)
 

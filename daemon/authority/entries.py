@@ -13,12 +13,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from vouchd.authority.errors import AuthorityError
+from vouchd.entry_rules import entry_violation
 from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeId, TrustTier
 
-__all__ = ["Entry", "EntryIndex", "tier_allows"]
+__all__ = ["Entry", "EntryIndex", "InvalidEntryError", "tier_allows"]
 
 _TIER_STRENGTH = {TrustTier.STATIC_SECRET: 0, TrustTier.HARDWARE: 1}
+
+
+class InvalidEntryError(AuthorityError):
+    """A registration entry breaks one of the rules of vouchd.entry_rules."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,11 @@ class Entry:
     x509_ttl: timedelta | None
     dns_names: tuple[str, ...] = ()
     hint: str = ""
+
+    def __post_init__(self) -> None:
+        violation = entry_violation(self.spiffe_id, self.selectors, self.parent, self.node_selectors)
+        if violation is not None:
+            raise InvalidEntryError(f"entry {self.id}: {violation.field}: {violation.message}")
 
 
 def tier_allows(min_tier: TrustTier, node_tier: TrustTier) -> bool:

@@ -30,14 +30,15 @@ from vouchd.authority.verifier import (
     AttestationSession,
     EkTrust,
     begin_attestation,
-    check_request_quote,
+    check_quote_continuity,
     complete_attestation,
-    ek_hash,
+    verify_request_quote,
 )
 from vouchd.config import AuthorityConfig
 from vouchd.evidence import EvidenceError, TpmPublic
 from vouchd.protocol.codec import decode, decode_as
 from vouchd.protocol.errors import MessageError
+from vouchd.protocol.identities import authority_spiffe_id, ek_hash, node_spiffe_id
 from vouchd.protocol.messages import (
     AttestRequest,
     AttestResult,
@@ -53,12 +54,12 @@ from vouchd.protocol.messages import (
     QuotedRequest,
     RequestBody,
 )
-from vouchd.protocol.signing import ReplySigner, authority_spiffe_id
+from vouchd.protocol.signing import ReplySigner
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
 from vouchd.selectors import Selector
 from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key
 
-__all__ = ["Authority", "node_spiffe_id"]
+__all__ = ["Authority"]
 
 log = logging.getLogger("vouchd.authority")
 
@@ -69,10 +70,6 @@ MAX_PENDING_SESSIONS = 10_000
 _AUTHORITY_KEY_TTL = timedelta(hours=24)
 _CLOCK_TOLERANCE = 300
 _CA_CHECK_INTERVAL = 60.0
-
-
-def node_spiffe_id(trust_domain: TrustDomain, ek_hash_hex: str) -> SpiffeId:
-    return trust_domain.spiffe_id(f"/vouchd/node/tpm/{ek_hash_hex}")
 
 
 _CERTIFICATE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
@@ -130,8 +127,17 @@ class _NodeView:
 
 
 class Authority:
-    def __init__(self, config: AuthorityConfig, trust_domain: TrustDomain, entries: Iterable[Entry] = ()) -> None:
+    """The authority.
+
+    `standalone` is the single-host mode, where the operator of the host is the operator of the
+    authority: the first event log seen becomes the accepted profile, and a node that lost its
+    agent state may enrol a new AK under its EK. A fleet authority does neither on its own.
+    """
+
+    def __init__(self, config: AuthorityConfig, trust_domain: TrustDomain, entries: Iterable[Entry] = (),
+                 *, standalone: bool = False) -> None:
         self._config = config
+        self._standalone = standalone
         self._trust_domain = trust_domain
         self._store = AuthorityStore(config.state_dir / "authority.db")
         self._ca = CertificateAuthority.load_or_create(config.state_dir, trust_domain, ca_ttl=config.ca_ttl)
@@ -140,6 +146,7 @@ class Authority:
                               _load_certificates(config.ek_intermediates, "EK intermediate certificate"))
         self._entries = EntryIndex(entries)
         self._sessions: dict[str, AttestationSession] = {}
+        self._session_by_ek: dict[str, str] = {}
         self._signing_key = _load_or_create_key(config.state_dir / "reply-signing.key")
         self._signer, self._signer_expires = self._mint_signer()
 
@@ -204,13 +211,17 @@ class Authority:
             if topic == REQUEST_TOPIC and isinstance(message, QuotedRequest):
                 return self._quoted_request(message, request)
             raise RefusalError("bad_request", f"{type(message).__name__} is not accepted on {topic}")
-        except MessageError as err:
-            log.warning("malformed request", extra={"topic": topic, "reason": str(err)})
+        except (MessageError, EvidenceError) as err:
+            log.warning("malformed request", extra={"topic": topic, "node_id": node_id, "reason": str(err)})
             return self._sign(ErrorReply("bad_request", str(err)), node_id=node_id, request=request)
         except RefusalError as refusal:
             log.warning("request refused", extra={"topic": topic, "node_id": node_id, "code": refusal.code,
                                                   "reason": str(refusal)})
             return self._sign(ErrorReply(refusal.code, str(refusal)), node_id=node_id, request=request)
+        except Exception:
+            # Input that reached a bug must still get an answer, and must not take the authority down.
+            log.exception("request failed", extra={"topic": topic, "node_id": node_id})
+            return self._sign(ErrorReply("internal", "internal error"), node_id=node_id, request=request)
 
     # -- node attestation --------------------------------------------------------------------
     def _begin(self, request: AttestRequest) -> Challenge:
@@ -224,6 +235,11 @@ class Authority:
             raise RefusalError("bad_request", "node id is not derived from the presented EK")
         if self._store.is_banned(node_id):
             raise RefusalError("banned", "node is banned")
+        known = self._store.node(node_id)
+        if known is not None and known.ak_public != request.ak_public and not self._standalone:
+            # Anyone who can talk to the TPM can make an AK under the EK; only the first one counts.
+            raise RefusalError("ak_changed", "node presents another AK than the one it enrolled; "
+                                             "an operator must remove the node before it can enrol anew")
         mode = self._config.enrolment
         enrolled = ek_hex in self._config.enrolled_ek_hashes or self._store.is_enrolled(ek_hex)
         if mode in ("allowlist", "approve") and not enrolled:
@@ -238,9 +254,15 @@ class Authority:
         )
         session.node_id = node_id
         self._expire_sessions()
+        # One attestation in progress per EK: a new one replaces the old, so a flood of requests
+        # for public EKs cannot fill the table.
+        replaced = self._session_by_ek.pop(ek_hex, None)
+        if replaced is not None:
+            self._sessions.pop(replaced, None)
         if len(self._sessions) >= MAX_PENDING_SESSIONS:
             raise RefusalError("busy", "too many attestations in progress")
         self._sessions[session.session] = session
+        self._session_by_ek[ek_hex] = session.session
         log.info("attestation challenge", extra={"node_id": node_id, "ek_hash": ek_hex})
         return Challenge(session=session.session, credential_blob=blob, encrypted_secret=secret,
                          server_nonce=session.server_nonce, pcr_bank=self._config.pcr_bank,
@@ -249,17 +271,32 @@ class Authority:
     def _expire_sessions(self) -> None:
         now = time.monotonic()
         for key in [k for k, s in self._sessions.items() if s.expires_at < now]:
-            del self._sessions[key]
+            self._forget_session(key)
+
+    def _forget_session(self, session_id: str) -> AttestationSession | None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None and self._session_by_ek.get(session.ek_hash) == session_id:
+            del self._session_by_ek[session.ek_hash]
+        return session
 
     def _complete(self, response: ChallengeResponse) -> AttestResult:
-        session = self._sessions.pop(response.session, None)
+        session = self._sessions.get(response.session)
         if session is None or session.node_id != response.node_id:
             raise RefusalError("session_expired", "unknown or expired attestation session")
+        self._forget_session(response.session)
         verified = complete_attestation(session, response.quote)
+        # The node may have been banned while it answered the challenge.
+        if self._store.is_banned(session.node_id):
+            raise RefusalError("banned", "node is banned")
         profile = self._event_log_profile(session, verified.event_digests)
         selectors = [f"tpm:ek_hash:{session.ek_hash}", f"tpm:pcr_profile:{profile}", "node:tier:hardware"]
         if session.ek_issuer_cn:
             selectors.append(f"tpm:ek_issuer_cn:{session.ek_issuer_cn}")
+        public_key = session.node_key.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # check_node_key_attributes: ECC P-256
+        node_svid = self._current_ca().sign_x509_svid(public_key, SpiffeId.parse(session.node_id),
+                                                      ttl=self._config.node_svid_ttl, tier=TrustTier.HARDWARE)
+        # Everything is verified and the SVID exists: only now does the node become trusted.
         clock = verified.attest.clock_info
         now = time.time()
         self._store.save_node(NodeRecord(
@@ -270,11 +307,6 @@ class Authority:
             reset_count=clock.reset_count, restart_count=clock.restart_count, clock=clock.clock,
             attested_at=now, last_quote_at=now,
         ))
-        public_key = session.node_key.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise RefusalError("bad_evidence", "node key is not an EC key")
-        node_svid = self._current_ca().sign_x509_svid(public_key, SpiffeId.parse(session.node_id),
-                                            ttl=self._config.node_svid_ttl, tier=TrustTier.HARDWARE)
         nonce, expires = self._new_nonce(session.node_id)
         log.info("node attested", extra={"node_id": session.node_id, "pcr_profile": profile,
                                          "svid_serial": f"{node_svid.serial_number:x}"})
@@ -285,9 +317,10 @@ class Authority:
     def _event_log_profile(self, session: AttestationSession, digests: tuple[str, ...]) -> str:
         """Which reference profile the node's event log satisfies (DESIGN §4.4).
 
-        A profile is a set of accepted event digests, learned from a known-good log. The first node of
-        a standalone authority (the operator's own host) teaches its profile; later logs must use only
-        digests of some profile. A host without a log is accepted only when configured, and says so.
+        A profile is a set of accepted measurements (PCR, bank, digest of the quoted PCRs), learned
+        from a known-good log. A standalone authority learns the first log it sees, its own host's;
+        a fleet authority never learns on its own. Later logs must use only measurements of one
+        profile. A host without a log is accepted only when configured, and says so.
         """
         if session.event_log is None:
             return "none"
@@ -295,7 +328,7 @@ class Authority:
         for name, accepted in profiles.items():
             if set(digests) <= accepted:
                 return name
-        if not profiles:
+        if not profiles and self._standalone:
             name = f"learned-{session.ek_hash[:12]}"
             self._store.save_profile(name, list(digests), learned_from=session.node_id)
             log.info("event log profile learned", extra={"profile": name, "node_id": session.node_id})
@@ -331,19 +364,20 @@ class Authority:
         cached = self._store.answered_reply(node.node_id, digest)
         if cached is not None:
             return cached  # a redelivered request gets the very same reply
-        try:
-            attest = check_request_quote(node, message.quote, message.body)
-        except RefusalError as refusal:
-            if refusal.code == "reattest":  # raised only after the AK's signature verified
-                self._store.set_node_state(node.node_id, NodeState.ATTESTING)
-            raise
+        attest = verify_request_quote(node, message.quote, message.body)
         body = decode_as(RequestBody, message.body)
         if body.node_id != node.node_id:
             raise RefusalError("bad_request", "request body names another node")
         if abs(body.sent_at - time.time()) > _CLOCK_TOLERANCE:
             raise RefusalError("bad_request", "request time is too far from the authority's clock")
+        # The nonce first: a replayed request is refused here and changes nothing about the node.
         if not self._store.consume_nonce(node.node_id, body.nonce):
             raise RefusalError("nonce", "request nonce is unknown, already used or expired")
+        try:
+            check_quote_continuity(node, attest)
+        except RefusalError:
+            self._store.set_node_state(node.node_id, NodeState.ATTESTING)
+            raise
         clock = attest.clock_info
         self._store.record_quote(node.node_id, reset_count=clock.reset_count,
                                  restart_count=clock.restart_count, clock=clock.clock)

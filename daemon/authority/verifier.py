@@ -44,6 +44,7 @@ from vouchd.evidence import (
     verify_quote,
     verify_signature,
 )
+from vouchd.protocol.identities import ek_hash
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
 
 __all__ = [
@@ -51,9 +52,9 @@ __all__ = [
     "EkTrust",
     "VerifiedNode",
     "begin_attestation",
-    "check_request_quote",
+    "check_quote_continuity",
     "complete_attestation",
-    "ek_hash",
+    "verify_request_quote",
 ]
 
 _BANKS = {"sha1": TpmAlg.SHA1, "sha256": TpmAlg.SHA256, "sha384": TpmAlg.SHA384, "sha512": TpmAlg.SHA512}
@@ -65,11 +66,6 @@ _EK_SHAPES: dict[str, tuple[TpmAlg, EccCurve | None, int]] = {
 _EK_REQUIRED = (ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.RESTRICTED
                 | ObjectAttributes.DECRYPT | ObjectAttributes.SENSITIVE_DATA_ORIGIN)
 _MAX_CHAIN_DEPTH = 6
-
-
-def ek_hash(ek: TpmPublic) -> str:
-    """The node's stable identifier: sha256 hex of the EK's DER SubjectPublicKeyInfo."""
-    return hashlib.sha256(ek.spki_der()).hexdigest()
 
 
 class EkTrust:
@@ -258,7 +254,7 @@ class VerifiedNode:
 
     attest: Attest
     pcr_digest: bytes
-    event_digests: tuple[str, ...]     # sha256 bank event digests, hex, for profile policy
+    event_digests: tuple[str, ...]     # "<pcr>:<bank>:<hex>" of every quoted measurement, for profile policy
 
 
 def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> VerifiedNode:
@@ -275,7 +271,13 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> Ver
             attest = verify_quote(session.ak, quote.attest, quote.signature,
                                   extra_data=session.expected_extra_data, selection=session.selection,
                                   pcr_values=values)
-            digests = tuple(sorted({d.hex() for _pcr, _type, d in session.event_log.digests()}))
+            # Only the quoted bank and PCRs are vouched for by the replay: policy reads nothing else.
+            bank = session.selection.hash_alg.name.lower()
+            digests = tuple(sorted({
+                f"{pcr}:{bank}:{digest.hex()}"
+                for pcr, _type, digest in session.event_log.digests(session.selection.hash_alg,
+                                                                    session.selection.pcrs)
+            }))
         else:
             attest = _verify_quote_without_log(session.ak, quote, session.expected_extra_data, session.selection)
             digests = ()
@@ -298,12 +300,10 @@ def _verify_quote_without_log(ak: TpmPublic, quote: TpmEvidence, extra_data: byt
     return attest
 
 
-def check_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> Attest:
+def verify_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> Attest:
     """A request carried by a quote (DESIGN §5): this node's AK, extraData = sha256(body), same PCRs.
 
-    Clock rules (§4.5): resetCount up means a reboot, and a reboot means a new event log, so the node
-    must attest again; restartCount up (resume) is fine; any counter going down, or the clock going
-    backwards within one boot, also demands a full attestation.
+    Changes nothing: a replayed request passes these checks too, and is refused by its nonce.
     """
     ak = TpmPublic.from_tpm2b(node.ak_public)
     try:
@@ -318,6 +318,16 @@ def check_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> At
     expected = PcrSelection(_BANKS[node.pcr_bank], tuple(node.pcr_indices))
     if attest.pcr_selection != (expected,):
         raise RefusalError("bad_quote", "quote PCR selection differs from the node's profile")
+    return attest
+
+
+def check_quote_continuity(node: NodeRecord, attest: Attest) -> None:
+    """The quoted TPM is still in the boot and state the node attested (DESIGN §4.5).
+
+    resetCount up means a reboot, and a reboot means a new event log, so the node must attest again;
+    restartCount up (resume) is fine; any counter going down, the clock going backwards within one
+    boot, or other PCR values also demand a full attestation.
+    """
     clock = attest.clock_info
     if clock.reset_count != node.reset_count:
         raise RefusalError("reattest", "the TPM was reset since the last attestation")
@@ -327,4 +337,3 @@ def check_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> At
         raise RefusalError("reattest", "the TPM clock went backwards")
     if not hmac.compare_digest(attest.pcr_digest, node.pcr_digest):
         raise RefusalError("reattest", "PCR values changed since the last attestation")
-    return attest

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -130,19 +130,23 @@ class EventLog:
             pcr0_extended = pcr0_extended or event.pcr == 0
         return pcrs
 
-    def digests(self) -> list[tuple[int, int, bytes]]:
-        """(pcr, event type, sha256 digest) of every measured event, in log order: what
-        event-log policy profiles are made of. EV_NO_ACTION events are left out because they
-        are not extended and so nothing vouches for them."""
-        if TpmAlg.SHA256 not in self.algorithms:
-            raise EvidenceError("event log has no sha256 bank")
+    def digests(self, hash_alg: TpmAlg = TpmAlg.SHA256,
+                pcrs: Collection[int] | None = None) -> list[tuple[int, int, bytes]]:
+        """(pcr, event type, digest in bank `hash_alg`) of every measured event on `pcrs` (all
+        PCRs when None), in log order: what event-log policy profiles are made of.
+
+        Policy must use the bank and the PCRs a quote covered, because only those digests are
+        vouched for by replaying them to the quoted PCR values. EV_NO_ACTION events are left out
+        because they are not extended and so nothing vouches for them."""
+        if hash_alg not in self.algorithms:
+            raise EvidenceError(f"event log has no {hash_alg.name.lower()} bank")
         out = []
         for index, event in enumerate(self.events):
-            if event.event_type == EventType.EV_NO_ACTION:
+            if event.event_type == EventType.EV_NO_ACTION or (pcrs is not None and event.pcr not in pcrs):
                 continue
-            digest = event.digests.get(TpmAlg.SHA256)
+            digest = event.digests.get(hash_alg)
             if digest is None:
-                raise EvidenceError(f"event log event {index} has no sha256 digest")
+                raise EvidenceError(f"event log event {index} has no {hash_alg.name.lower()} digest")
             out.append((event.pcr, event.event_type, digest))
         return out
 

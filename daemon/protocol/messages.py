@@ -93,6 +93,7 @@ class AttestResult:
 @dataclass(frozen=True)
 class NonceRequest:
     node_id: str
+    request_id: bytes                   # random: makes each request, and so its signed reply, unique
 
 
 @message("nonce_grant")

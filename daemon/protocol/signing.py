@@ -21,16 +21,16 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from vouchd.protocol.codec import decode, decode_as, encode
 from vouchd.protocol.errors import RemoteError, SignatureError
+from vouchd.protocol.identities import authority_spiffe_id
 from vouchd.protocol.messages import ErrorReply, ReplyPayload, SignedReply
-from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, X509Bundle, verify_x509_svid
+from vouchd.spiffe import SpiffeError, TrustDomain, X509Bundle, verify_x509_svid
 
-__all__ = ["ReplySigner", "ReplyVerifier", "authority_spiffe_id", "request_digest"]
+__all__ = ["ReplySigner", "ReplyVerifier", "request_digest"]
 
 _SIGNATURE = ec.ECDSA(hashes.SHA256())
-
-
-def authority_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
-    return trust_domain.spiffe_id("/vouchd/authority")
+# Replies answer a request sent moments before; this bounds how long a captured one stays usable
+# (and tolerates that much clock difference between agent and authority).
+REPLY_MAX_AGE = 300
 
 
 def request_digest(request: bytes) -> str:
@@ -104,6 +104,8 @@ class ReplyVerifier:
         except InvalidSignature:
             raise SignatureError("reply signature does not verify") from None
         payload = decode_as(ReplyPayload, signed.payload)
+        if abs(payload.issued_at - time.time()) > REPLY_MAX_AGE:
+            raise SignatureError("reply is not fresh: its issue time is too far from this host's clock")
         if payload.node_id != node_id:
             raise SignatureError("reply is addressed to another node")
         if not hmac.compare_digest(payload.in_reply_to, request_digest(request)):

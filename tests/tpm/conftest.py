@@ -67,6 +67,6 @@ def authority_config(state_dir: Path, swtpm: Swtpm, **overrides: object) -> Auth
 
 @pytest.fixture
 def authority(tmp_path: Path, swtpm: Swtpm) -> Authority:
-    instance = Authority(authority_config(tmp_path / "authority", swtpm), TRUST_DOMAIN)
+    instance = Authority(authority_config(tmp_path / "authority", swtpm), TRUST_DOMAIN, standalone=True)
     yield instance  # type: ignore[misc]
     instance.close()

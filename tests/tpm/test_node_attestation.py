@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,11 @@ class Exchange:
         quote = await self.tpm.quote(challenge.pcr_bank, challenge.pcr_indices, extra_data)
         return await self.call(ATTEST_TOPIC, ChallengeResponse(
             node_id=self.node_id, session=challenge.session, quote=TpmEvidence(quote.attest, quote.signature)))
+
+    async def attest_and_expect_refusal(self) -> object:
+        challenge = await self.challenge()
+        secret = await self.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+        return await self.answer(challenge, hashlib.sha256(challenge.server_nonce + secret).digest())
 
     async def attest(self) -> AttestResult:
         challenge = await self.challenge()
@@ -161,7 +167,7 @@ async def test_ek_certificate_not_chaining_to_configured_roots_is_refused(
     stranger_root = tmp_path / "other-root.pem"
     stranger_root.write_bytes(_self_signed_ca_pem("Some Other TPM Vendor Root"))
     authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm, ek_roots=(stranger_root,),
-                                           ek_intermediates=()), TRUST_DOMAIN)
+                                           ek_intermediates=()), TRUST_DOMAIN, standalone=True)
     try:
         authority.enrol(ek_hash_of(tpm), "test")
         exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
@@ -227,8 +233,8 @@ async def test_event_log_that_does_not_replay_to_the_quote_is_refused(exchange: 
 async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
     tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
 ) -> None:
-    from vouchd.agent.agent import standalone_entries
     from vouchd.config import parse_config
+    from vouchd.standalone import standalone_entries
 
     config = parse_config(
         "trust_domain: example.org\n"
@@ -239,7 +245,7 @@ async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
         tmp_path / "c.yaml",
     )
     authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm), TRUST_DOMAIN,
-                          standalone_entries(config.entries, ek_hash_of(tpm)))
+                          standalone_entries(config.entries, ek_hash_of(tpm)), standalone=True)
     try:
         authority.enrol(ek_hash_of(tpm), "test")
         await _issue_and_replay(Exchange(authority, tpm, node_keys, booted_tpm.event_log))
@@ -337,3 +343,72 @@ def _self_signed_ca_pem(common_name: str) -> bytes:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     return cert.public_bytes(Encoding.PEM)
+
+
+@pytest.fixture
+def fleet_authority(tmp_path: Path, booted_tpm: BootedTpm) -> Iterator[Authority]:
+    instance = Authority(authority_config(tmp_path / "fleet", booted_tpm.swtpm), TRUST_DOMAIN)
+    yield instance
+    instance.close()
+
+
+async def test_fleet_authority_learns_no_event_log_profile_on_its_own(
+    fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm
+) -> None:
+    fleet_authority.enrol(ek_hash_of(tpm), "test")
+    exchange = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.attest_and_expect_refusal()
+    assert refused.value.code == "policy"
+    assert fleet_authority.store.profiles() == {}
+
+
+async def test_fleet_authority_refuses_a_second_ak_for_an_enrolled_node(
+    fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path
+) -> None:
+    fleet_authority.enrol(ek_hash_of(tpm), "test")
+    fleet_authority.store.save_profile("golden", _quoted_measurements(booted_tpm.event_log), learned_from="test")
+    first = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
+    await first.attest()
+    # Anyone who can reach the TPM can make another AK under the same EK.
+    await tpm.close()
+    async with TpmService(booted_tpm.tcti) as again:
+        other_keys = await again.ensure_node_keys(tmp_path / "intruder-tpm")
+        assert other_keys.ak.public != node_keys.ak.public
+        intruder = Exchange(fleet_authority, again, other_keys, booted_tpm.event_log)
+        with pytest.raises(RemoteError) as refused:
+            await intruder.challenge()
+    assert refused.value.code == "ak_changed"
+    record = fleet_authority.store.node(first.node_id)
+    assert record is not None and record.ak_public == node_keys.ak.public
+
+
+async def test_replayed_request_is_refused_without_demoting_the_node(exchange: Exchange) -> None:
+    result = await exchange.attest()
+
+    async def quoted(nonce: bytes, sent_at: int) -> QuotedRequest:
+        body = encode(RequestBody(node_id=exchange.node_id, nonce=nonce, sent_at=sent_at))
+        quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(body).digest())
+        return QuotedRequest(node_id=exchange.node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature))
+
+    now = int(dt.datetime.now().timestamp())
+    captured = await quoted(result.nonce, now)
+    first = await exchange.call(REQUEST_TOPIC, captured)
+    assert isinstance(first, CredentialResponse)
+    later = await exchange.call(REQUEST_TOPIC, await quoted(first.nonce, now + 1))  # the TPM clock moves on
+    assert isinstance(later, CredentialResponse)
+    # The reply cache has forgotten the captured request (a zero keep window purges older replies).
+    exchange.authority.store.remember_reply("spiffe://example.org/other", "x", b"", keep_seconds=0)
+
+    with pytest.raises(RemoteError) as refused:
+        await exchange.call(REQUEST_TOPIC, captured)
+    assert refused.value.code == "nonce"
+    record = exchange.authority.store.node(exchange.node_id)
+    assert record is not None and record.state.value == "trusted"
+
+
+def _quoted_measurements(event_log: Path) -> list[str]:
+    from vouchd.evidence import TpmAlg, parse_event_log
+
+    parsed = parse_event_log(event_log.read_bytes())
+    return [f"{pcr}:sha256:{digest.hex()}" for pcr, _t, digest in parsed.digests(TpmAlg.SHA256, range(8))]

@@ -14,11 +14,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, SignatureAlgorithmOID
 
 from vouchd.spiffe import (
     CLOCK_SKEW,
-    TIER_EXTENSION_OID,
+    TIER_SUBJECT_PREFIX,
     InvalidSvidError,
     SpiffeId,
     TrustDomain,
@@ -170,13 +170,33 @@ def test_svid_extended_key_usage_is_server_and_client_auth(svid: x509.Certificat
 
 
 @pytest.mark.parametrize("tier", list(TrustTier))
-def test_svid_tier_extension_is_non_critical_and_readable(
+def test_svid_tier_is_in_the_subject_and_readable(
     ca: Ca, workload_key: ec.EllipticCurvePrivateKey, tier: TrustTier
 ) -> None:
     leaf = mint(ca, workload_key.public_key(), tier=tier)
 
     assert read_tier(leaf) is tier
-    assert leaf.extensions.get_extension_for_oid(TIER_EXTENSION_OID).critical is False
+    assert leaf.subject == x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vouchd"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{TIER_SUBJECT_PREFIX}{tier.value}"),
+        ]
+    )
+    assert leaf.subject.rfc4514_string() == f"OU=vouchd-tier:{tier.value},O=vouchd"
+
+
+def test_svid_extensions_are_exactly_the_spiffe_and_path_validation_ones(svid: x509.Certificate) -> None:
+    # No private extension: Go's crypto/x509 refuses a certificate with an OID arc above 2^31-1,
+    # and any unknown extension is one more thing a relying party's parser could reject.
+    assert {extension.oid for extension in svid.extensions} == {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    }
+    assert len(svid.extensions) == 6
 
 
 def test_svid_serials_are_positive_128_bit_and_random(ca: Ca, workload_key: ec.EllipticCurvePrivateKey) -> None:
@@ -216,7 +236,7 @@ def test_svid_key_identifiers_link_leaf_key_and_issuer(
 
 
 def test_svid_subject_issuer_and_signature_algorithm(ca: Ca, svid: x509.Certificate) -> None:
-    assert svid.subject == x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vouchd")])
+    assert svid.subject.rfc4514_string() == "OU=vouchd-tier:hardware,O=vouchd"
     assert svid.issuer == ca.cert.subject
     assert svid.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256
     svid.verify_directly_issued_by(ca.cert)

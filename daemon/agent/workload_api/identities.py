@@ -1,6 +1,8 @@
-"""The narrow interface the Workload API needs from the agent, and the values it serves.
+"""The narrow interfaces between the Workload API and the agent, and the values they carry.
 
-The agent implements WorkloadIdentities; the server knows nothing else about the agent.
+The agent implements WorkloadIdentities; the server knows nothing else about the agent. The agent
+may give the server a WorkloadApiObserver to learn what was decided (`vouchd status`: recent
+denials, connected workloads). Nothing here imports gRPC: the agent core imports this module.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from vouchd.agent.workload_api.errors import InvalidSvidMaterialError, NoIdentit
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.selectors import Selector
 
-__all__ = ["NoIdentityError", "WorkloadIdentities", "X509SvidMaterial"]
+__all__ = [
+    "NoIdentityError",
+    "REQUEST_OUTCOMES",
+    "RequestOutcome",
+    "WorkloadApiObserver",
+    "WorkloadIdentities",
+    "X509SvidMaterial",
+]
 
 _SPIFFE_SCHEME = "spiffe://"
 
@@ -46,11 +55,59 @@ class X509SvidMaterial:
         return _SPIFFE_SCHEME + authority
 
 
+# ok; denied: attestation failed or no identity; invalid: a request this agent does not accept; error: ours
+REQUEST_OUTCOMES = frozenset({"ok", "denied", "invalid", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How one Workload API request ended, for operators; never key material.
+
+    A stream reports "ok" once it has sent its first message, and again when it ends with a refusal
+    (an identity withdrawn: "denied") or an error. `pid` and `uid` are -1 when the request was
+    refused before the caller was identified (an RPC this agent does not serve).
+    """
+
+    method: str
+    pid: int
+    uid: int
+    outcome: str  # one of REQUEST_OUTCOMES
+    reason: str  # the detail withheld from the workload; empty for "ok"
+    spiffe_ids: tuple[str, ...]
+    at: float  # time.time() when the outcome was decided
+
+    def __post_init__(self) -> None:
+        if self.outcome not in REQUEST_OUTCOMES:
+            raise ValueError(f"request outcome must be one of {', '.join(sorted(REQUEST_OUTCOMES))}, not {self.outcome!r}")
+
+
+class WorkloadApiObserver(Protocol):
+    """Told about every decision of the Workload API; must return quickly and should not raise.
+
+    Called on the event loop. An exception is logged and otherwise ignored: observing never changes
+    what a workload gets.
+    """
+
+    def request_finished(self, outcome: RequestOutcome) -> None: ...
+
+    def stream_opened(self, method: str, pid: int, uid: int) -> None: ...
+
+    def stream_closed(self, method: str, pid: int, uid: int) -> None: ...
+
+
 class WorkloadIdentities(Protocol):
     """What the Workload API asks of the agent."""
 
     async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
-        """Selectors of the calling process; raises AttestorError when attestation fails."""
+        """Selectors of the calling process; raises AttestorError when attestation fails.
+
+        Has no deadline of its own: the service bounds it with its `attest_deadline` and cancels it
+        when that passes, so one setting decides how long a caller may be attested.
+        """
+        ...
+
+    def entitled(self, selectors: frozenset[Selector]) -> bool:
+        """True if some registration entry matches these selectors; issues nothing."""
         ...
 
     async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:

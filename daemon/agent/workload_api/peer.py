@@ -10,6 +10,13 @@ connection's asyncio protocol is wrapped (public asyncio API: transport.set_prot
 _PinnedConnection that holds the pidfd, closes it in connection_lost and otherwise forwards every
 call to grpclib's protocol. The wrapper is the cache: later requests on the same connection find it
 with transport.get_protocol().
+
+Without SO_PEERPIDFD (kernels before 6.5) the pid is all there is, and a pid can be recycled between
+connect() and the moment /proc/<pid> is read. Two checks narrow that window to a process that also
+runs with the caller's credentials: the effective uid and gid in /proc/<pid>/status must equal the
+ones SO_PEERCRED recorded at connect(), and the start time read right after SO_PEERCRED must be read
+again, unchanged, after attestation (process_unchanged). WorkloadApiServer warns once at start when
+the kernel cannot pin callers.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import os
 import select
 import socket
 import struct
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from grpclib.protocol import Peer
@@ -28,9 +37,19 @@ from grpclib.server import Stream
 from vouchd.agent.workload_api.errors import PeerError
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import ProcessInfoError
-from vouchd.attestors.workload.procfs import read_process_stat
+from vouchd.attestors.workload.procfs import PROC_ROOT, read_process_credentials, read_process_stat
 
-__all__ = ["SO_PEERPIDFD", "drop_connection", "peer_process", "peer_transport", "process_unchanged"]
+__all__ = [
+    "SO_PEERPIDFD",
+    "PeerCredentials",
+    "describe_peer",
+    "drop_connection",
+    "kernel_has_peer_pidfd",
+    "peer_credentials",
+    "peer_process",
+    "peer_transport",
+    "process_unchanged",
+]
 
 SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python's socket module has no constant for it
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -47,6 +66,26 @@ def peer_transport(peer: Peer) -> asyncio.BaseTransport:
     return transport
 
 
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """What SO_PEERCRED recorded when the caller connected: its pid and its effective uid and gid."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(stream: Stream[Any, Any]) -> PeerCredentials:
+    """What SO_PEERCRED says about the process that opened the stream's connection; pins nothing.
+
+    Raises PeerError when the connection is gone or is not a Unix socket.
+    """
+    transport = peer_transport(stream.peer)
+    if transport.is_closing():
+        raise PeerError("connection closed before the caller was identified")
+    return _credentials(transport.get_extra_info("socket"))
+
+
 def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
     """The process that opened the stream's connection, pinned by pidfd where the kernel allows.
 
@@ -56,24 +95,40 @@ def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
     if transport.is_closing():
         raise PeerError("connection closed before the caller was identified")
     sock = transport.get_extra_info("socket")
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise PeerError("caller is not connected over a unix socket")
-    try:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    except OSError as err:
-        raise PeerError(f"cannot read the caller's credentials: {err.strerror or err}") from err
-    if pid <= 0:
+    credentials = _credentials(sock)
+    if credentials.pid <= 0:
         # 0: the caller lives in a pid namespace this agent cannot see into.
         raise PeerError("kernel reported no pid for the caller")
-    pidfd = _pin(transport, sock).pidfd
+    return describe_peer(credentials, pidfd=_pin(transport, sock).pidfd)
+
+
+def describe_peer(
+    credentials: PeerCredentials, *, pidfd: int | None = None, proc_root: Path = PROC_ROOT
+) -> WorkloadProcess:
+    """The process SO_PEERCRED named, checked against what /proc says about the process at that pid now.
+
+    Raises PeerError when the process is gone or runs with other credentials than it connected with:
+    either the pid was recycled (it matters most without a pidfd), or the process changed its ids
+    after connecting and the SO_PEERCRED uid, which selectors are made of, no longer describes it.
+    SO_PEERCRED records effective ids, so the effective ids of /proc/<pid>/status are compared.
+    """
+    pid = credentials.pid
+    if pid <= 0:
+        raise PeerError("kernel reported no pid for the caller")
     try:
-        start_time = read_process_stat(pid).start_time
+        start_time = read_process_stat(pid, proc_root=proc_root).start_time
+        current = read_process_credentials(pid, proc_root=proc_root)
     except ProcessInfoError as err:
         raise PeerError(f"cannot read the caller's process: {err}") from err
-    return WorkloadProcess(pid=pid, uid=uid, gid=gid, start_time=start_time, pidfd=pidfd)
+    if (current.effective_uid, current.effective_gid) != (credentials.uid, credentials.gid):
+        raise PeerError(
+            f"process {pid} runs as uid {current.effective_uid} gid {current.effective_gid}, "
+            f"not the uid {credentials.uid} gid {credentials.gid} it connected with"
+        )
+    return WorkloadProcess(pid=pid, uid=credentials.uid, gid=credentials.gid, start_time=start_time, pidfd=pidfd)
 
 
-def process_unchanged(process: WorkloadProcess) -> bool:
+def process_unchanged(process: WorkloadProcess, *, proc_root: Path = PROC_ROOT) -> bool:
     """True if the attested process is still alive and is still the one at its pid.
 
     With a pidfd the check cannot be fooled by pid reuse; without one the start time must match.
@@ -82,10 +137,23 @@ def process_unchanged(process: WorkloadProcess) -> bool:
     if process.pidfd is not None and _has_exited(process.pidfd):
         return False
     try:
-        stat = read_process_stat(process.pid)
+        stat = read_process_stat(process.pid, proc_root=proc_root)
     except ProcessInfoError:
         return False
     return stat.start_time == process.start_time and not stat.is_dead
+
+
+def kernel_has_peer_pidfd() -> bool:
+    """True if this kernel pins Unix socket peers with SO_PEERPIDFD (Linux 6.5+)."""
+    left, right = socket.socketpair(socket.AF_UNIX)
+    try:
+        os.close(left.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        return False
+    finally:
+        left.close()
+        right.close()
+    return True
 
 
 async def drop_connection(transport: asyncio.BaseTransport) -> None:
@@ -97,6 +165,16 @@ async def drop_connection(transport: asyncio.BaseTransport) -> None:
         transport.close()
     if isinstance(protocol, _PinnedConnection):
         await protocol.wait_lost()
+
+
+def _credentials(sock: socket.socket | None) -> PeerCredentials:
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise PeerError("caller is not connected over a unix socket")
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError as err:
+        raise PeerError(f"cannot read the caller's credentials: {err.strerror or err}") from err
+    return PeerCredentials(pid=pid, uid=uid, gid=gid)
 
 
 def _has_exited(pidfd: int) -> bool:
