@@ -64,17 +64,21 @@ async def attest_workload(
     process: WorkloadProcess,
     attestors: Sequence[WorkloadAttestor],
     *,
-    deadline: float,
+    deadline: float | None = None,
 ) -> frozenset[Selector]:
-    """Run every attestor concurrently under one deadline (seconds) and merge their selectors.
+    """Run every attestor concurrently and merge their selectors.
 
     Fails closed: if any attestor fails or misses the deadline, the whole attestation fails with an
     AttestorError naming that attestor, even though a smaller selector set could only match fewer
     entries; a half-described process is not one the operator registered.
+
+    `deadline` (seconds) is for callers without one of their own. The Workload API has one
+    (WorkloadApiService's attest_deadline) and calls this without: it cancels the attestation, and
+    the attestors still running are then logged by name so a slow one can be found.
     """
     if not attestors:
         raise ValueError("at least one workload attestor is required")
-    if deadline <= 0:
+    if deadline is not None and deadline <= 0:
         raise ValueError(f"attestation deadline must be positive, got {deadline}")
     tasks = [asyncio.create_task(_attest_one(attestor, process)) for attestor in attestors]
     try:
@@ -87,7 +91,7 @@ async def attest_workload(
                 raise AttestorError(attestor.name, "cancelled itself")
             if (err := task.exception()) is not None:
                 raise _as_attestor_error(attestor.name, err) from err
-        if pending:
+        if pending:  # only when the deadline passed: without one, wait returns once all are done
             late = next(a for a, t in zip(attestors, tasks, strict=True) if t in pending)
             raise AttestorError(late.name, f"no answer within {deadline:g}s")
         selectors: set[Selector] = set()
@@ -101,6 +105,16 @@ async def attest_workload(
             err,
             extra={"pid": process.pid, "attestor": err.attestor},
         )
+        raise
+    except asyncio.CancelledError:
+        unfinished = [a.name for a, t in zip(attestors, tasks, strict=True) if not t.done()]
+        if unfinished:
+            _log.warning(
+                "workload attestation of pid %d was cancelled while waiting for: %s",
+                process.pid,
+                ", ".join(unfinished),
+                extra={"pid": process.pid, "attestors": unfinished},
+            )
         raise
     finally:
         for task in tasks:

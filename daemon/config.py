@@ -267,8 +267,11 @@ def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[i
     indices: set[int] = set()
     try:
         for part in indices_text.split(","):
-            low, _, high = part.partition("-")
-            indices.update(range(int(low), int(high or low) + 1))
+            low, dash, high = part.partition("-")
+            first, last = int(low), int(high) if dash else int(low)
+            if last < first:
+                raise ValueError(part)
+            indices.update(range(first, last + 1))
     except ValueError:
         raise section.error(key, f"expected BANK:INDICES such as sha256:0-7, got {text!r}") from None
     if not indices or min(indices) < 0 or max(indices) > 23:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError, ProcessExitedError, ProcessInfoError
@@ -167,7 +168,10 @@ class ExecutableHasher:
     async def sha256(self, pid: int, identity: FileIdentity) -> str | None:
         """Hex sha256 of the executable of `pid`, which must still be the file `identity` names.
 
-        None when the file is larger than max_bytes.
+        None when the file is larger than max_bytes. Every caller opens its own process's executable
+        before waiting for anything, and concurrent callers of one file share one read of it. The
+        shared read works on an open file, not on a pid: a caller whose process exits meanwhile
+        cannot make the others fail (a file once opened stays readable after its process is gone).
         """
         if identity.size > self._max_bytes:
             _log.warning(
@@ -180,19 +184,25 @@ class ExecutableHasher:
             return None
         if (cached := self._cached(identity)) is not None:
             return cached
-        if identity not in self._in_flight:
-            await self._bucket.acquire()
-            # Another caller may have hashed the same file while this one waited for its token.
-            if (cached := self._cached(identity)) is not None:
-                return cached
-        hashing = self._in_flight.get(identity)
-        if hashing is None:
-            hashing = asyncio.ensure_future(asyncio.to_thread(self._hash_executable, pid, identity))
-            self._in_flight[identity] = hashing
-            hashing.add_done_callback(lambda done: self._finish(identity, done))
-        # The worker thread cannot be interrupted: a caller hitting its deadline leaves the hash to
-        # finish and fill the cache instead of wasting the token.
-        return await asyncio.shield(hashing)
+        fd = await self._open_executable(pid, identity)
+        try:
+            if identity not in self._in_flight:
+                await self._bucket.acquire()
+                # Another caller may have hashed the same file while this one waited for its token.
+                if (cached := self._cached(identity)) is not None:
+                    return cached
+            hashing = self._in_flight.get(identity)
+            if hashing is None:
+                # The read gets its own descriptor: it may outlive this caller (see below).
+                executable = os.fdopen(os.dup(fd), "rb")
+                hashing = asyncio.ensure_future(asyncio.to_thread(self._hash_file, executable, identity))
+                self._in_flight[identity] = hashing
+                hashing.add_done_callback(lambda done: self._finish(identity, done))
+            # The worker thread cannot be interrupted: a caller hitting its deadline leaves the hash to
+            # finish and fill the cache instead of wasting the token.
+            return await asyncio.shield(hashing)
+        finally:
+            os.close(fd)
 
     def digest_file(self, fd: int) -> str:
         """Hex sha256 of the whole file behind `fd`, read from its start. Runs in a worker thread."""
@@ -216,7 +226,16 @@ class ExecutableHasher:
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
 
-    def _hash_executable(self, pid: int, identity: FileIdentity) -> str:
+    async def _open_executable(self, pid: int, identity: FileIdentity) -> int:
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_verified, pid, identity))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The open runs on in its thread: whatever it opens must still be closed.
+            opening.add_done_callback(_close_opened)
+            raise
+
+    def _open_verified(self, pid: int, identity: FileIdentity) -> int:
         try:
             fd = os.open(self._proc_root / str(pid) / "exe", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError) as err:
@@ -224,12 +243,23 @@ class ExecutableHasher:
         try:
             if FileIdentity.of(os.fstat(fd)) != identity:
                 raise AttestorError(_NAME, f"process {pid} replaced its executable during attestation")
-            digest = self.digest_file(fd)
-            if FileIdentity.of(os.fstat(fd)) != identity:
-                raise AttestorError(_NAME, f"the executable of process {pid} changed while it was hashed")
-            return digest
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
+
+    def _hash_file(self, executable: BinaryIO, identity: FileIdentity) -> str:
+        with executable:
+            digest = self.digest_file(executable.fileno())
+            if FileIdentity.of(os.fstat(executable.fileno())) != identity:
+                # Every caller of this file shares the read: name the file, not one caller's process.
+                raise AttestorError(_NAME, f"executable (inode {identity.inode}) changed while it was hashed")
+            return digest
+
+
+def _close_opened(done: asyncio.Future[int]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        os.close(done.result())
 
 
 @dataclass(frozen=True, slots=True)

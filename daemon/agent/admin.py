@@ -33,7 +33,8 @@ class AdminServer:
             self._path.unlink()
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self._path))
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self._path),
+                                                           limit=_MAX_REQUEST_BYTES)
         finally:
             os.umask(old_umask)
 
@@ -47,8 +48,9 @@ class AdminServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
-            if len(line) > _MAX_REQUEST_BYTES:
+            try:
+                line = await reader.readline()
+            except ValueError:  # the stream's limit (_MAX_REQUEST_BYTES) was overrun
                 reply: dict[str, Any] = {"error": "request too large"}
             else:
                 reply = self._dispatch(line)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.protocol.messages import CredentialResponse, EntryView, X509SvidRequest
 from vouchd.selectors import Selector
-from vouchd.spiffe import X509Bundle, make_csr
+from vouchd.spiffe import SpiffeError, X509Bundle, load_der_certificates, make_csr
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -116,8 +116,9 @@ class SvidManager:
             entry = new.get(entry_id)
             if entry is None or entry != self._entries.get(entry_id) or entry.spiffe_id != svid.spiffe_id:
                 del self._svids[entry_id]
+        # A changed entry starts afresh: whatever made it fail may be what changed.
+        self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
         self._entries = new
-        self._backoff = {e: b for e, b in self._backoff.items() if e in new}
         self._entry_selectors = {e.id: frozenset(Selector.parse(s) for s in e.selectors) for e in new.values()}
         self._index = defaultdict(set)
         for entry_id, selectors in self._entry_selectors.items():
@@ -269,7 +270,11 @@ class SvidManager:
             issued_key = keys.get(issued.entry_id)
             if issued_key is None or issued.entry_id not in self._entries:
                 continue
-            certificate = x509.load_der_x509_certificate(issued.cert_chain)
+            try:
+                certificate = load_der_certificates(issued.cert_chain, "issued x509-svid")[0]
+            except SpiffeError as err:
+                failed[issued.entry_id] = str(err)
+                continue
             if certificate.public_key() != issued_key.public_key():
                 failed[issued.entry_id] = "authority returned a certificate for another key"
                 continue

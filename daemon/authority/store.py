@@ -8,7 +8,9 @@ requests racing with the same nonce cannot both pass.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,9 +100,16 @@ class NodeRecord:
 
 
 class AuthorityStore:
+    """One connection, used under a lock: the authority may call it from more than one thread, and a
+    single-use nonce must stay single-use however the calls interleave."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.RLock()
         try:
+            # Born 0600: SQLite gives its -wal and -shm files the database file's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            path.chmod(0o600)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -110,36 +119,41 @@ class AuthorityStore:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
             elif int(row[0]) != _SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {row[0]} is not {_SCHEMA_VERSION}")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, OSError) as err:
             raise StoreError(f"{path}: cannot open the authority database: {err}") from None
-        path.chmod(0o600)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, parameters).fetchall()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # -- enrolment ---------------------------------------------------------------------------
     def enrol_ek(self, ek_hash: str, source: str) -> None:
-        self._db.execute("INSERT OR IGNORE INTO enrolled_eks VALUES (?, ?, ?)", (ek_hash, source, time.time()))
+        self._execute("INSERT OR IGNORE INTO enrolled_eks VALUES (?, ?, ?)", (ek_hash, source, time.time()))
 
     def is_enrolled(self, ek_hash: str) -> bool:
-        return self._db.execute("SELECT 1 FROM enrolled_eks WHERE ek_hash=?", (ek_hash,)).fetchone() is not None
+        return self._execute("SELECT 1 FROM enrolled_eks WHERE ek_hash=?", (ek_hash,)) != []
 
     def is_banned(self, node_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM banned_nodes WHERE node_id=?", (node_id,)).fetchone() is not None
+        return self._execute("SELECT 1 FROM banned_nodes WHERE node_id=?", (node_id,)) != []
 
     # -- nodes -------------------------------------------------------------------------------
     def save_node(self, node: NodeRecord) -> None:
-        self._db.execute(
+        self._execute(
             "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (node.node_id, node.ek_hash, node.tier, node.state.value, node.ak_public, node.node_key_public,
              json.dumps(list(node.selectors)), node.pcr_bank, json.dumps(list(node.pcr_indices)),
@@ -148,20 +162,20 @@ class AuthorityStore:
         )
 
     def node(self, node_id: str) -> NodeRecord | None:
-        row = self._db.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
-        return None if row is None else _node_from_row(row)
+        rows = self._execute("SELECT * FROM nodes WHERE node_id=?", (node_id,))
+        return _node_from_row(rows[0]) if rows else None
 
     def nodes(self) -> list[NodeRecord]:
-        return [_node_from_row(r) for r in self._db.execute("SELECT * FROM nodes ORDER BY node_id")]
+        return [_node_from_row(r) for r in self._execute("SELECT * FROM nodes ORDER BY node_id")]
 
     def record_quote(self, node_id: str, *, reset_count: int, restart_count: int, clock: int) -> None:
-        self._db.execute(
+        self._execute(
             "UPDATE nodes SET reset_count=?, restart_count=?, clock=?, last_quote_at=? WHERE node_id=?",
             (reset_count, restart_count, clock, time.time(), node_id),
         )
 
     def set_node_state(self, node_id: str, state: NodeState) -> None:
-        self._db.execute("UPDATE nodes SET state=? WHERE node_id=?", (state.value, node_id))
+        self._execute("UPDATE nodes SET state=? WHERE node_id=?", (state.value, node_id))
 
     # -- nonces ------------------------------------------------------------------------------
     def add_nonce(self, node_id: str, nonce: bytes, expires_at: float) -> None:
@@ -171,17 +185,16 @@ class AuthorityStore:
 
     def consume_nonce(self, node_id: str, nonce: bytes) -> bool:
         """True exactly once for a nonce handed to this node that has not expired."""
-        cursor = self._db.execute(
-            "DELETE FROM nonces WHERE nonce=? AND node_id=? AND expires_at >= ?", (nonce, node_id, time.time())
+        deleted = self._execute(
+            "DELETE FROM nonces WHERE nonce=? AND node_id=? AND expires_at >= ? RETURNING nonce",
+            (nonce, node_id, time.time()),
         )
-        return cursor.rowcount == 1
+        return len(deleted) == 1
 
     # -- answered requests (QoS 1 redelivery gets the same reply) ----------------------------------
     def answered_reply(self, node_id: str, digest: str) -> bytes | None:
-        row = self._db.execute(
-            "SELECT reply FROM answered WHERE node_id=? AND digest=?", (node_id, digest)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+        rows = self._execute("SELECT reply FROM answered WHERE node_id=? AND digest=?", (node_id, digest))
+        return bytes(rows[0][0]) if rows else None
 
     def remember_reply(self, node_id: str, digest: str, reply: bytes, *, keep_seconds: float) -> None:
         now = time.time()
@@ -191,7 +204,7 @@ class AuthorityStore:
 
     # -- event log profiles ------------------------------------------------------------------
     def save_profile(self, name: str, digests: list[str], learned_from: str) -> None:
-        self._db.execute(
+        self._execute(
             "INSERT OR REPLACE INTO event_log_profiles VALUES (?, ?, ?, ?)",
             (name, json.dumps(sorted(set(digests))), learned_from, time.time()),
         )
@@ -199,7 +212,7 @@ class AuthorityStore:
     def profiles(self) -> dict[str, frozenset[str]]:
         return {
             name: frozenset(json.loads(digests))
-            for name, digests in self._db.execute("SELECT name, digests FROM event_log_profiles ORDER BY name")
+            for name, digests in self._execute("SELECT name, digests FROM event_log_profiles ORDER BY name")
         }
 
 

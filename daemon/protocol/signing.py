@@ -23,7 +23,7 @@ from vouchd.protocol.codec import decode, decode_as, encode
 from vouchd.protocol.errors import RemoteError, SignatureError
 from vouchd.protocol.identities import authority_spiffe_id
 from vouchd.protocol.messages import ErrorReply, ReplyPayload, SignedReply
-from vouchd.spiffe import SpiffeError, TrustDomain, X509Bundle, verify_x509_svid
+from vouchd.spiffe import SpiffeError, TrustDomain, X509Bundle, load_der_certificates, verify_x509_svid
 
 __all__ = ["ReplySigner", "ReplyVerifier", "request_digest"]
 
@@ -35,34 +35,6 @@ REPLY_MAX_AGE = 300
 
 def request_digest(request: bytes) -> str:
     return hashlib.sha256(request).hexdigest()
-
-
-def _split_der_chain(data: bytes) -> list[x509.Certificate]:
-    certs: list[x509.Certificate] = []
-    offset = 0
-    while offset < len(data):
-        # DER SEQUENCE header: 0x30, then a short or long-form length.
-        if data[offset] != 0x30 or offset + 2 > len(data):
-            raise SignatureError("signer chain is not a sequence of DER certificates")
-        length_byte = data[offset + 1]
-        if length_byte < 0x80:
-            header, length = 2, length_byte
-        else:
-            count = length_byte & 0x7F
-            if count == 0 or count > 4 or offset + 2 + count > len(data):
-                raise SignatureError("signer chain is not a sequence of DER certificates")
-            header, length = 2 + count, int.from_bytes(data[offset + 2: offset + 2 + count], "big")
-        end = offset + header + length
-        if end > len(data):
-            raise SignatureError("signer chain is truncated")
-        try:
-            certs.append(x509.load_der_x509_certificate(data[offset:end]))
-        except ValueError:
-            raise SignatureError("signer chain holds an unreadable certificate") from None
-        offset = end
-    if not certs:
-        raise SignatureError("signer chain is empty")
-    return certs
 
 
 class ReplySigner:
@@ -89,7 +61,10 @@ class ReplyVerifier:
     def open(self, data: bytes, *, node_id: str, request: bytes) -> object:
         """Verify and decode; an ErrorReply is raised as RemoteError."""
         signed = decode_as(SignedReply, data)
-        chain = _split_der_chain(signed.signer_chain)
+        try:
+            chain = load_der_certificates(signed.signer_chain, "reply signer chain")
+        except SpiffeError as err:
+            raise SignatureError(str(err)) from None
         try:
             signer = verify_x509_svid(chain, self._bundle())
         except SpiffeError as err:

@@ -5,7 +5,7 @@ Imports nothing of vouchd beyond vouchd.errors, so the agent, the authority and 
 
 from __future__ import annotations
 
-from vouchd.spiffe.bundle import X509Bundle
+from vouchd.spiffe.bundle import X509Bundle, load_der_certificates
 from vouchd.spiffe.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, SpiffeError
 from vouchd.spiffe.ids import SCHEME_PREFIX, SpiffeId, TrustDomain
 from vouchd.spiffe.tier import JWT_TIER_CLAIM, TIER_SUBJECT_PREFIX, TrustTier, read_tier
@@ -34,6 +34,7 @@ __all__ = [
     "X509Bundle",
     "check_dns_name",
     "csr_public_key",
+    "load_der_certificates",
     "make_csr",
     "mint_x509_svid",
     "read_tier",

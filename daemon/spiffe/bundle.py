@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from vouchd.spiffe.errors import InvalidBundleError
 from vouchd.spiffe.ids import TrustDomain
 
-__all__ = ["X509Bundle"]
+__all__ = ["X509Bundle", "load_der_certificates"]
 
 # A bundle holds a handful of roots; this bound keeps a hostile input from costing much to parse.
 _MAX_BUNDLE_BYTES = 1 << 20
@@ -63,13 +63,29 @@ class X509Bundle:
     @classmethod
     def from_der(cls, td: TrustDomain, data: bytes) -> X509Bundle:
         _check_size(td, data)
-        certs: list[x509.Certificate] = []
-        for index, blob in enumerate(_split_der(td, data)):
-            try:
-                certs.append(x509.load_der_x509_certificate(blob))
-            except ValueError as err:
-                raise InvalidBundleError(f"x509 bundle for {td}: certificate {index} is not valid der") from err
-        return cls(td, tuple(certs))
+        return cls(td, tuple(_load_der(f"x509 bundle for {td}", data)))
+
+
+def load_der_certificates(data: bytes, what: str = "certificate chain") -> list[x509.Certificate]:
+    """Concatenated DER certificates (the Workload API's and the protocol's chain form), in order.
+
+    InvalidBundleError, naming `what`, when the data is empty, oversized or not DER certificates.
+    """
+    if not data:
+        raise InvalidBundleError(f"{what}: no certificates")
+    if len(data) > _MAX_BUNDLE_BYTES:
+        raise InvalidBundleError(f"{what}: larger than {_MAX_BUNDLE_BYTES} bytes")
+    return _load_der(what, data)
+
+
+def _load_der(what: str, data: bytes) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for index, blob in enumerate(_split_der(what, data)):
+        try:
+            certs.append(x509.load_der_x509_certificate(blob))
+        except ValueError as err:
+            raise InvalidBundleError(f"{what}: certificate {index} is not valid der") from err
+    return certs
 
 
 def _check_size(td: TrustDomain, data: bytes) -> None:
@@ -79,13 +95,13 @@ def _check_size(td: TrustDomain, data: bytes) -> None:
         raise InvalidBundleError(f"x509 bundle for {td}: larger than {_MAX_BUNDLE_BYTES} bytes")
 
 
-def _split_der(td: TrustDomain, data: bytes) -> Iterator[bytes]:
+def _split_der(what: str, data: bytes) -> Iterator[bytes]:
     """Cuts concatenated DER certificates apart by reading each outer SEQUENCE header."""
     offset = 0
     while offset < len(data):
         length = _der_element_length(data, offset)
         if length is None or offset + length > len(data):
-            raise InvalidBundleError(f"x509 bundle for {td}: truncated or malformed der at byte {offset}")
+            raise InvalidBundleError(f"{what}: truncated or malformed der at byte {offset}")
         yield data[offset : offset + length]
         offset += length
 

@@ -109,12 +109,6 @@ async def test_malformed_requests_get_an_error_reply(socket_path: Path, request_
     assert json.loads(answer) == reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admin._serve: reader.readline() raises ValueError for a line over the StreamReader's 64 KiB limit, "
-           "which _serve does not catch, so the 'request too large' reply is unreachable and the connection "
-           "is dropped with an unhandled exception in the handler task",
-)
 async def test_an_oversize_request_is_answered_with_an_error(socket_path: Path) -> None:
     async with serving(socket_path):
         answer = await raw_exchange(socket_path, b'{"command": "' + b"x" * (70 * 1024) + b'"}\n')

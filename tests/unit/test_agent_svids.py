@@ -325,11 +325,6 @@ async def test_a_certificate_for_another_key_is_refused(ca: CertificateAuthority
     assert manager.svids == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="svids.SvidManager._issue parses IssuedX509Svid.cert_chain ('DER, leaf first') with "
-           "x509.load_der_x509_certificate, which refuses trailing certificates: a chain fails the whole batch",
-)
 async def test_a_chain_with_more_than_the_leaf_is_served_whole(ca: CertificateAuthority) -> None:
     source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
     source.chain_tail = ca.certificate.public_bytes(Encoding.DER)

@@ -63,11 +63,6 @@ def test_a_missing_state_directory_is_created_private(store: AuthorityStore, db_
     assert mode(db_path.parent) == 0o700
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.AuthorityStore creates the WAL/shared-memory files before chmod(0600) of the database, "
-           "so they keep the umask's mode (0644) and other users can read nodes, nonces and replies",
-)
 def test_the_write_ahead_log_files_are_private_too(db_path: Path) -> None:
     # A common umask, stated so that the result does not depend on who runs the tests.
     previous_umask = os.umask(0o022)
@@ -181,12 +176,6 @@ def race(contenders: Sequence[Callable[[], object]]) -> list[object]:
         return list(pool.map(run, contenders))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.consume_nonce shares one sqlite connection between threads (check_same_thread=False) and "
-           "reads cursor.rowcount, i.e. sqlite3_changes() of the connection, after the GIL was released: another "
-           "thread's statement in between makes the real winner see 0 (nobody wins) or a loser see 1 (replay wins)",
-)
 def test_racing_consumers_on_one_store_let_exactly_one_win(store: AuthorityStore) -> None:
     outcomes = []
     for round_number in range(40):

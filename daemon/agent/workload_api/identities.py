@@ -16,8 +16,8 @@ from vouchd.attestors.base import WorkloadProcess
 from vouchd.selectors import Selector
 
 __all__ = [
-    "NoIdentityError",
     "REQUEST_OUTCOMES",
+    "NoIdentityError",
     "RequestOutcome",
     "WorkloadApiObserver",
     "WorkloadIdentities",
@@ -78,7 +78,8 @@ class RequestOutcome:
 
     def __post_init__(self) -> None:
         if self.outcome not in REQUEST_OUTCOMES:
-            raise ValueError(f"request outcome must be one of {', '.join(sorted(REQUEST_OUTCOMES))}, not {self.outcome!r}")
+            known = ", ".join(sorted(REQUEST_OUTCOMES))
+            raise ValueError(f"request outcome must be one of {known}, not {self.outcome!r}")
 
 
 class WorkloadApiObserver(Protocol):

@@ -2,10 +2,13 @@
 
 Every RPC first checks the security header, then identifies the caller from the kernel (peer.py),
 has the agent attest it, and re-checks that the attested process is still the caller. Workloads get
-generic status messages; the detail goes to the log, one structured line per request.
+generic status messages; the detail goes to the log, one structured line per request, and to the
+agent's WorkloadApiObserver if it has one.
 
-FetchX509Bundles requires a successful attestation but no SVID: bundles are public material, and a
-workload that only verifies peers (SPIRE serves bundles to any attested caller) has no identity.
+FetchX509Bundles is answered only to a caller entitled to an identity (some registration entry
+matches it), as SPIRE's agent does unless `allow_unauthenticated_verifiers` is set: otherwise
+PermissionDenied "no identity issued", also when the entitlement goes away while the stream is open.
+vouchd has no such switch: a verify-only workload gets an entry like any other.
 FetchX509SVID's federated_bundles carries the bundles of every trust domain other than those of
 the SVIDs in the message.
 """
@@ -20,8 +23,8 @@ import socket
 import stat
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,20 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Server, Stream
 
 from vouchd.agent.workload_api.errors import NoIdentityError, PeerError, WorkloadApiError
-from vouchd.agent.workload_api.identities import WorkloadIdentities, X509SvidMaterial
-from vouchd.agent.workload_api.peer import drop_connection, peer_process, peer_transport, process_unchanged
+from vouchd.agent.workload_api.identities import (
+    RequestOutcome,
+    WorkloadApiObserver,
+    WorkloadIdentities,
+    X509SvidMaterial,
+)
+from vouchd.agent.workload_api.peer import (
+    drop_connection,
+    kernel_has_peer_pidfd,
+    peer_credentials,
+    peer_process,
+    peer_transport,
+    process_unchanged,
+)
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError
 from vouchd.proto import workload_pb2 as pb
@@ -44,8 +59,22 @@ __all__ = ["SECURITY_HEADER", "WorkloadApiServer", "WorkloadApiService"]
 
 SECURITY_HEADER = "workload.spiffe.io"
 
+_log = logging.getLogger("vouchd.workload_api")
+
 _ATTESTATION_FAILED = "workload attestation failed"
 _NO_IDENTITY = "no identity issued"
+_UNIDENTIFIED = -1  # pid and uid of a caller the request ended before identifying
+
+# The outcome on the log line (precise, for grepping) -> the outcome an observer is told.
+_OBSERVED_OUTCOMES = {
+    "ok": "ok",
+    "attestation_failed": "denied",
+    "no_identity": "denied",
+    "invalid_argument": "invalid",
+    "unimplemented": "invalid",
+    "unavailable": "error",
+    "error": "error",
+}
 
 
 class _RefusedError(Exception):
@@ -77,6 +106,14 @@ class _Call:
     uid: int | None = None
     spiffe_ids: tuple[str, ...] = ()
     answered: bool = False  # a stream sent its first message: later lines describe the stream's end
+
+    def identify(self, stream: Stream[Any, Any]) -> None:
+        """Fill in pid and uid from SO_PEERCRED alone, for a request refused before attestation."""
+        try:
+            credentials = peer_credentials(stream)
+        except PeerError:
+            return
+        self.pid, self.uid = credentials.pid, credentials.uid
 
     def fields(self, outcome: str, reason: str | None) -> dict[str, object]:
         extra: dict[str, object] = {
@@ -116,7 +153,12 @@ class _X509SvidSet:
 
 
 class WorkloadApiService(SpiffeWorkloadAPIBase):
-    """The SpiffeWorkloadAPI service, answering from a WorkloadIdentities."""
+    """The SpiffeWorkloadAPI service, answering from a WorkloadIdentities.
+
+    `attest_deadline` (seconds) is the one bound on attesting a caller: identities.attest() has no
+    deadline of its own and is cancelled when this one passes; the caller gets PermissionDenied.
+    `observer` is told every request's outcome and every stream's opening and closing.
+    """
 
     def __init__(
         self,
@@ -124,12 +166,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         *,
         attest_deadline: float = 5.0,
         logger: logging.Logger | None = None,
+        observer: WorkloadApiObserver | None = None,
     ) -> None:
         if attest_deadline <= 0:
             raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
         self._identities = identities
         self._attest_deadline = attest_deadline
         self._log = logger or logging.getLogger("vouchd.workload_api")
+        self._observer = observer
 
     # -- X.509-SVID profile -------------------------------------------------------------------------
 
@@ -141,55 +185,64 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             current = await self._x509_svid_set(selectors)
             await stream.send_message(current.message())
             self._answered(call, tuple(svid.spiffe_id for svid in current.svids))
-            while True:
-                version = await self._identities.wait_for_change(version)
-                self._recheck(process)
-                latest = await self._x509_svid_set(selectors)
-                if latest != current:
-                    await stream.send_message(latest.message())
-                    current = latest
-                    self._log.debug("x509 svid update sent", extra=call.fields("updated", None))
+            with self._open_stream(call):
+                while True:
+                    version = await self._identities.wait_for_change(version)
+                    self._recheck(process)
+                    latest = await self._x509_svid_set(selectors)
+                    if latest != current:
+                        await stream.send_message(latest.message())
+                        current = latest
+                        call.spiffe_ids = tuple(svid.spiffe_id for svid in current.svids)
+                        self._log.debug("x509 svid update sent", extra=call.fields("updated", None))
 
     async def FetchX509Bundles(self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchX509Bundles") as call:
             await stream.recv_message()
-            process, _ = await self._attest(stream, call)
+            process, selectors = await self._attest(stream, call)
             version = self._identities.version
+            self._require_entitlement(selectors)
             current = self._x509_bundles()
             await stream.send_message(pb.X509BundlesResponse(bundles=dict(current)))
             self._answered(call)
-            while True:
-                version = await self._identities.wait_for_change(version)
-                self._recheck(process)
-                latest = self._x509_bundles()
-                if latest != current:
-                    await stream.send_message(pb.X509BundlesResponse(bundles=dict(latest)))
-                    current = latest
-                    self._log.debug("x509 bundles update sent", extra=call.fields("updated", None))
+            with self._open_stream(call):
+                while True:
+                    version = await self._identities.wait_for_change(version)
+                    self._recheck(process)
+                    self._require_entitlement(selectors)
+                    latest = self._x509_bundles()
+                    if latest != current:
+                        await stream.send_message(pb.X509BundlesResponse(bundles=dict(latest)))
+                        current = latest
+                        self._log.debug("x509 bundles update sent", extra=call.fields("updated", None))
 
     # -- not served yet (a later change adds JWT): answered at once, without header check or
     # attestation, because nothing is handed out -------------------------------------------------------
 
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented("FetchJWTSVID")
+        self._unimplemented(stream, "FetchJWTSVID")
 
     async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented("FetchJWTBundles")
+        self._unimplemented(stream, "FetchJWTBundles")
 
     async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
         self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
     ) -> None:
-        self._unimplemented("ValidateJWTSVID")
+        self._unimplemented(stream, "ValidateJWTSVID")
 
     async def FetchWITSVID(self, stream: Stream[pb.WITSVIDRequest, pb.WITSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented("FetchWITSVID")
+        self._unimplemented(stream, "FetchWITSVID")
 
     async def FetchWITBundles(self, stream: Stream[pb.WITBundlesRequest, pb.WITBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented("FetchWITBundles")
+        self._unimplemented(stream, "FetchWITBundles")
 
-    def _unimplemented(self, method: str) -> None:
-        self._log.info("workload api request", extra=_Call(method).fields("unimplemented", None))
-        raise GRPCError(Status.UNIMPLEMENTED, f"{method} is not implemented")
+    def _unimplemented(self, stream: Stream[Any, Any], method: str) -> None:
+        call = _Call(method)
+        call.identify(stream)
+        reason = f"{method} is not implemented"
+        self._log.info("workload api request", extra=call.fields("unimplemented", None))
+        self._finished(call, "unimplemented", reason)
+        raise GRPCError(Status.UNIMPLEMENTED, reason)
 
     # -- shared steps ---------------------------------------------------------------------------------
 
@@ -199,6 +252,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         call = _Call(method)
         try:
             if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
+                call.identify(stream)
                 raise _RefusedError(
                     Status.INVALID_ARGUMENT,
                     "invalid_argument",
@@ -214,9 +268,11 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 "workload api request" if not call.answered else "workload api stream ended",
                 extra=call.fields(refusal.outcome, refusal.detail),
             )
+            self._finished(call, refusal.outcome, refusal.detail)
             raise GRPCError(refusal.status, refusal.public) from None
         except (asyncio.CancelledError, StreamTerminatedError):
-            # The client went away (or the server is closing): routine for long-lived streams.
+            # The client went away (or the server is closing): routine for long-lived streams, and
+            # no decision for an observer.
             level = logging.DEBUG if call.answered else logging.INFO
             self._log.log(level, "workload api request cancelled", extra=call.fields("cancelled", None))
             raise
@@ -226,7 +282,40 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 exc_info=err,
                 extra=call.fields("error", type(err).__name__),
             )
+            self._finished(call, "error", type(err).__name__)
             raise GRPCError(Status.UNAVAILABLE, "workload api unavailable") from None
+
+    @contextmanager
+    def _open_stream(self, call: _Call) -> Iterator[None]:
+        """Tell the observer a stream is open for as long as the body runs (connected workloads)."""
+        pid = _UNIDENTIFIED if call.pid is None else call.pid
+        uid = _UNIDENTIFIED if call.uid is None else call.uid
+        self._observe("stream_opened", lambda observer: observer.stream_opened(call.method, pid, uid))
+        try:
+            yield
+        finally:
+            self._observe("stream_closed", lambda observer: observer.stream_closed(call.method, pid, uid))
+
+    def _finished(self, call: _Call, outcome: str, reason: str) -> None:
+        outcome_seen = RequestOutcome(
+            method=call.method,
+            pid=_UNIDENTIFIED if call.pid is None else call.pid,
+            uid=_UNIDENTIFIED if call.uid is None else call.uid,
+            outcome=_OBSERVED_OUTCOMES[outcome],
+            reason=reason,
+            spiffe_ids=call.spiffe_ids,
+            at=time.time(),
+        )
+        self._observe("request_finished", lambda observer: observer.request_finished(outcome_seen))
+
+    def _observe(self, event: str, notify: Callable[[WorkloadApiObserver], None]) -> None:
+        if self._observer is None:
+            return
+        try:
+            notify(self._observer)
+        except Exception as err:
+            # Observing must never change what a workload gets, nor end its stream.
+            self._log.error("workload api observer failed", exc_info=err, extra={"observer_event": event})
 
     async def _attest(self, stream: Stream[Any, Any], call: _Call) -> tuple[WorkloadProcess, frozenset[Selector]]:
         try:
@@ -243,6 +332,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             raise _RefusedError.attestation_failed(f"no attestation within {self._attest_deadline:g}s") from err
         self._recheck(process)
         return process, selectors
+
+    def _require_entitlement(self, selectors: frozenset[Selector]) -> None:
+        if not self._identities.entitled(selectors):
+            raise _RefusedError.no_identity("no registration entry matches the caller's selectors")
 
     @staticmethod
     def _recheck(process: WorkloadProcess) -> None:
@@ -274,6 +367,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         call.answered = True
         call.spiffe_ids = spiffe_ids
         self._log.info("workload api request", extra=call.fields("ok", None))
+        self._finished(call, "ok", "")
 
 
 def _with_unique_hints(svids: Sequence[X509SvidMaterial], log: logging.Logger) -> tuple[X509SvidMaterial, ...]:
@@ -291,7 +385,12 @@ def _with_unique_hints(svids: Sequence[X509SvidMaterial], log: logging.Logger) -
 
 
 class WorkloadApiServer:
-    """Serves a WorkloadApiService on a Unix socket that any local process may connect to."""
+    """Serves a WorkloadApiService on a Unix socket that any local process may connect to.
+
+    The socket's folder, and every folder above it, must be safe from other users: owned by root or
+    the agent's user, and not writable by group or others unless sticky. Otherwise another user
+    could put their own socket at the path and hand workloads a fake bundle.
+    """
 
     def __init__(self, service: WorkloadApiService, socket_path: Path) -> None:
         self._service = service
@@ -309,6 +408,12 @@ class WorkloadApiServer:
         """Bind the socket (mode 0777: attestation decides, not file modes) and start serving."""
         if self._server is not None or self._closed:
             raise WorkloadApiError("workload api server was already started")
+        if not kernel_has_peer_pidfd():
+            _log.warning(
+                "kernel has no SO_PEERPIDFD (linux 6.5+): workload api callers are pinned by pid, start time "
+                "and credentials only, so a process that exits and whose pid is reused by one with the same "
+                "uid and gid within the attestation window is not noticed"
+            )
         sock = self._bind()
         try:
             server = Server([self._service])
@@ -347,9 +452,8 @@ class WorkloadApiServer:
 
     def _bind(self) -> socket.socket:
         path = self._socket_path
-        if not path.parent.is_dir():
-            path.parent.mkdir(mode=0o755, parents=True)
-            os.chmod(path.parent, 0o755)  # noqa: S103 (mkdir's mode is filtered by the umask)
+        _make_folder(path.parent)
+        _check_socket_folder(path.parent)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -373,6 +477,51 @@ class WorkloadApiServer:
         # Only our own socket: another agent may have replaced it since.
         if (current.st_dev, current.st_ino) == identity:
             self._socket_path.unlink(missing_ok=True)
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the socket's folder and any missing parent as 0755 (mkdir's mode is filtered by the umask)."""
+    missing = [directory for directory in (folder, *folder.parents) if not directory.is_dir()]
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o755)
+            os.chmod(directory, 0o755)  # noqa: S103 (world-readable: any local process may connect)
+        except FileExistsError:
+            continue  # made meanwhile, or not a folder: _check_socket_folder and bind() will say
+        except OSError as err:
+            reason = err.strerror or err
+            raise WorkloadApiError(f"cannot create workload api socket folder {directory}: {reason}") from err
+
+
+def _check_socket_folder(folder: Path) -> None:
+    """Refuse a socket folder in which another user could replace the socket.
+
+    Checks the folder and every folder above it, both as written and with symlinks resolved: whoever
+    may rename an ancestor may swap the whole subtree. A sticky folder (like /tmp) is safe: others
+    can add entries but not rename or remove ours.
+    """
+    euid = os.geteuid()
+    written = Path(os.path.abspath(folder))
+    resolved = folder.resolve()
+    for directory in dict.fromkeys((written, *written.parents, resolved, *resolved.parents)):
+        try:
+            status = os.stat(directory)
+        except OSError as err:
+            reason = err.strerror or err
+            raise WorkloadApiError(f"cannot inspect workload api socket folder {directory}: {reason}") from err
+        named = f"{folder}" if directory in (written, resolved) else f"{directory} (above {folder})"
+        if not stat.S_ISDIR(status.st_mode):
+            raise WorkloadApiError(f"workload api socket folder {named} is not a folder")
+        if status.st_uid not in (0, euid):
+            raise WorkloadApiError(
+                f"workload api socket folder {named} is owned by uid {status.st_uid}, not by root or the agent "
+                f"(uid {euid}): its owner could replace the socket"
+            )
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not status.st_mode & stat.S_ISVTX:
+            raise WorkloadApiError(
+                f"workload api socket folder {named} is writable by group or others without the sticky bit: "
+                "another user could replace the socket"
+            )
 
 
 def _remove_stale_socket(path: Path) -> None:
