@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,45 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_learn(args: argparse.Namespace) -> int:
+    """Accept this host's current event log as a boot profile (after a firmware or kernel update).
+
+    As Keylime's reference-state tool does: golden PCR values break on every update, so the
+    operator records the measurements of a boot they trust, from the log the agent would send.
+    """
+    from vouchd.authority.store import AuthorityStore
+    from vouchd.authority.verifier import quoted_measurements, selection_for
+    from vouchd.config import load_config
+    from vouchd.evidence import EvidenceError, parse_event_log
+
+    config = load_config(Path(args.config))
+    if config.agent is None or config.authority is None:
+        raise VouchdError(f"{config.source}: `node learn` works on a standalone configuration "
+                          "(agent and authority sections)")
+    log_path = config.agent.event_log_path
+    if log_path is None:
+        raise VouchdError(f"{config.source}: agent.event_log is not set: there is no event log to learn")
+    try:
+        event_log = parse_event_log(log_path.read_bytes())
+    except OSError as err:
+        raise VouchdError(f"{log_path}: cannot read the event log: {err.strerror}") from None
+    except EvidenceError as err:
+        raise VouchdError(f"{log_path}: {err}") from None
+    selection = selection_for(config.authority.pcr_bank, config.authority.pcr_indices)
+    try:
+        measurements = quoted_measurements(event_log, selection)
+    except EvidenceError as err:
+        raise VouchdError(f"{log_path}: {err}") from None
+    store = AuthorityStore(config.authority.state_dir / "authority.db")
+    try:
+        store.save_profile(args.name, list(measurements), learned_from=f"vouchd node learn ({log_path})")
+    finally:
+        store.close()
+    print(f"profile {args.name!r}: {len(measurements)} measurements of {selection.tool_string()} "
+          f"from {log_path}; nodes whose logs stay within it attest again")
+    return 0
+
+
 def _cmd_simulate_boot(args: argparse.Namespace) -> int:
     from vouchd.devtools import simulate_measured_boot
 
@@ -168,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             sub.add_argument("--max-quote-age", type=float, default=180.0, help="seconds (default 180)")
+
+    node = commands.add_parser("node", help="node administration")
+    node_commands = node.add_subparsers(dest="node_command", required=True, metavar="SUBCOMMAND")
+    learn = node_commands.add_parser("learn", help="accept this host's current event log as a boot profile")
+    learn.add_argument("--config", required=True, help="the standalone configuration file")
+    learn.add_argument("--name", default=time.strftime("learned-%Y%m%d-%H%M%S"),
+                       help="profile name (default: learned-<date>-<time>)")
+    learn.set_defaults(handler=_cmd_node_learn)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

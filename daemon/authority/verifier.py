@@ -54,6 +54,8 @@ __all__ = [
     "begin_attestation",
     "check_quote_continuity",
     "complete_attestation",
+    "quoted_measurements",
+    "selection_for",
     "verify_request_quote",
 ]
 
@@ -239,7 +241,7 @@ def begin_attestation(
         ek_issuer_cn=issuer_cn,
         ak=ak,
         node_key=node_key,
-        selection=PcrSelection(_BANKS[bank], tuple(sorted(pcr_indices))),
+        selection=selection_for(bank, pcr_indices),
         event_log=event_log,
         expires_at=time.monotonic() + session_ttl,
         secret=secret,
@@ -271,19 +273,28 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> Ver
             attest = verify_quote(session.ak, quote.attest, quote.signature,
                                   extra_data=session.expected_extra_data, selection=session.selection,
                                   pcr_values=values)
-            # Only the quoted bank and PCRs are vouched for by the replay: policy reads nothing else.
-            bank = session.selection.hash_alg.name.lower()
-            digests = tuple(sorted({
-                f"{pcr}:{bank}:{digest.hex()}"
-                for pcr, _type, digest in session.event_log.digests(session.selection.hash_alg,
-                                                                    session.selection.pcrs)
-            }))
+            digests = quoted_measurements(session.event_log, session.selection)
         else:
             attest = _verify_quote_without_log(session.ak, quote, session.expected_extra_data, session.selection)
             digests = ()
     except EvidenceError as err:
         raise RefusalError("bad_quote", str(err)) from None
     return VerifiedNode(attest=attest, pcr_digest=attest.pcr_digest, event_digests=digests)
+
+
+def quoted_measurements(event_log: EventLog, selection: PcrSelection) -> tuple[str, ...]:
+    """The measurements a profile is made of: "<pcr>:<bank>:<digest hex>" for every event on the
+    selected PCRs in the selected bank. Only these are vouched for by replaying them to the quoted
+    PCR values, so policy reads nothing else."""
+    bank = selection.hash_alg.name.lower()
+    return tuple(sorted({
+        f"{pcr}:{bank}:{digest.hex()}"
+        for pcr, _type, digest in event_log.digests(selection.hash_alg, selection.pcrs)
+    }))
+
+
+def selection_for(bank: str, pcr_indices: Sequence[int]) -> PcrSelection:
+    return PcrSelection(_BANKS[bank], tuple(sorted(pcr_indices)))
 
 
 def _verify_quote_without_log(ak: TpmPublic, quote: TpmEvidence, extra_data: bytes,
@@ -315,7 +326,7 @@ def verify_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> A
         raise RefusalError("bad_quote", "evidence is not a quote")
     if not hmac.compare_digest(attest.extra_data, hashlib.sha256(body).digest()):
         raise RefusalError("bad_quote", "quote extraData is not the digest of the request body")
-    expected = PcrSelection(_BANKS[node.pcr_bank], tuple(node.pcr_indices))
+    expected = selection_for(node.pcr_bank, node.pcr_indices)
     if attest.pcr_selection != (expected,):
         raise RefusalError("bad_quote", "quote PCR selection differs from the node's profile")
     return attest

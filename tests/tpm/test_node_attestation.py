@@ -412,3 +412,27 @@ def _quoted_measurements(event_log: Path) -> list[str]:
 
     parsed = parse_event_log(event_log.read_bytes())
     return [f"{pcr}:sha256:{digest.hex()}" for pcr, _t, digest in parsed.digests(TpmAlg.SHA256, range(8))]
+
+
+async def test_node_learn_accepts_the_current_event_log_as_a_profile(
+    fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from vouchd.cli import main
+
+    fleet_authority.enrol(ek_hash_of(tpm), "test")
+    exchange = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
+    with pytest.raises(RemoteError):
+        await exchange.attest_and_expect_refusal()
+    config = tmp_path / "vouchd.yaml"
+    config.write_text(
+        "trust_domain: example.org\n"
+        f"agent: {{event_log: {booted_tpm.event_log}, tpm: {{tcti: '{booted_tpm.tcti}'}}}}\n"
+        f"authority: {{state_dir: {tmp_path / 'fleet'}}}\n"
+    )
+
+    assert main(["node", "learn", "--config", str(config), "--name", "after-kernel-update"]) == 0
+
+    assert "after-kernel-update" in capsys.readouterr().out
+    result = await exchange.attest()
+    assert "tpm:pcr_profile:after-kernel-update" in result.selectors

@@ -506,11 +506,11 @@ def test_an_error_reply_for_another_node_is_dropped_not_raised_as_remote(authori
 @pytest.mark.parametrize(
     ("chain", "message"),
     [
-        (b"", "signer chain is empty"),
-        (b"\x04\x03abc", "signer chain is not a sequence of DER certificates"),
-        (b"\x30\x80", "signer chain is not a sequence of DER certificates"),
-        (b"\x30\x82\x05\x00" + b"\x00" * 10, "signer chain is truncated"),
-        (b"\x30\x03abc", "signer chain holds an unreadable certificate"),
+        (b"", "reply signer chain: no certificates"),
+        (b"\x04\x03abc", "reply signer chain: truncated or malformed der at byte 0"),
+        (b"\x30\x80", "reply signer chain: truncated or malformed der at byte 0"),
+        (b"\x30\x82\x05\x00" + b"\x00" * 10, "reply signer chain: truncated or malformed der at byte 0"),
+        (b"\x30\x03abc", "reply signer chain: certificate 0 is not valid der"),
     ],
 )
 def test_a_malformed_signer_chain_is_refused(authority: Authority, chain: bytes, message: str) -> None:

@@ -22,13 +22,9 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from vouchd.agent.workload_api import (
-    NoIdentityError,
-    WorkloadApiError,
-    WorkloadApiServer,
-    WorkloadApiService,
-    X509SvidMaterial,
-)
+from vouchd.agent.workload_api import NoIdentityError, RequestOutcome, WorkloadApiError, X509SvidMaterial
+from vouchd.agent.workload_api import server as server_module
+from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.attestors import AttestorError, WorkloadProcess, read_start_time
 from vouchd.proto import workload_pb2 as pb
 from vouchd.proto.workload_grpc import SpiffeWorkloadAPIStub
@@ -98,7 +94,10 @@ class FakeIdentities:
         self.attest_error: Exception | None = None
         self.attest_hangs = False
         self.no_identity_error = False
+        self.svid_error: Exception | None = None
+        self.has_entry = True  # what entitled() answers: some registration entry matches the caller
         self.attested: list[WorkloadProcess] = []
+        self.entitlement_checks = 0
         self.svid_requests = 0
         self._version = 1
         self._changed = asyncio.Condition()
@@ -111,6 +110,11 @@ class FakeIdentities:
             raise self.attest_error
         return SELECTORS
 
+    def entitled(self, selectors: frozenset[Selector]) -> bool:
+        assert selectors == SELECTORS
+        self.entitlement_checks += 1
+        return self.has_entry
+
     async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
         assert selectors == SELECTORS
         async with self._changed:
@@ -118,6 +122,8 @@ class FakeIdentities:
             self._changed.notify_all()
         if self.no_identity_error:
             raise NoIdentityError("no entry matches")
+        if self.svid_error is not None:
+            raise self.svid_error
         return list(self.svids)
 
     def x509_bundles(self) -> Mapping[str, bytes]:
@@ -133,7 +139,11 @@ class FakeIdentities:
             return self._version
 
     async def change(
-        self, *, svids: list[X509SvidMaterial] | None = None, bundles: dict[str, bytes] | None = None
+        self,
+        *,
+        svids: list[X509SvidMaterial] | None = None,
+        bundles: dict[str, bytes] | None = None,
+        has_entry: bool | None = None,
     ) -> None:
         """Replace what the agent would serve (or nothing, for a version bump alone) and bump the version."""
         async with self._changed:
@@ -141,12 +151,52 @@ class FakeIdentities:
                 self.svids = svids
             if bundles is not None:
                 self.bundles = bundles
+            if has_entry is not None:
+                self.has_entry = has_entry
             self._version += 1
             self._changed.notify_all()
 
     async def wait_for_svid_requests(self, count: int) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: self.svid_requests >= count)
+
+
+class RecordingObserver:
+    """A WorkloadApiObserver that remembers what it was told, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+        self.closed = asyncio.Event()
+
+    @property
+    def outcomes(self) -> list[RequestOutcome]:
+        return [event for kind, event in self.events if kind == "finished" and isinstance(event, RequestOutcome)]
+
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        self.events.append(("finished", outcome))
+
+    def stream_opened(self, method: str, pid: int, uid: int) -> None:
+        self.events.append(("opened", (method, pid, uid)))
+
+    def stream_closed(self, method: str, pid: int, uid: int) -> None:
+        self.events.append(("closed", (method, pid, uid)))
+        self.closed.set()
+
+
+class BrokenObserver(RecordingObserver):
+    """Records, then fails: the Workload API must not care."""
+
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        super().request_finished(outcome)
+        raise RuntimeError("observer is broken")
+
+    def stream_opened(self, method: str, pid: int, uid: int) -> None:
+        super().stream_opened(method, pid, uid)
+        raise RuntimeError("observer is broken")
+
+    def stream_closed(self, method: str, pid: int, uid: int) -> None:
+        super().stream_closed(method, pid, uid)
+        raise RuntimeError("observer is broken")
 
 
 @dataclass
@@ -157,6 +207,7 @@ class Api:
     channel: Channel
     stub: SpiffeWorkloadAPIStub
     socket_path: Path
+    observer: RecordingObserver
 
 
 @pytest.fixture
@@ -167,15 +218,20 @@ def socket_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def api(socket_dir: Path) -> AsyncIterator[Api]:
+def observer() -> RecordingObserver:
+    return RecordingObserver()
+
+
+@pytest.fixture
+async def api(socket_dir: Path, observer: RecordingObserver) -> AsyncIterator[Api]:
     ca = TestCa()
     identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
     socket_path = socket_dir / "run" / "agent.sock"
-    server = WorkloadApiServer(WorkloadApiService(identities, attest_deadline=2.0), socket_path)
+    server = WorkloadApiServer(WorkloadApiService(identities, attest_deadline=2.0, observer=observer), socket_path)
     await server.start()
     channel = Channel(path=str(socket_path))
     try:
-        yield Api(server, identities, ca, channel, SpiffeWorkloadAPIStub(channel), socket_path)
+        yield Api(server, identities, ca, channel, SpiffeWorkloadAPIStub(channel), socket_path, observer)
     finally:
         channel.close()
         await server.close()
@@ -417,7 +473,7 @@ async def test_key_material_is_never_logged(api: Api, caplog: pytest.LogCaptureF
 # -- FetchX509Bundles -----------------------------------------------------------------------------------------
 
 
-async def test_bundles_are_served_to_an_attested_caller_without_an_svid(api: Api) -> None:
+async def test_bundles_are_served_to_an_entitled_caller_and_resent_on_change(api: Api) -> None:
     partner = TestCa("spiffe://partner.test")
 
     async with api.stub.FetchX509Bundles.open(metadata=HEADER) as stream:
@@ -434,6 +490,36 @@ async def test_bundles_are_served_to_an_attested_caller_without_an_svid(api: Api
     assert dict(first.bundles) == {TRUST_DOMAIN: api.ca.bundle_der}
     assert dict(second.bundles) == {TRUST_DOMAIN: api.ca.bundle_der, "spiffe://partner.test": partner.bundle_der}
     assert len(api.identities.attested) == 1
+    assert api.identities.entitlement_checks == 3, "entitlement is checked first and again on every change"
+    assert api.identities.svid_requests == 0, "bundles never issue an svid"
+
+
+async def test_bundles_are_denied_to_a_caller_entitled_to_no_identity(api: Api) -> None:
+    # SPIRE's default (allow_unauthenticated_verifiers off): bundles only for registered workloads.
+    api.identities.has_entry = False
+
+    with pytest.raises(GRPCError) as caught:
+        await api.stub.FetchX509Bundles(pb.X509BundlesRequest(), metadata=HEADER)
+
+    assert caught.value.status is Status.PERMISSION_DENIED
+    assert caught.value.message == "no identity issued"
+    assert len(api.identities.attested) == 1
+    (outcome,) = api.observer.outcomes
+    assert (outcome.outcome, outcome.reason) == ("denied", "no registration entry matches the caller's selectors")
+
+
+async def test_the_bundle_stream_ends_permission_denied_when_the_entitlement_goes_away(api: Api) -> None:
+    async with api.stub.FetchX509Bundles.open(metadata=HEADER) as stream:
+        await stream.send_message(pb.X509BundlesRequest(), end=True)
+        assert await stream.recv_message() is not None
+
+        await api.identities.change(has_entry=False)
+        with pytest.raises(GRPCError) as caught:
+            assert await stream.recv_message() is None
+            await stream.recv_trailing_metadata()
+
+    assert caught.value.status is Status.PERMISSION_DENIED
+    assert caught.value.message == "no identity issued"
 
 
 async def test_bundles_need_a_successful_attestation(api: Api) -> None:

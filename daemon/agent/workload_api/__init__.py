@@ -1,22 +1,29 @@
-"""The SPIFFE Workload API edge of the agent: the only package that knows gRPC (grpclib)."""
+"""The SPIFFE Workload API edge of the agent: the only package that knows gRPC (grpclib).
+
+Importing the package loads no gRPC: it exports the errors and the interface types the agent core
+uses (identities.py). The server lives in `vouchd.agent.workload_api.server` and the peer checks in
+`vouchd.agent.workload_api.peer`; import them from there.
+"""
 
 from __future__ import annotations
 
 from vouchd.agent.workload_api.errors import InvalidSvidMaterialError, NoIdentityError, PeerError, WorkloadApiError
-from vouchd.agent.workload_api.identities import WorkloadIdentities, X509SvidMaterial
-from vouchd.agent.workload_api.peer import peer_process, process_unchanged
-from vouchd.agent.workload_api.server import SECURITY_HEADER, WorkloadApiServer, WorkloadApiService
+from vouchd.agent.workload_api.identities import (
+    REQUEST_OUTCOMES,
+    RequestOutcome,
+    WorkloadApiObserver,
+    WorkloadIdentities,
+    X509SvidMaterial,
+)
 
 __all__ = [
-    "SECURITY_HEADER",
+    "REQUEST_OUTCOMES",
     "InvalidSvidMaterialError",
     "NoIdentityError",
     "PeerError",
+    "RequestOutcome",
     "WorkloadApiError",
-    "WorkloadApiServer",
-    "WorkloadApiService",
+    "WorkloadApiObserver",
     "WorkloadIdentities",
     "X509SvidMaterial",
-    "peer_process",
-    "process_unchanged",
 ]
