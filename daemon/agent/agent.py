@@ -18,7 +18,7 @@ from typing import Any
 
 from vouchd.agent.admin import AdminServer
 from vouchd.agent.node import NodeIdentity
-from vouchd.agent.notify import notify
+from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.agent.workloads import AgentWorkloadIdentities
@@ -115,11 +115,20 @@ class Agent:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(svids.run(), name="svid-issuance")
                     tasks.create_task(self._heartbeat(node, svids), name="heartbeat")
+                    interval = watchdog_interval()
+                    if interval is not None:
+                        tasks.create_task(self._watchdog(interval), name="watchdog")
             finally:
                 await admin.close()
         finally:
             notify("STOPPING=1")
             await workload_api.close()
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 while the event loop turns: a wedged agent is restarted by systemd."""
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def _heartbeat(self, node: NodeIdentity, svids: SvidManager) -> None:
         """Continuous attestation (DESIGN §4.5): a quote-bound entry sync every interval, and a full

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify"]
+__all__ = ["notify", "watchdog_interval"]
 
 
 def notify(*fields: str) -> bool:
@@ -24,3 +24,15 @@ def notify(*fields: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when systemd wants none."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 1_000_000 / 2, 0.5)
+    except ValueError:
+        return None
