@@ -104,6 +104,14 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"svids          {len(status['svids'])}")
     for svid in status["svids"]:
         print(f"  {svid['spiffe_id']}  serial {svid['serial']}  expires in {svid['expires_in_seconds']} s")
+    workloads = status.get("workloads", {})
+    streams = ", ".join(f"{method} {count}" for method, count in sorted(workloads.get("open_streams", {}).items()))
+    requests = ", ".join(f"{outcome} {count}" for outcome, count in sorted(workloads.get("requests", {}).items()))
+    print(f"workloads      open streams: {streams or 'none'}; requests: {requests or 'none'}")
+    for denial in workloads.get("recent_denials", [])[:5]:
+        when = time.strftime("%H:%M:%S", time.localtime(denial["at"]))
+        print(f"  {when} {denial['outcome']:7} {denial['method']} pid {denial['pid']} uid {denial['uid']}: "
+              f"{denial['reason']}")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

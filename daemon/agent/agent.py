@@ -21,7 +21,7 @@ from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
-from vouchd.agent.workloads import AgentWorkloadIdentities
+from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors.catalog import build_workload_attestors
 from vouchd.config import AgentConfig, Config
 from vouchd.errors import ConfigError
@@ -59,6 +59,7 @@ class Agent:
         self._node: NodeIdentity | None = None
         self._svids: SvidManager | None = None
         self._tpm: TpmService | None = None
+        self._activity = WorkloadActivity()
         self._ready = asyncio.Event()
 
     @property
@@ -96,11 +97,10 @@ class Agent:
 
     async def _serve(self, node: NodeIdentity, svids: SvidManager) -> None:
         attestors = build_workload_attestors(self._agent_config.workload_attestors)
-        identities = AgentWorkloadIdentities(
-            self._config.trust_domain, attestors, svids,
-            attestation_deadline=self._agent_config.attestation_deadline.total_seconds())
+        identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids)
         service = WorkloadApiService(identities,
-                                     attest_deadline=self._agent_config.attestation_deadline.total_seconds())
+                                     attest_deadline=self._agent_config.attestation_deadline.total_seconds(),
+                                     observer=self._activity)
         workload_api = WorkloadApiServer(service, self._agent_config.socket_path)
         admin = AdminServer(self._agent_config.admin_socket_path, self.status)
         await workload_api.start()
@@ -160,6 +160,7 @@ class Agent:
             "entries": [],
             "svids": [],
             "tpm_latency_ms": self._tpm_latency(),
+            "workloads": self._activity.snapshot(),
         }
         if node is not None:
             result["node"] = {

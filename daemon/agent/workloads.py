@@ -6,27 +6,30 @@ server depends on.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from vouchd.agent.svids import SvidManager
-from vouchd.agent.workload_api.identities import X509SvidMaterial
+from vouchd.agent.workload_api.identities import RequestOutcome, X509SvidMaterial
 from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.selectors import Selector
 from vouchd.spiffe import TrustDomain
 
-__all__ = ["AgentWorkloadIdentities"]
+__all__ = ["AgentWorkloadIdentities", "WorkloadActivity"]
+
+_RECENT_DENIALS = 20
 
 
 class AgentWorkloadIdentities:
-    def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager,
-                 *, attestation_deadline: float = 5.0) -> None:
+    def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager) -> None:
         self._trust_domain_id = str(trust_domain.id)
         self._attestors = list(attestors)
         self._svids = svids
-        self._deadline = attestation_deadline
 
     async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
-        return await attest_workload(process, self._attestors, deadline=self._deadline)
+        # The Workload API service bounds this with the configured attestation deadline.
+        return await attest_workload(process, self._attestors)
 
     def entitled(self, selectors: frozenset[Selector]) -> bool:
         return bool(self._svids.match(selectors))
@@ -43,3 +46,36 @@ class AgentWorkloadIdentities:
 
     async def wait_for_change(self, seen_version: int) -> int:
         return await self._svids.wait_for_change(seen_version)
+
+
+class WorkloadActivity:
+    """What `vouchd status` shows about callers: open streams, outcomes, the latest denials."""
+
+    def __init__(self) -> None:
+        self._open_streams: Counter[str] = Counter()
+        self._outcomes: Counter[str] = Counter()
+        self._denials: deque[RequestOutcome] = deque(maxlen=_RECENT_DENIALS)
+
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        self._outcomes[outcome.outcome] += 1
+        if outcome.outcome != "ok":
+            self._denials.append(outcome)
+
+    def stream_opened(self, method: str, pid: int, uid: int) -> None:
+        self._open_streams[method] += 1
+
+    def stream_closed(self, method: str, pid: int, uid: int) -> None:
+        self._open_streams[method] -= 1
+        if self._open_streams[method] <= 0:
+            del self._open_streams[method]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "open_streams": dict(self._open_streams),
+            "requests": dict(self._outcomes),
+            "recent_denials": [
+                {"at": denial.at, "method": denial.method, "pid": denial.pid, "uid": denial.uid,
+                 "outcome": denial.outcome, "reason": denial.reason}
+                for denial in reversed(self._denials)
+            ],
+        }

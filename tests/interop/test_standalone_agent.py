@@ -146,3 +146,26 @@ def test_agent_log_holds_no_private_key_material(agent: RunningAgent) -> None:
     text = agent.log.read_text()
     assert "PRIVATE KEY" not in text
     assert "x509_svid_key" not in text
+
+
+def test_status_shows_recent_denials_with_the_callers_uid(agent: RunningAgent) -> None:
+    result = _python(f"""
+        import os
+        import grpc
+        from spiffe._proto import workload_pb2, workload_pb2_grpc
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:{agent.socket}"))
+        try:
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")]))
+        except grpc.RpcError as err:
+            print(err.code().name)
+    """, agent.client_env())
+    assert result.stdout.strip() == "PERMISSION_DENIED", result.stderr
+    workloads = agent.status()["workloads"]
+    assert isinstance(workloads, dict)
+    denial = workloads["recent_denials"][0]
+    assert (denial["method"], denial["uid"], denial["outcome"]) == ("FetchX509SVID", NOBODY, "denied")
+    assert "no registration entry" in denial["reason"]
+    text = subprocess.run([*VOUCHD, "status", "--admin-socket", str(agent.admin_socket)],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"uid {NOBODY}" in text

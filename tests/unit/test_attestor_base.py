@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 
@@ -107,6 +108,51 @@ async def test_cancelling_the_attestation_cancels_every_attestor() -> None:
     with pytest.raises(asyncio.CancelledError):
         await attestation
 
+    assert stuck.cancelled
+
+
+class GatedAttestor:
+    """Answers only once the test opens its gate."""
+
+    def __init__(self, name: str, selector: str) -> None:
+        self.name = name
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self._selector = Selector.parse(selector)
+
+    async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
+        self.started.set()
+        await self.gate.wait()
+        return [self._selector]
+
+
+async def test_without_a_deadline_the_attestation_waits_for_every_attestor() -> None:
+    # The Workload API bounds attestation itself (attest_deadline); attest_workload adds none of its own.
+    slow = GatedAttestor("systemd", "systemd:unit:web.service")
+    attestation = asyncio.create_task(attest_workload(PROCESS, [FixedAttestor("unix", "unix:uid:0"), slow]))
+    await slow.started.wait()
+    assert not attestation.done()
+
+    slow.gate.set()
+
+    assert await attestation == frozenset(Selector.parse(s) for s in ("unix:uid:0", "systemd:unit:web.service"))
+
+
+async def test_a_cancelled_attestation_names_the_attestors_it_was_waiting_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stuck = StuckAttestor("systemd")
+    attestation = asyncio.create_task(attest_workload(PROCESS, [FixedAttestor("unix", "unix:uid:0"), stuck]))
+    await stuck.started.wait()
+
+    with caplog.at_level(logging.WARNING, logger="vouchd.attestors"):
+        attestation.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attestation
+
+    (record,) = [r for r in caplog.records if r.name == "vouchd.attestors"]
+    assert record.getMessage() == f"workload attestation of pid {PROCESS.pid} was cancelled while waiting for: systemd"
+    assert record.__dict__["attestors"] == ["systemd"]
     assert stuck.cancelled
 
 

@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from vouchd.attestors import ProcessExitedError, ProcessInfoError, read_start_time
 from vouchd.attestors.workload.procfs import (
+    ProcessCredentials,
     parse_stat,
+    parse_status_credentials,
     parse_status_groups,
+    read_process_credentials,
     read_process_stat,
     read_supplementary_groups,
 )
@@ -115,3 +118,31 @@ def test_reading_an_exited_process_says_so() -> None:
 def test_invalid_pid_is_refused() -> None:
     with pytest.raises(ProcessInfoError, match="invalid pid 0"):
         read_start_time(0)
+
+
+def test_parse_status_credentials_takes_real_and_effective_ids() -> None:
+    text = "Name:\tping\nUid:\t1000\t0\t0\t0\nGid:\t100\t27\t27\t27\nGroups:\t100\n"
+
+    assert parse_status_credentials(text) == ProcessCredentials(
+        real_uid=1000, effective_uid=0, real_gid=100, effective_gid=27
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Gid:\t1\t1\t1\t1\n", "no Uid line in /proc status"),
+        ("Uid:\t1\t1\t1\t1\n", "no Gid line in /proc status"),
+        ("Uid:\t1\nGid:\t1\t1\t1\t1\n", "malformed Uid line in /proc status"),
+        ("Uid:\t1\t1\t1\t1\nGid:\tx\t1\t1\t1\n", "malformed Gid line in /proc status"),
+    ],
+)
+def test_parse_status_credentials_rejects_malformed_status(text: str, message: str) -> None:
+    with pytest.raises(ProcessInfoError, match=f"^{message}$"):
+        parse_status_credentials(text)
+
+
+def test_read_process_credentials_of_this_process() -> None:
+    assert read_process_credentials(os.getpid()) == ProcessCredentials(
+        real_uid=os.getuid(), effective_uid=os.geteuid(), real_gid=os.getgid(), effective_gid=os.getegid()
+    )

@@ -9,13 +9,14 @@ import os
 import pwd
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vouchd.attestors import AttestorError, WorkloadProcess, read_start_time
-from vouchd.attestors.workload.unix import ExecutableHasher, TokenBucket, UnixAttestor
+from vouchd.attestors.workload.unix import ExecutableHasher, FileIdentity, TokenBucket, UnixAttestor, inspect_executable
 from vouchd.errors import ConfigError
 from vouchd.selectors import Selector
 
@@ -34,6 +35,22 @@ class CountingHasher(ExecutableHasher):
         return super().digest_file(fd)
 
 
+class HeldHasher(CountingHasher):
+    """Reads only once the test lets it: `reading` is set while a read waits for `release`."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.reading = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+
+    def digest_file(self, fd: int) -> str:
+        self.reading.set()
+        if not self.release.wait(timeout=10):
+            raise AssertionError("the test never released the read")
+        return super().digest_file(fd)
+
+
 class FakeClock:
     """Time that moves only when the code under test sleeps."""
 
@@ -48,6 +65,20 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.now += seconds
         await asyncio.sleep(0)
+
+
+class GatedClock(FakeClock):
+    """Fake time whose sleeps also wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeping = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeping.set()
+        await self.gate.wait()
+        await super().sleep(seconds)
 
 
 Spawn = Callable[[Path], WorkloadProcess]
@@ -74,6 +105,16 @@ def copy_of_sleep(directory: Path, name: str = "my-sleep") -> Path:
     shutil.copy2(SLEEP, target)
     target.chmod(0o755)
     return target
+
+
+def identity_of(process: WorkloadProcess) -> FileIdentity:
+    executable = inspect_executable(process.pid)
+    assert executable is not None
+    return executable.identity
+
+
+async def read_started(hasher: HeldHasher) -> bool:
+    return await asyncio.to_thread(hasher.reading.wait, 10)
 
 
 def sha256_of(path: Path) -> str:
@@ -154,6 +195,71 @@ async def test_concurrent_attestations_of_one_file_hash_it_once(spawn: Spawn, tm
 
     assert hasher.reads == 1
     assert all(values(r, "sha256") == [sha256_of(binary)] for r in results)
+
+
+async def test_a_caller_whose_process_exits_before_the_shared_read_fails_nobody(spawn: Spawn, tmp_path: Path) -> None:
+    clock = GatedClock()
+    hasher = HeldHasher(hashes_per_second=1.0, clock=clock.time, sleep=clock.sleep)
+    spender = spawn(copy_of_sleep(tmp_path, "other"))
+    await hasher.sha256(spender.pid, identity_of(spender))  # takes the bucket's only token
+    binary = copy_of_sleep(tmp_path)
+    staying = spawn(binary)
+    leaving = subprocess.Popen([str(binary), "60"])
+    try:
+        identity = identity_of(staying)
+        first = asyncio.create_task(hasher.sha256(leaving.pid, identity))
+        await clock.sleeping.wait()  # the first caller waits for a token...
+        second = asyncio.create_task(hasher.sha256(staying.pid, identity))  # ...and the second behind it
+    finally:
+        leaving.kill()  # ...when the first caller's process exits
+        leaving.wait()
+    hasher.release.clear()
+    hasher.reading.clear()
+
+    clock.gate.set()
+    assert await read_started(hasher), "the read for a caller whose process exited must still start"
+    hasher.release.set()
+
+    assert await second == sha256_of(binary)
+    assert await first == sha256_of(binary)  # the file it ran; the Workload API's re-check refuses the caller
+    assert hasher.reads == 2, "both callers share one read"
+
+
+async def test_a_caller_that_gives_up_does_not_take_the_shared_read_with_it(spawn: Spawn, tmp_path: Path) -> None:
+    binary = copy_of_sleep(tmp_path)
+    hasher = HeldHasher()
+    leader, follower = spawn(binary), spawn(binary)
+    identity = identity_of(leader)
+    hasher.release.clear()
+    first = asyncio.create_task(hasher.sha256(leader.pid, identity))
+    assert await read_started(hasher)
+    second = asyncio.create_task(hasher.sha256(follower.pid, identity))
+
+    first.cancel()  # the first caller's deadline passed: its own descriptor is closed
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    hasher.release.set()
+
+    assert await second == sha256_of(binary)
+    assert hasher.reads == 1
+
+
+async def test_a_caller_running_another_file_does_not_share_its_read(spawn: Spawn, tmp_path: Path) -> None:
+    binary = copy_of_sleep(tmp_path)
+    hasher = HeldHasher()
+    leader = spawn(binary)
+    identity = identity_of(leader)
+    impostor = spawn(copy_of_sleep(tmp_path, "other"))
+    hasher.release.clear()
+    first = asyncio.create_task(hasher.sha256(leader.pid, identity))
+    assert await read_started(hasher)
+
+    try:
+        with pytest.raises(AttestorError, match=rf"process {impostor.pid} replaced its executable during attestation"):
+            await hasher.sha256(impostor.pid, identity)
+    finally:
+        hasher.release.set()
+    assert await first == sha256_of(binary)
 
 
 async def test_files_above_the_size_limit_are_not_hashed(spawn: Spawn) -> None:

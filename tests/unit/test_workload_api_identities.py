@@ -1,6 +1,9 @@
-"""X509SvidMaterial: the mandatory fields of the spec, and a private key that never shows."""
+"""The light half of the Workload API: X509SvidMaterial's mandatory fields, and no gRPC on import."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +48,23 @@ def test_the_trust_domain_is_derived_from_the_spiffe_id() -> None:
 def test_mandatory_fields_are_checked(changes: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidSvidMaterialError, match=message):
         material(**changes)
+
+
+@pytest.mark.parametrize("module", ["vouchd.agent.workload_api.identities", "vouchd.agent.workload_api"])
+def test_the_interface_types_load_no_grpc(module: str) -> None:
+    # The agent core imports these for its data types; gRPC belongs to the server alone. A fresh
+    # interpreter, because this one has loaded the server for other tests.
+    probe = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpclib', 'h2')))"
+
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+
+    assert loaded.strip() == "[]"
+
+
+def test_the_server_does_load_grpc() -> None:
+    # The probe above can fail: this is what it sees when gRPC is loaded.
+    probe = "import sys, vouchd.agent.workload_api.server; print('grpclib' in sys.modules)"
+
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+
+    assert loaded.strip() == "True"

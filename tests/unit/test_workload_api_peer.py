@@ -1,4 +1,4 @@
-"""process_unchanged against real processes: alive, exited, zombie, and a recycled identity."""
+"""Who the caller is: describe_peer against a fake /proc, process_unchanged against real processes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,103 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from vouchd.agent.workload_api import process_unchanged
+from vouchd.agent.workload_api import PeerError
+from vouchd.agent.workload_api.peer import PeerCredentials, describe_peer, process_unchanged
 from vouchd.attestors import WorkloadProcess, read_start_time
+
+PID = 4321
+START_TIME = 987654
+
+
+class FakeProc:
+    """A /proc with one process in it, written the way the kernel writes stat and status."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def process(self, pid: int = PID, *, uid: tuple[int, int] = (1000, 1000), gid: tuple[int, int] = (100, 100),
+                start_time: int = START_TIME) -> None:
+        directory = self.root / str(pid)
+        directory.mkdir(exist_ok=True)
+        (directory / "stat").write_text(
+            f"{pid} (web) S 1 {pid} {pid} 0 -1 4194560 103 0 0 0 0 0 0 0 20 0 1 0 {start_time} 5746688 224\n"
+        )
+        (directory / "status").write_text(
+            "Name:\tweb\nUmask:\t0022\nState:\tS (sleeping)\n"
+            f"Uid:\t{uid[0]}\t{uid[1]}\t{uid[1]}\t{uid[1]}\n"
+            f"Gid:\t{gid[0]}\t{gid[1]}\t{gid[1]}\t{gid[1]}\n"
+            "Groups:\t100 27\n"
+        )
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> FakeProc:
+    return FakeProc(tmp_path)
+
+
+def test_the_caller_is_described_by_its_credentials_and_start_time(proc: FakeProc) -> None:
+    proc.process()
+
+    process = describe_peer(PeerCredentials(pid=PID, uid=1000, gid=100), pidfd=7, proc_root=proc.root)
+
+    assert process == WorkloadProcess(pid=PID, uid=1000, gid=100, start_time=START_TIME, pidfd=7)
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "now"),
+    [((2000, 2000), (100, 100), "uid 2000 gid 100"), ((1000, 1000), (200, 200), "uid 1000 gid 200")],
+    ids=["uid", "gid"],
+)
+def test_a_process_at_the_pid_with_other_credentials_is_refused(
+    proc: FakeProc, uid: tuple[int, int], gid: tuple[int, int], now: str
+) -> None:
+    # Without a pidfd this is what a recycled pid looks like: someone else's process at the caller's pid.
+    proc.process(uid=uid, gid=gid)
+
+    with pytest.raises(PeerError, match=f"^process {PID} runs as {now}, not the uid 1000 gid 100 it connected with$"):
+        describe_peer(PeerCredentials(pid=PID, uid=1000, gid=100), proc_root=proc.root)
+
+
+def test_effective_ids_are_compared_because_so_peercred_reports_effective_ids(proc: FakeProc) -> None:
+    # A set-uid program: real uid 1000, effective uid 0. SO_PEERCRED says 0.
+    proc.process(uid=(1000, 0), gid=(100, 0))
+
+    process = describe_peer(PeerCredentials(pid=PID, uid=0, gid=0), proc_root=proc.root)
+
+    assert (process.uid, process.gid) == (0, 0)
+    with pytest.raises(PeerError, match="runs as uid 0 gid 0"):
+        describe_peer(PeerCredentials(pid=PID, uid=1000, gid=100), proc_root=proc.root)
+
+
+def test_a_caller_that_is_gone_is_refused(proc: FakeProc) -> None:
+    with pytest.raises(PeerError, match=f"^cannot read the caller's process: process {PID} has exited$"):
+        describe_peer(PeerCredentials(pid=PID, uid=1000, gid=100), proc_root=proc.root)
+
+
+def test_a_caller_without_a_visible_pid_is_refused(proc: FakeProc) -> None:
+    with pytest.raises(PeerError, match=r"^kernel reported no pid for the caller$"):
+        describe_peer(PeerCredentials(pid=0, uid=1000, gid=100), proc_root=proc.root)
+
+
+def test_the_real_caller_matches_its_own_proc_entry() -> None:
+    process = describe_peer(PeerCredentials(pid=os.getpid(), uid=os.geteuid(), gid=os.getegid()))
+
+    assert process.start_time == read_start_time(os.getpid())
+    assert process_unchanged(process)
+
+
+def test_a_recycled_pid_seen_through_proc_is_not_the_attested_process(proc: FakeProc) -> None:
+    proc.process()
+    process = describe_peer(PeerCredentials(pid=PID, uid=1000, gid=100), proc_root=proc.root)
+    assert process_unchanged(process, proc_root=proc.root)
+
+    proc.process(start_time=START_TIME + 1)  # same pid, same ids, a later process
+
+    assert not process_unchanged(process, proc_root=proc.root)
 
 
 @pytest.fixture

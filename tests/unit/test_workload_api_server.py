@@ -811,6 +811,24 @@ async def test_a_socket_folder_owned_by_another_user_is_refused(socket_dir: Path
         await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock").start()
 
 
+async def test_an_ancestor_owned_by_another_user_is_only_warned_about(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A checkout in a user's home, started with sudo: the user chose to put the agent there.
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a folder to another user")
+    home = socket_dir / "home"
+    (home / "run").mkdir(parents=True, mode=0o755)
+    home.chmod(0o755)
+    os.chown(home, 4242, 4242)
+    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), home / "run" / "agent.sock")
+
+    await server.start()
+    await server.close()
+
+    assert f"workload api socket folder {home} (above {home / 'run'}) is owned by uid 4242" in caplog.text
+
+
 async def test_missing_socket_folders_are_made_0755_whatever_the_umask(socket_dir: Path) -> None:
     path = socket_dir / "a" / "b" / "agent.sock"
     previous = os.umask(0o002)  # would leave mkdir's folders group-writable, which bind then refuses

@@ -64,8 +64,8 @@ class RequestOutcome:
     """How one Workload API request ended, for operators; never key material.
 
     A stream reports "ok" once it has sent its first message, and again when it ends with a refusal
-    (an identity withdrawn: "denied") or an error. `pid` and `uid` are -1 when the request was
-    refused before the caller was identified (an RPC this agent does not serve).
+    (an identity withdrawn: "denied") or an error. `pid` and `uid` come from SO_PEERCRED, also for
+    requests refused before attestation; they are -1 when the kernel could not say who asked.
     """
 
     method: str

@@ -217,7 +217,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                         self._log.debug("x509 bundles update sent", extra=call.fields("updated", None))
 
     # -- not served yet (a later change adds JWT): answered at once, without header check or
-    # attestation, because nothing is handed out -------------------------------------------------------
+    # attestation, because nothing is handed out; SO_PEERCRED is read only to say who asked -------------
 
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         self._unimplemented(stream, "FetchJWTSVID")
@@ -301,7 +301,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             method=call.method,
             pid=_UNIDENTIFIED if call.pid is None else call.pid,
             uid=_UNIDENTIFIED if call.uid is None else call.uid,
-            outcome=_OBSERVED_OUTCOMES[outcome],
+            outcome=_OBSERVED_OUTCOMES.get(outcome, "error"),
             reason=reason,
             spiffe_ids=call.spiffe_ids,
             at=time.time(),
@@ -498,7 +498,9 @@ def _check_socket_folder(folder: Path) -> None:
 
     Checks the folder and every folder above it, both as written and with symlinks resolved: whoever
     may rename an ancestor may swap the whole subtree. A sticky folder (like /tmp) is safe: others
-    can add entries but not rename or remove ours.
+    can add entries but not rename or remove ours. The socket's own folder must belong to root or
+    the agent; an ancestor owned by another user (a checkout in someone's home, run with sudo) only
+    earns a warning, since that user is the one who chose to put the agent there.
     """
     euid = os.geteuid()
     written = Path(os.path.abspath(folder))
@@ -513,10 +515,11 @@ def _check_socket_folder(folder: Path) -> None:
         if not stat.S_ISDIR(status.st_mode):
             raise WorkloadApiError(f"workload api socket folder {named} is not a folder")
         if status.st_uid not in (0, euid):
-            raise WorkloadApiError(
-                f"workload api socket folder {named} is owned by uid {status.st_uid}, not by root or the agent "
-                f"(uid {euid}): its owner could replace the socket"
-            )
+            message = (f"workload api socket folder {named} is owned by uid {status.st_uid}, not by root or the "
+                       f"agent (uid {euid}): its owner could replace the socket")
+            if directory in (written, resolved):
+                raise WorkloadApiError(message)
+            _log.warning(message)
         if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not status.st_mode & stat.S_ISVTX:
             raise WorkloadApiError(
                 f"workload api socket folder {named} is writable by group or others without the sticky bit: "
