@@ -98,24 +98,50 @@ def _load_certificates(paths: Iterable[Path], what: str) -> list[x509.Certificat
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    if path.exists():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError):
-            raise AuthorityError(f"{path}: authority signing key is unreadable") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise AuthorityError(f"{path}: authority signing key is not an EC key")
-        return key
+    """The reply-signing key: read (never through a symlink, never if others may read it) or made.
+
+    A new key is written to a fresh temporary file, fsynced and renamed into place, so a crash leaves
+    no key or a whole one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return _create_key(path)
+    except OSError as err:
+        raise AuthorityError(f"{path}: authority signing key cannot be read: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if os.fstat(handle.fileno()).st_mode & 0o077:
+            raise AuthorityError(f"{path}: authority signing key is accessible to group or others, want 0600")
+        data = handle.read()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise AuthorityError(f"{path}: authority signing key is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AuthorityError(f"{path}: authority signing key is not an EC key")
+    return key
+
+
+def _create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.rename(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise AuthorityError(f"{path}: authority signing key cannot be written: {err.strerror}") from None
     return key
 
 
@@ -403,7 +429,7 @@ class Authority:
             except InvalidSvidError as err:
                 errors.append(ItemError(item.entry_id, "bad_csr", str(err)))
                 continue
-            ttl = min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
+            ttl = self._x509_ttl(entry)
             try:
                 cert = self._current_ca().sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=view.tier,
                                                          dns_names=entry.dns_names)
@@ -427,8 +453,12 @@ class Authority:
         return CredentialResponse(x509_svids=tuple(issued), errors=tuple(errors), entries=entries,
                                   bundle=self.bundle().der(), nonce=nonce, nonce_expires_at=int(expires))
 
+    def _x509_ttl(self, entry: Entry) -> timedelta:
+        """The entry's TTL, capped by the authority whatever the entry asks for."""
+        return min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
+
     def _entry_view(self, entry: Entry) -> EntryView:
-        ttl = min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
+        ttl = self._x509_ttl(entry)
         return EntryView(id=entry.id, revision=entry.revision, spiffe_id=str(entry.spiffe_id),
                          selectors=tuple(sorted(str(s) for s in entry.selectors)),
                          x509_ttl=int(ttl.total_seconds()), dns_names=entry.dns_names, hint=entry.hint)

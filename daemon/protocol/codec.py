@@ -70,7 +70,7 @@ def decode(data: bytes) -> object:
         raise MessageError(f"message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES} limit")
     try:
         body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not UTF-8, not JSON, or an integer beyond Python's digit limit
         raise MessageError("message is not JSON") from None
     if not isinstance(body, dict):
         raise MessageError("message is not a JSON object")
