@@ -321,6 +321,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         try:
             process = peer_process(stream)
         except PeerError as err:
+            call.identify(stream)  # the log and `vouchd status` still name who was refused
             raise _RefusedError.attestation_failed(str(err)) from err
         call.pid, call.uid = process.pid, process.uid
         try:
