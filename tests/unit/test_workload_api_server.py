@@ -757,15 +757,16 @@ def test_request_outcomes_are_checked() -> None:
 # -- the socket's folder ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o770])
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o770, 0o1777, 0o1770])
 async def test_a_socket_folder_others_may_write_to_is_refused(socket_dir: Path, mode: int) -> None:
+    # Even sticky: another user could bind the socket's name while the agent is down.
     folder = socket_dir / "run"
     folder.mkdir()
     folder.chmod(mode)
 
     with pytest.raises(
         WorkloadApiError,
-        match=f"^workload api socket folder {folder} is writable by group or others without the sticky bit: "
+        match=f"^workload api socket folder {folder} is writable by group or others: "
         "another user could replace the socket$",
     ):
         await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock").start()
@@ -773,10 +774,12 @@ async def test_a_socket_folder_others_may_write_to_is_refused(socket_dir: Path, 
     assert list(folder.iterdir()) == []
 
 
-async def test_a_sticky_world_writable_socket_folder_is_accepted(socket_dir: Path) -> None:
-    folder = socket_dir / "run"
-    folder.mkdir()
-    folder.chmod(0o1777)  # like /tmp: others may add entries, but not rename or remove ours
+async def test_a_sticky_world_writable_folder_above_the_socket_is_accepted(socket_dir: Path) -> None:
+    shared = socket_dir / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: others may add entries, but not rename or remove ours
+    folder = shared / "run"
+    folder.mkdir(mode=0o755)
     server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock")
 
     await server.start()

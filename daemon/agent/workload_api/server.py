@@ -498,9 +498,10 @@ def _check_socket_folder(folder: Path) -> None:
     """Refuse a socket folder in which another user could replace the socket.
 
     Checks the folder and every folder above it, both as written and with symlinks resolved: whoever
-    may rename an ancestor may swap the whole subtree. A sticky folder (like /tmp) is safe: others
-    can add entries but not rename or remove ours. The socket's own folder must belong to root or
-    the agent; an ancestor owned by another user (a checkout in someone's home, run with sudo) only
+    may rename an ancestor may swap the whole subtree. A sticky folder (like /tmp) is safe above the
+    socket: others can add entries but not rename or remove ours. The socket's own folder must be
+    writable by no one else, sticky or not (someone could bind the name while the agent is down),
+    and must belong to root or the agent; an ancestor owned by another user (a checkout in someone's home, run with sudo) only
     earns a warning, since that user is the one who chose to put the agent there.
     """
     euid = os.geteuid()
@@ -512,18 +513,22 @@ def _check_socket_folder(folder: Path) -> None:
         except OSError as err:
             reason = err.strerror or err
             raise WorkloadApiError(f"cannot inspect workload api socket folder {directory}: {reason}") from err
-        named = f"{folder}" if directory in (written, resolved) else f"{directory} (above {folder})"
+        own_folder = directory in (written, resolved)
+        named = f"{folder}" if own_folder else f"{directory} (above {folder})"
         if not stat.S_ISDIR(status.st_mode):
             raise WorkloadApiError(f"workload api socket folder {named} is not a folder")
         if status.st_uid not in (0, euid):
             message = (f"workload api socket folder {named} is owned by uid {status.st_uid}, not by root or the "
                        f"agent (uid {euid}): its owner could replace the socket")
-            if directory in (written, resolved):
+            if own_folder:
                 raise WorkloadApiError(message)
             _log.warning(message)
-        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not status.st_mode & stat.S_ISVTX:
+        # Sticky protects our entries in a shared folder like /tmp, but not the socket's name while
+        # the agent is down: the socket's own folder must be writable by no one else at all.
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (own_folder or not status.st_mode & stat.S_ISVTX):
+            qualifier = "" if own_folder else " without the sticky bit"
             raise WorkloadApiError(
-                f"workload api socket folder {named} is writable by group or others without the sticky bit: "
+                f"workload api socket folder {named} is writable by group or others{qualifier}: "
                 "another user could replace the socket"
             )
 
