@@ -54,7 +54,7 @@ from vouchd.protocol.messages import (
     QuotedRequest,
     RequestBody,
 )
-from vouchd.protocol.signing import ReplySigner
+from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
 from vouchd.selectors import Selector
 from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key
@@ -194,9 +194,16 @@ class Authority:
         """The CA, rotated when its root passes half of its lifetime (checked once a minute)."""
         if time.monotonic() - self._ca_checked_at >= _CA_CHECK_INTERVAL:
             previous, previously_prepared = self._ca.certificate, self._ca.prepared
-            self._ca = CertificateAuthority.load_or_create(self._config.state_dir, self._trust_domain,
-                                                           ca_ttl=self._config.ca_ttl)
             self._ca_checked_at = time.monotonic()
+            try:
+                self._ca = CertificateAuthority.load_or_create(self._config.state_dir, self._trust_domain,
+                                                               ca_ttl=self._config.ca_ttl)
+            except CaError as err:
+                # A rotation step that cannot be written now (disk full, permissions) must not stop
+                # issuance while the active root is still valid: keep it, say so, try next minute.
+                log.error("ca check failed; the active root keeps signing",
+                          extra={"reason": str(err), "root_expires": self._ca.certificate.not_valid_after_utc})
+                return self._ca
             if self._ca.prepared is not None and self._ca.prepared != previously_prepared:
                 log.info("ca root prepared: published in the bundle, signs once agents have it",
                          extra={"root_serial": f"{self._ca.prepared.serial_number:x}"})
@@ -282,11 +289,11 @@ class Authority:
         self._expire_sessions()
         # One attestation in progress per EK: a new one replaces the old, so a flood of requests
         # for public EKs cannot fill the table.
+        if len(self._sessions) >= MAX_PENDING_SESSIONS and ek_hex not in self._session_by_ek:
+            raise RefusalError("busy", "too many attestations in progress")
         replaced = self._session_by_ek.pop(ek_hex, None)
         if replaced is not None:
             self._sessions.pop(replaced, None)
-        if len(self._sessions) >= MAX_PENDING_SESSIONS:
-            raise RefusalError("busy", "too many attestations in progress")
         self._sessions[session.session] = session
         self._session_by_ek[ek_hex] = session.session
         log.info("attestation challenge", extra={"node_id": node_id, "ek_hash": ek_hex})
@@ -386,7 +393,8 @@ class Authority:
 
     def _quoted_request(self, message: QuotedRequest, raw: bytes) -> bytes:
         node = self._trusted_node(message.node_id)
-        digest = hashlib.sha256(message.body).hexdigest()
+        # Keyed like the reply's signature (in_reply_to): the very same request bytes, nothing less.
+        digest = request_digest(raw)
         cached = self._store.answered_reply(node.node_id, digest)
         if cached is not None:
             return cached  # a redelivered request gets the very same reply

@@ -97,9 +97,10 @@ def test_caller_whose_uid_has_no_entry_gets_permission_denied(agent: RunningAgen
         from spiffe.errors import PySpiffeError
         import grpc
         from spiffe._proto import workload_pb2, workload_pb2_grpc
-        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        # Everything grpc loads lazily is loaded before the drop: nobody may not read the venv.
         channel = grpc.insecure_channel("unix:{agent.socket}")
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
         try:
             next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")]))
         except grpc.RpcError as err:
@@ -153,8 +154,9 @@ def test_status_shows_recent_denials_with_the_callers_uid(agent: RunningAgent) -
         import os
         import grpc
         from spiffe._proto import workload_pb2, workload_pb2_grpc
-        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        # Everything grpc loads lazily is loaded before the drop: nobody may not read the venv.
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:{agent.socket}"))
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
         try:
             next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=[("workload.spiffe.io", "true")]))
         except grpc.RpcError as err:

@@ -501,8 +501,8 @@ def _check_socket_folder(folder: Path) -> None:
     may rename an ancestor may swap the whole subtree. A sticky folder (like /tmp) is safe above the
     socket: others can add entries but not rename or remove ours. The socket's own folder must be
     writable by no one else, sticky or not (someone could bind the name while the agent is down),
-    and must belong to root or the agent; an ancestor owned by another user (a checkout in someone's home, run with sudo) only
-    earns a warning, since that user is the one who chose to put the agent there.
+    and must belong to root or the agent; an ancestor owned by another user (a checkout in someone's
+    home, run with sudo) only earns a warning, since that user chose to put the agent there.
     """
     euid = os.geteuid()
     written = Path(os.path.abspath(folder))
