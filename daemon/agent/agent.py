@@ -33,6 +33,10 @@ __all__ = ["Agent", "AuthorityConnector", "AuthorityLink"]
 
 log = logging.getLogger("vouchd.agent")
 
+# A hardware TPM answers a quote in well under a second and creates an RSA EK in a few; a minute
+# without an answer means it is stuck.
+TPM_STALL_LIMIT = 60.0
+
 
 @dataclass(frozen=True)
 class AuthorityLink:
@@ -125,9 +129,18 @@ class Agent:
             await workload_api.close()
 
     async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 while the event loop turns: a wedged agent is restarted by systemd."""
+        """WATCHDOG=1 while the event loop turns and the TPM answers: systemd restarts a wedged agent.
+
+        Every credential needs a quote, so an agent whose TPM stopped answering can serve nothing new
+        (cached SVIDs run out); going silent lets systemd restart it and reopen the device.
+        """
         while True:
-            notify("WATCHDOG=1")
+            stalled = self._tpm.stalled_for() if self._tpm is not None else 0.0
+            if stalled < TPM_STALL_LIMIT:
+                notify("WATCHDOG=1")
+            else:
+                log.error("tpm operation has not returned; no longer telling systemd the agent is alive",
+                          extra={"stalled_seconds": round(stalled, 1)})
             await asyncio.sleep(interval)
 
     async def _heartbeat(self, node: NodeIdentity, svids: SvidManager) -> None:
@@ -136,13 +149,20 @@ class Agent:
         interval = self._agent_config.attestation_interval.total_seconds()
         while True:
             await asyncio.sleep(interval)
+            failures = []
             try:
                 if await node.renew_if_due():
                     log.info("node svid renewed by re-attestation", extra={"node_id": node.node_id})
+            except Exception as err:  # the old node SVID is still valid for a while; retry next interval
+                log.warning("node svid renewal failed", extra={"reason": str(err)})
+                failures.append(f"renewal: {err}")
+            try:
                 await svids.sync_entries()
             except Exception as err:  # keep serving cached SVIDs; report and retry next interval
                 log.warning("heartbeat failed", extra={"reason": str(err)})
-                notify(f"STATUS=authority unreachable: {err}")
+                failures.append(f"sync: {err}")
+            if failures:
+                notify(f"STATUS=authority unreachable: {'; '.join(failures)}")
             else:
                 notify(f"STATUS=serving on {self._agent_config.socket_path}")
 

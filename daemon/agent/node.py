@@ -203,7 +203,11 @@ class NodeIdentity:
         async with self._in_flight:
             if self._status is not None and time.time() < self._status.renew_at:
                 return False
-            await self.attest()
+            try:
+                await self.attest()
+            except Exception as err:
+                self._note_outcome(f"re-attestation: {err}")
+                raise
             return True
 
     def _note_outcome(self, error: str | None) -> None:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
-from vouchd.protocol.messages import CredentialResponse, EntryView, X509SvidRequest
+from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST, CredentialResponse, EntryView, X509SvidRequest
 from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeError, X509Bundle, load_der_certificates, make_csr
 
@@ -228,14 +228,23 @@ class SvidManager:
                    if s.rotate_at <= now and self._next_attempt(e) <= now and e in self._entries}
             waiting = dict(self._pending)
             self._pending.clear()
+            # Callers who asked while the previous batch was in flight may already be served by it.
+            for entry_id in [e for e in waiting if self._valid(e, now)]:
+                future = waiting.pop(entry_id)
+                if not future.done():
+                    future.set_result(None)
             batch = sorted(set(waiting) | due)
             if not batch:
                 continue
-            try:
-                failed = await self._issue(batch)
-            except Exception as err:  # whatever failed, every waiter hears of it and the loop goes on
-                log.warning("svid issuance failed", extra={"entries": batch, "reason": str(err)})
-                failed = {entry_id: f"the authority did not issue an SVID: {err}" for entry_id in batch}
+            failed: dict[str, str] = {}
+            # The authority takes a bounded number of CSRs per request: larger batches go in parts.
+            for start in range(0, len(batch), MAX_X509_SVIDS_PER_REQUEST):
+                part = batch[start:start + MAX_X509_SVIDS_PER_REQUEST]
+                try:
+                    failed.update(await self._issue(part))
+                except Exception as err:  # whatever failed, every waiter hears of it and the loop goes on
+                    log.warning("svid issuance failed", extra={"entries": part, "reason": str(err)})
+                    failed.update({entry_id: f"the authority did not issue an SVID: {err}" for entry_id in part})
             now = time.time()
             for entry_id in batch:
                 if entry_id in failed:

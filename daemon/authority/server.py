@@ -40,6 +40,7 @@ from vouchd.protocol.codec import decode, decode_as
 from vouchd.protocol.errors import MessageError
 from vouchd.protocol.identities import authority_spiffe_id, ek_hash, node_spiffe_id
 from vouchd.protocol.messages import (
+    MAX_X509_SVIDS_PER_REQUEST,
     AttestRequest,
     AttestResult,
     Challenge,
@@ -65,7 +66,6 @@ log = logging.getLogger("vouchd.authority")
 
 NONCE_TTL = 30.0
 ANSWERED_KEEP_SECONDS = 600.0
-MAX_CSRS_PER_REQUEST = 256
 MAX_PENDING_SESSIONS = 10_000
 _AUTHORITY_KEY_TTL = timedelta(hours=24)
 _CLOCK_TOLERANCE = 300
@@ -421,8 +421,8 @@ class Authority:
         return signed
 
     def _serve(self, node: NodeRecord, body: RequestBody, *, quote_digest: str) -> CredentialResponse:
-        if len(body.x509_svids) > MAX_CSRS_PER_REQUEST:
-            raise RefusalError("bad_request", f"more than {MAX_CSRS_PER_REQUEST} SVID requests in one batch")
+        if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST:
+            raise RefusalError("bad_request", f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
         view = _NodeView(SpiffeId.parse(node.node_id), frozenset(Selector.parse(s) for s in node.selectors),
                          TrustTier(node.tier))
         issued: list[IssuedX509Svid] = []

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from vouchd.protocol.codec import message
 
 __all__ = [
+    "MAX_X509_SVIDS_PER_REQUEST",
     "AttestRequest",
     "AttestResult",
     "Challenge",
@@ -109,6 +110,10 @@ class NonceGrant:
 class X509SvidRequest:
     entry_id: str
     csr: bytes                          # DER PKCS#10; only its key is used
+
+
+# How many CSRs one RequestBody may carry; the authority refuses larger batches, agents split them.
+MAX_X509_SVIDS_PER_REQUEST = 256
 
 
 @message("request_body")

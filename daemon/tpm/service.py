@@ -61,6 +61,8 @@ class TpmService:
         self._node_key: StoredKey | None = None
         self._started = False
         self._closed = False
+        # monotonic start time of the operation the worker is running now (None when idle)
+        self._busy_since: float | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._device else "new"
@@ -211,10 +213,21 @@ class TpmService:
 
     def _timed(self, operation: str, call: Callable[[*_Args], _Result], *args: *_Args) -> _Result:
         started = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             return call(*args)
         finally:
+            self._busy_since = None
             self._latency.record(operation, (time.perf_counter() - started) * 1000.0)
+
+    def stalled_for(self) -> float:
+        """Seconds the current TPM operation has been running (0 when the TPM is idle).
+
+        A TPM that stops answering blocks the worker forever; the agent's watchdog uses this to stop
+        telling systemd it is alive, so that systemd restarts it.
+        """
+        busy_since = self._busy_since
+        return 0.0 if busy_since is None else time.monotonic() - busy_since
 
 
 def _ensure_keys(device: TpmDevice, state_dir: Path) -> tuple[StoredKey, StoredKey]:

@@ -436,3 +436,35 @@ async def test_node_learn_accepts_the_current_event_log_as_a_profile(
     assert "after-kernel-update" in capsys.readouterr().out
     result = await exchange.attest()
     assert "tpm:pcr_profile:after-kernel-update" in result.selectors
+
+
+async def test_a_failed_node_svid_renewal_shows_in_the_node_status(
+    tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
+) -> None:
+    import asyncio
+    import shutil
+    from datetime import timedelta
+
+    event_log = tmp_path / "renewal-eventlog.bin"
+    shutil.copy(booted_tpm.event_log, event_log)
+    authority = Authority(authority_config(tmp_path / "short", booted_tpm.swtpm, node_svid_ttl=timedelta(seconds=2)),
+                          TRUST_DOMAIN, standalone=True)
+    try:
+        authority.enrol(ek_hash_of(tpm), "test")
+        node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
+                            transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
+                            initial_bundle=authority.bundle, event_log_path=event_log)
+        await node.attest()
+        assert await node.renew_if_due() is False  # fresh: nothing to do
+        await asyncio.sleep(1.2)  # past half of the node SVID's 2 s lifetime
+        event_log.unlink()  # the authority demands a log: this re-attestation is refused
+
+        with pytest.raises(RemoteError) as refused:
+            await node.renew_if_due()
+
+        assert refused.value.code == "policy"
+        assert node.status is not None
+        assert node.status.authority_error is not None
+        assert node.status.authority_error.startswith("re-attestation:")
+    finally:
+        authority.close()

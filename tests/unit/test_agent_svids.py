@@ -265,6 +265,41 @@ async def test_a_caller_that_goes_away_does_not_cancel_issuance_for_the_others(c
     assert source.requests == [("web",)]
 
 
+async def test_a_caller_arriving_while_its_entry_is_in_flight_is_served_by_that_request(
+    ca: CertificateAuthority,
+) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    source.gate.clear()
+
+    async with running(manager), asyncio.timeout(DEADLINE):
+        first = asyncio.create_task(manager.x509_svids(selector_set(["unix:uid:1000"])))
+        await source.wait_for_requests(1)
+        # Asks for the entry the loop is issuing right now: it queues, and the result serves it.
+        second = asyncio.create_task(manager.x509_svids(selector_set(["unix:uid:1000"])))
+        asyncio.get_running_loop().call_soon(source.gate.set)
+        (one,), (two,) = await asyncio.gather(first, second)
+
+    assert source.requests == [("web",)]
+    assert one.cert_chain_der == two.cert_chain_der
+
+
+async def test_a_batch_larger_than_the_authority_takes_goes_in_parts(ca: CertificateAuthority) -> None:
+    from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST
+
+    count = MAX_X509_SVIDS_PER_REQUEST + 3
+    entries = [view(f"e{n:04}", "unix:uid:1000", f"unix:gid:{n}") for n in range(count)]
+    source = FakeCredentialSource(ca, entries, ttl=timedelta(minutes=5))
+    manager = await manager_with(source)
+    caller = selector_set(["unix:uid:1000", *(f"unix:gid:{n}" for n in range(count))])
+
+    async with running(manager), asyncio.timeout(DEADLINE * 4):
+        materials = await manager.x509_svids(caller)
+
+    assert len(materials) == count
+    assert [len(r) for r in source.requests] == [MAX_X509_SVIDS_PER_REQUEST, 3]
+
+
 # --- refusals and failures ----------------------------------------------------------------------
 
 
