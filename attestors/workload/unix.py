@@ -6,11 +6,17 @@ Selectors: `unix:uid`, `unix:user`, `unix:gid`, `unix:group` (from SO_PEERCRED),
 The executable is always reached through /proc/<pid>/exe, never through its path: a path can be
 re-pointed at another file between the readlink and the open, the magic link cannot. A process whose
 executable was deleted gets neither `path` nor `sha256`: what it runs is no longer on disk to compare.
+
+Hashing is the one expensive step, and any local user can trigger it (a chmod or a copy makes a file
+the cache has never seen). It is therefore bounded in bytes, per uid, and in concurrency, and it never
+makes a caller wait: a hash that does not fit the budget now is not done, and the caller gets no
+`unix:sha256` selector, so entries that require one do not match it (see ExecutableHasher).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import grp
 import hashlib
 import logging
@@ -18,7 +24,8 @@ import os
 import pwd
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,13 +37,19 @@ from vouchd.errors import ConfigError
 from vouchd.selectors import Selector
 
 __all__ = [
-    "DEFAULT_HASHES_PER_SECOND",
+    "DEFAULT_HASH_BURST_BYTES",
+    "DEFAULT_HASH_BYTES_PER_SECOND",
+    "DEFAULT_HASH_BYTES_PER_SECOND_PER_UID",
     "DEFAULT_HASH_CACHE_ENTRIES",
+    "DEFAULT_HASH_QUEUE_LIMIT",
     "DEFAULT_MAX_HASH_BYTES",
+    "HASH_THREADS",
+    "MIN_HASH_COST",
     "ExecutableFile",
     "ExecutableHasher",
     "FileIdentity",
-    "TokenBucket",
+    "HashBudget",
+    "HashRefusal",
     "UnixAttestor",
     "inspect_executable",
 ]
@@ -45,9 +58,15 @@ _log = logging.getLogger("vouchd.attestors.unix")
 
 _NAME = "unix"
 _DELETED_SUFFIX = " (deleted)"
-DEFAULT_MAX_HASH_BYTES = 512 * 1024 * 1024
-DEFAULT_HASHES_PER_SECOND = 20.0
+_MIB = 1024 * 1024
+DEFAULT_MAX_HASH_BYTES = 512 * _MIB
+DEFAULT_HASH_BYTES_PER_SECOND = 256 * _MIB
+DEFAULT_HASH_BURST_BYTES = 512 * _MIB
+DEFAULT_HASH_BYTES_PER_SECOND_PER_UID = 128 * _MIB
 DEFAULT_HASH_CACHE_ENTRIES = 4096
+DEFAULT_HASH_QUEUE_LIMIT = 8
+HASH_THREADS = 2
+MIN_HASH_COST = _MIB  # what a hash of a tiny file costs: floods of small files are bounded too
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,114 +120,187 @@ def inspect_executable(pid: int, *, proc_root: Path = PROC_ROOT) -> ExecutableFi
     return ExecutableFile(path=link, identity=FileIdentity.of(opened))
 
 
-class TokenBucket:
-    """Allows `rate` acquisitions per second on average, `capacity` at once; callers wait in turn."""
+class HashRefusal(enum.Enum):
+    """Why a file was not hashed now; the value is the reason as logged."""
+
+    UID_SHARE_USED = "its uid has used up its share of the hashing budget"
+    BUDGET_USED = "the hashing budget is used up"
+    QUEUE_FULL = "the hash queue is full"
+
+
+class _ByteBucket:
+    """Bytes that may be hashed now: refilled at `rate` per second up to `capacity`."""
+
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = now
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = now
+        return self.tokens
+
+
+class HashBudget:
+    """How many bytes of executables may be hashed: by all callers together, and by each uid.
+
+    Two token buckets of bytes, both holding `burst_bytes` when full: one shared, refilled at
+    `bytes_per_second`, and one per uid, refilled at `bytes_per_second_per_uid`. A uid hashing all it
+    can therefore leaves the rest of the shared rate to the others. Nobody waits for a refill: a hash
+    that does not fit now is refused. Every hash costs its file's size (the size stat reports: a
+    sparse file costs what it would take to read), at least MIN_HASH_COST.
+    """
 
     def __init__(
         self,
-        rate: float,
         *,
-        capacity: float | None = None,
+        bytes_per_second: int = DEFAULT_HASH_BYTES_PER_SECOND,
+        burst_bytes: int = DEFAULT_HASH_BURST_BYTES,
+        bytes_per_second_per_uid: int = DEFAULT_HASH_BYTES_PER_SECOND_PER_UID,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if rate <= 0:
-            raise ValueError(f"token rate must be positive, got {rate}")
-        self._rate = rate
-        self._capacity = max(1.0, rate) if capacity is None else capacity
-        if self._capacity < 1:
-            raise ValueError(f"token bucket capacity must be at least 1, got {self._capacity}")
+        for name, value in (
+            ("bytes_per_second", bytes_per_second),
+            ("burst_bytes", burst_bytes),
+            ("bytes_per_second_per_uid", bytes_per_second_per_uid),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if bytes_per_second_per_uid > bytes_per_second:
+            raise ValueError(
+                f"bytes_per_second_per_uid ({bytes_per_second_per_uid}) must not exceed "
+                f"bytes_per_second ({bytes_per_second})"
+            )
+        self.burst_bytes = burst_bytes
+        self._uid_rate = float(bytes_per_second_per_uid)
         self._clock = clock
-        self._sleep = sleep
-        self._tokens = self._capacity
-        self._updated = clock()
-        self._turn = asyncio.Lock()
+        self._shared = _ByteBucket(float(bytes_per_second), float(burst_bytes), clock())
+        self._per_uid: dict[int, _ByteBucket] = {}
 
-    async def acquire(self) -> None:
-        """Take one token, waiting for it if the bucket is empty; cancelling the wait takes none."""
-        async with self._turn:
-            while True:
-                now = self._clock()
-                self._tokens = min(self._capacity, self._tokens + (now - self._updated) * self._rate)
-                self._updated = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await self._sleep((1 - self._tokens) / self._rate)
+    def spend(self, uid: int, size: int) -> HashRefusal | None:
+        """Take the cost of hashing `size` bytes for `uid`, or say why not (and take nothing)."""
+        now = self._clock()
+        cost = min(max(size, MIN_HASH_COST), self.burst_bytes)
+        self._forget_refilled(now)
+        own = self._per_uid.get(uid) or _ByteBucket(self._uid_rate, float(self.burst_bytes), now)
+        if own.refill(now) < cost:
+            return HashRefusal.UID_SHARE_USED
+        if self._shared.refill(now) < cost:
+            return HashRefusal.BUDGET_USED
+        own.tokens -= cost
+        self._shared.tokens -= cost
+        self._per_uid[uid] = own
+        return None
+
+    def _forget_refilled(self, now: float) -> None:
+        # A full bucket is the same as a new one: keeping only partly spent ones bounds the map by
+        # the uids that hashed within the last burst_bytes / bytes_per_second_per_uid seconds.
+        for uid in [uid for uid, bucket in self._per_uid.items() if bucket.refill(now) >= bucket.capacity]:
+            del self._per_uid[uid]
 
 
 class ExecutableHasher:
-    """sha256 of executables read through /proc/<pid>/exe: size-bounded, cached, rate-limited.
+    """sha256 of executables read through /proc/<pid>/exe: size-bounded, cached, budgeted, never waited for.
 
-    Any local user can start binaries and connect, so hashing is a DoS vector: every cache miss
-    waits for a token, and files above `max_bytes` are not hashed at all. Cache hits are free.
+    Any local user can start binaries and connect, so hashing is a DoS vector. A cache miss costs
+    bytes of a HashBudget (shared, and per uid) and a place in a bounded queue in front of a small
+    executor of its own (HASH_THREADS threads), so hashes never occupy the event loop's default
+    thread pool that other attestation steps use. When either is used up the file is not hashed:
+    the caller gets no sha256, which fails closed, and a warning names the uid and the file. Files
+    above `max_bytes` are not hashed at all. Cache hits, and joining a hash of the same file already
+    under way, are free.
     """
 
     def __init__(
         self,
         *,
         max_bytes: int = DEFAULT_MAX_HASH_BYTES,
-        hashes_per_second: float = DEFAULT_HASHES_PER_SECOND,
+        budget: HashBudget | None = None,
+        queue_limit: int = DEFAULT_HASH_QUEUE_LIMIT,
         cache_entries: int = DEFAULT_HASH_CACHE_ENTRIES,
         proc_root: Path = PROC_ROOT,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`queue_limit` bounds the hashes started and not finished, the running ones included."""
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if queue_limit <= 0:
+            raise ValueError(f"queue_limit must be positive, got {queue_limit}")
         if cache_entries <= 0:
             raise ValueError(f"cache_entries must be positive, got {cache_entries}")
+        budget = budget or HashBudget()
+        if budget.burst_bytes < max_bytes:
+            # A file the bucket can never hold would be refused forever, however idle the host.
+            raise ValueError(f"the budget's burst ({budget.burst_bytes} bytes) is below max_bytes ({max_bytes})")
         self._max_bytes = max_bytes
+        self._budget = budget
+        self._queue_limit = queue_limit
         self._cache_entries = cache_entries
         self._proc_root = proc_root
-        self._bucket = TokenBucket(hashes_per_second, clock=clock, sleep=sleep)
+        # Threads start on first use and end when the hasher is collected.
+        self._executor = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="vouchd-hash")
         self._cache: OrderedDict[FileIdentity, str] = OrderedDict()
         self._in_flight: dict[FileIdentity, asyncio.Future[str]] = {}
 
-    async def sha256(self, pid: int, identity: FileIdentity) -> str | None:
-        """Hex sha256 of the executable of `pid`, which must still be the file `identity` names.
+    async def sha256(self, process: WorkloadProcess, executable: ExecutableFile) -> str | None:
+        """Hex sha256 of the executable of `process`, which must still be the file `executable` names.
 
-        None when the file is larger than max_bytes. Every caller opens its own process's executable
-        before waiting for anything, and concurrent callers of one file share one read of it. The
-        shared read works on an open file, not on a pid: a caller whose process exits meanwhile
-        cannot make the others fail (a file once opened stays readable after its process is gone).
+        None when the file is not hashed: above max_bytes, or refused by the budget or the queue.
+        Every caller opens its own process's executable before joining a hash, and concurrent callers
+        of one file share one read of it. The shared read works on an open file, not on a pid: a
+        caller whose process exits meanwhile cannot make the others fail (a file once opened stays
+        readable after its process is gone).
         """
+        identity = executable.identity
         if identity.size > self._max_bytes:
-            _log.warning(
-                "not hashing the executable of pid %d: %d bytes is above the %d byte limit",
-                pid,
-                identity.size,
-                self._max_bytes,
-                extra={"pid": pid},
-            )
+            self._warn_not_hashed(process, executable, f"{identity.size} bytes is above the {self._max_bytes} byte limit")
             return None
         if (cached := self._cached(identity)) is not None:
             return cached
-        fd = await self._open_executable(pid, identity)
+        fd = await self._open_executable(process.pid, identity)
         try:
-            if identity not in self._in_flight:
-                await self._bucket.acquire()
-                # Another caller may have hashed the same file while this one waited for its token.
-                if (cached := self._cached(identity)) is not None:
-                    return cached
             hashing = self._in_flight.get(identity)
             if hashing is None:
-                # The read gets its own descriptor: it may outlive this caller (see below).
-                executable = os.fdopen(os.dup(fd), "rb")
-                hashing = asyncio.ensure_future(asyncio.to_thread(self._hash_file, executable, identity))
-                self._in_flight[identity] = hashing
-                hashing.add_done_callback(lambda done: self._finish(identity, done))
+                # Another caller may have hashed the same file while this one opened it.
+                if (cached := self._cached(identity)) is not None:
+                    return cached
+                refusal = self._admit(process.uid, identity.size)
+                if refusal is not None:
+                    self._warn_not_hashed(process, executable, refusal.value)
+                    return None
+                hashing = self._start_hash(fd, identity)
             # The worker thread cannot be interrupted: a caller hitting its deadline leaves the hash to
-            # finish and fill the cache instead of wasting the token.
+            # finish and fill the cache; its cost is already paid and its queue place stays taken.
             return await asyncio.shield(hashing)
         finally:
             os.close(fd)
 
     def digest_file(self, fd: int) -> str:
-        """Hex sha256 of the whole file behind `fd`, read from its start. Runs in a worker thread."""
+        """Hex sha256 of the whole file behind `fd`, read from its start. Runs in a hashing thread."""
         with os.fdopen(os.dup(fd), "rb") as file:
             file.seek(0)
             return hashlib.file_digest(file, "sha256").hexdigest()
+
+    def _admit(self, uid: int, size: int) -> HashRefusal | None:
+        # The queue first: a hash refused for want of a thread must not spend the uid's budget.
+        if len(self._in_flight) >= self._queue_limit:
+            return HashRefusal.QUEUE_FULL
+        return self._budget.spend(uid, size)
+
+    def _start_hash(self, fd: int, identity: FileIdentity) -> asyncio.Future[str]:
+        # The read gets its own descriptor: it may outlive the caller that started it.
+        executable = os.fdopen(os.dup(fd), "rb")
+        try:
+            hashing = asyncio.get_running_loop().run_in_executor(self._executor, self._hash_file, executable, identity)
+        except BaseException:
+            executable.close()
+            raise
+        self._in_flight[identity] = hashing
+        hashing.add_done_callback(lambda done: self._finish(identity, done))
+        return hashing
 
     def _cached(self, identity: FileIdentity) -> str | None:
         digest = self._cache.get(identity)
@@ -256,6 +348,17 @@ class ExecutableHasher:
                 raise AttestorError(_NAME, f"executable (inode {identity.inode}) changed while it was hashed")
             return digest
 
+    @staticmethod
+    def _warn_not_hashed(process: WorkloadProcess, executable: ExecutableFile, reason: str) -> None:
+        _log.warning(
+            "not hashing %s, the executable of pid %d uid %d: %s; omitting sha256",
+            executable.path,
+            process.pid,
+            process.uid,
+            reason,
+            extra={"pid": process.pid, "uid": process.uid, "executable": executable.path},
+        )
+
 
 def _close_opened(done: asyncio.Future[int]) -> None:
     if not done.cancelled() and done.exception() is None:
@@ -271,7 +374,23 @@ class _ProcessFacts:
 
 
 class UnixAttestor:
-    """Selectors from the caller's kernel credentials and executable."""
+    """Selectors from the caller's kernel credentials and executable.
+
+    Options (the `unix:` mapping of `workload_attestors` in the agent's configuration):
+
+    - `hash_executables` (bool, true): compute `unix:sha256` of the caller's executable.
+    - `max_hash_bytes` (int, 512 MiB): larger executables are never hashed.
+    - `hash_bytes_per_second` (int, 256 MiB): how many bytes of executables not yet in the cache all
+      callers together may have hashed per second, on average.
+    - `hash_burst_bytes` (int, 512 MiB): how many bytes may be hashed at once after a quiet spell;
+      at least max_hash_bytes.
+    - `hash_bytes_per_second_per_uid` (int, 128 MiB): the share of hash_bytes_per_second one uid may
+      use, so one user cannot take the whole budget.
+
+    A hash that does not fit the budget, or finds the hash queue full, is not waited for: that call
+    gets no `unix:sha256` (entries that require it do not match: fails closed) and a warning names the
+    uid and the file. Cached hashes cost nothing.
+    """
 
     name = _NAME
 
@@ -280,24 +399,43 @@ class UnixAttestor:
         *,
         hash_executables: bool = True,
         max_hash_bytes: int = DEFAULT_MAX_HASH_BYTES,
-        hashes_per_second: float = DEFAULT_HASHES_PER_SECOND,
+        hash_bytes_per_second: int = DEFAULT_HASH_BYTES_PER_SECOND,
+        hash_burst_bytes: int = DEFAULT_HASH_BURST_BYTES,
+        hash_bytes_per_second_per_uid: int = DEFAULT_HASH_BYTES_PER_SECOND_PER_UID,
         hasher: ExecutableHasher | None = None,
     ) -> None:
-        """`hasher` replaces the one built from max_hash_bytes and hashes_per_second (tests, shared caches)."""
+        """`hasher` replaces the one built from the hash options (tests, shared caches)."""
         if not isinstance(hash_executables, bool):
             raise ConfigError("workloadattestor(unix): hash_executables must be true or false")
-        if isinstance(max_hash_bytes, bool) or not isinstance(max_hash_bytes, int) or max_hash_bytes <= 0:
-            raise ConfigError("workloadattestor(unix): max_hash_bytes must be a positive integer")
-        if (
-            isinstance(hashes_per_second, bool)
-            or not isinstance(hashes_per_second, int | float)
-            or not hashes_per_second > 0
+        for option, value in (
+            ("max_hash_bytes", max_hash_bytes),
+            ("hash_bytes_per_second", hash_bytes_per_second),
+            ("hash_burst_bytes", hash_burst_bytes),
+            ("hash_bytes_per_second_per_uid", hash_bytes_per_second_per_uid),
         ):
-            raise ConfigError("workloadattestor(unix): hashes_per_second must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"workloadattestor(unix): {option} must be a positive integer")
+        if hash_burst_bytes < max_hash_bytes:
+            raise ConfigError(
+                f"workloadattestor(unix): hash_burst_bytes ({hash_burst_bytes}) must be at least "
+                f"max_hash_bytes ({max_hash_bytes}), or the largest executables could never be hashed"
+            )
+        if hash_bytes_per_second_per_uid > hash_bytes_per_second:
+            raise ConfigError(
+                f"workloadattestor(unix): hash_bytes_per_second_per_uid ({hash_bytes_per_second_per_uid}) "
+                f"must not exceed hash_bytes_per_second ({hash_bytes_per_second})"
+            )
         if hasher is not None and not isinstance(hasher, ExecutableHasher):
             raise ConfigError("workloadattestor(unix): hasher must be an ExecutableHasher")
         self._hash_executables = hash_executables
-        self._hasher = hasher or ExecutableHasher(max_bytes=max_hash_bytes, hashes_per_second=float(hashes_per_second))
+        self._hasher = hasher or ExecutableHasher(
+            max_bytes=max_hash_bytes,
+            budget=HashBudget(
+                bytes_per_second=hash_bytes_per_second,
+                burst_bytes=hash_burst_bytes,
+                bytes_per_second_per_uid=hash_bytes_per_second_per_uid,
+            ),
+        )
 
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
         try:
@@ -305,7 +443,7 @@ class UnixAttestor:
             facts = await asyncio.to_thread(self._describe, process)
             digest = None
             if self._hash_executables and facts.executable is not None:
-                digest = await self._hasher.sha256(process.pid, facts.executable.identity)
+                digest = await self._hasher.sha256(process, facts.executable)
         except ProcessInfoError as err:
             raise AttestorError(_NAME, str(err)) from err
         except OSError as err:

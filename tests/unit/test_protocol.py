@@ -153,7 +153,8 @@ def test_every_kind_round_trips(kind: str) -> None:
 def test_the_samples_cover_every_message_in_the_module() -> None:
     sampled = {type(m).__name__ for m in SAMPLES.values()}
 
-    assert set(messages.__all__) == sampled | PARTS
+    constants = {name for name in messages.__all__ if name.isupper()}
+    assert set(messages.__all__) - constants == sampled | PARTS
 
 
 def test_optional_fields_round_trip_empty() -> None:
