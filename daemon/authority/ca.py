@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import NameOID
 
 from vouchd.authority.errors import CaError
+from vouchd.securefiles import InsecureFileError, fsync_directory, read_private, write_together
 from vouchd.spiffe import CLOCK_SKEW, SpiffeId, TrustDomain, TrustTier, X509Bundle, mint_x509_svid
 
 __all__ = ["CertificateAuthority"]
@@ -392,19 +393,16 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 def _read_file(path: Path, *, private: bool) -> bytes:
     what = "ca key file" if private else "ca certificate file"
     try:
-        # O_NOFOLLOW: a key is never read through a symlink someone else may have planted.
+        if private:
+            return read_private(path)
+        # O_NOFOLLOW for certificates too: nothing of the CA is read through a planted symlink.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            return stream.read()
+    except InsecureFileError as err:
+        raise CaError(f"{what} {path} is {err}") from None
     except OSError as err:
         raise CaError(f"{what} {path} cannot be read: {err.strerror}") from err
-    with os.fdopen(fd, "rb") as stream:
-        if private:
-            mode = os.fstat(stream.fileno()).st_mode & 0o777
-            if mode & 0o077:
-                raise CaError(f"{what} {path} is accessible to group or others (mode {mode:04o}), want 0600")
-        try:
-            return stream.read()
-        except OSError as err:
-            raise CaError(f"{what} {path} cannot be read: {err.strerror}") from err
 
 
 def _read_halves(files: _RootFiles) -> _StoredHalves:
@@ -545,45 +543,14 @@ def _remove_root(files: _RootFiles) -> None:
         except OSError as err:
             raise CaError(f"ca file {path} cannot be removed: {err.strerror}") from err
     try:
-        _fsync_directory(files.key.parent)
+        fsync_directory(files.key.parent)
     except OSError as err:
         raise CaError(f"ca directory {files.key.parent} cannot be synced: {err.strerror}") from err
 
 
 def _write_atomically(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Writes every file to a fsynced temporary, then renames them all in a row.
-
-    Renaming only after all contents are durable keeps the window in which a key and its
-    certificate disagree on disk down to two consecutive renames.
-    """
-    temporaries: list[tuple[Path, Path]] = []
     try:
-        for path, data, mode in files:
-            temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-            temporaries.append((temporary, path))
-            with os.fdopen(fd, "wb") as stream:
-                # The umask may have narrowed the mode; state it exactly.
-                os.fchmod(stream.fileno(), mode)
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-        for temporary, path in temporaries:
-            os.replace(temporary, path)
-        temporaries.clear()
-        _fsync_directory(files[0][0].parent)
+        write_together(files)
     except OSError as err:
         names = ", ".join(str(path) for path, _, _ in files)
         raise CaError(f"ca files {names} cannot be written: {err.strerror}") from err
-    finally:
-        for temporary, _ in temporaries:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

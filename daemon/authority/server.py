@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -57,6 +56,7 @@ from vouchd.protocol.messages import (
 )
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
+from vouchd.securefiles import InsecureFileError, read_private, write_atomically
 from vouchd.selectors import Selector
 from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key
 
@@ -98,51 +98,29 @@ def _load_certificates(paths: Iterable[Path], what: str) -> list[x509.Certificat
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The reply-signing key: read (never through a symlink, never if others may read it) or made.
-
-    A new key is written to a fresh temporary file, fsynced and renamed into place, so a crash leaves
-    no key or a whole one.
-    """
+    """The reply-signing key: read (never through a symlink, never if others may read it) or made."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = read_private(path)
     except FileNotFoundError:
-        return _create_key(path)
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomically(path, pem)
+        except OSError as err:
+            raise AuthorityError(f"{path}: authority signing key cannot be written: {err.strerror}") from None
+        return key
+    except InsecureFileError as err:
+        raise AuthorityError(f"{path}: authority signing key is {err}") from None
     except OSError as err:
         raise AuthorityError(f"{path}: authority signing key cannot be read: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if os.fstat(handle.fileno()).st_mode & 0o077:
-            raise AuthorityError(f"{path}: authority signing key is accessible to group or others, want 0600")
-        data = handle.read()
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        loaded = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise AuthorityError(f"{path}: authority signing key is not an unencrypted PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
         raise AuthorityError(f"{path}: authority signing key is not an EC key")
-    return key
-
-
-def _create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise AuthorityError(f"{path}: authority signing key cannot be written: {err.strerror}") from None
-    return key
+    return loaded
 
 
 @dataclass(frozen=True)

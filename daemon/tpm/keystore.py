@@ -7,12 +7,11 @@ use the same format as tpm2-tools' `-u`/`-r` files.
 
 from __future__ import annotations
 
-import os
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vouchd.securefiles import write_atomically
 from vouchd.tpm.errors import TpmKeyError
 from vouchd.tpm.values import KeyBlob
 
@@ -82,7 +81,7 @@ def write_key(files: KeyFiles, blob: KeyBlob, auth_value: bytes) -> StoredKey:
     """Store a key; each file appears complete or not at all."""
     for path, data in ((files.public, blob.public), (files.private, blob.private), (files.auth, auth_value)):
         try:
-            _write_atomically(path, data)
+            write_atomically(path, data)
         except OSError as err:
             raise TpmKeyError(f"cannot write key file {path}: {err.strerror}") from err
     return StoredKey(files, blob, auth_value)
@@ -93,27 +92,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise TpmKeyError(f"cannot read key file {path}: {err.strerror}") from err
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask may have narrowed it; make it exact
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is.
-    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
