@@ -5,7 +5,7 @@ Imports nothing of vouchd.agent, vouchd.authority or vouchd.tpm: attestors only 
 
 from __future__ import annotations
 
-from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload, read_start_time
+from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.attestors.catalog import (
     BUILTIN_WORKLOAD_ATTESTORS,
     WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP,
@@ -25,6 +25,5 @@ __all__ = [
     "WorkloadProcess",
     "attest_workload",
     "build_workload_attestors",
-    "read_start_time",
     "workload_attestor_factories",
 ]

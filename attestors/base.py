@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from vouchd.attestors.errors import AttestorError
-from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.selectors import Selector
 
-__all__ = ["AttestorError", "WorkloadAttestor", "WorkloadProcess", "attest_workload", "read_start_time"]
+__all__ = ["AttestorError", "WorkloadAttestor", "WorkloadProcess", "attest_workload"]
 
 _log = logging.getLogger("vouchd.attestors")
 
@@ -52,37 +51,23 @@ class WorkloadAttestor(Protocol):
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]: ...
 
 
-def read_start_time(pid: int) -> int:
-    """The start time of a process in clock ticks after boot (/proc/<pid>/stat field 22).
-
-    Raises ProcessExitedError when the process is gone, ProcessInfoError when its entry is unreadable.
-    """
-    return read_process_stat(pid).start_time
-
-
-async def attest_workload(
-    process: WorkloadProcess,
-    attestors: Sequence[WorkloadAttestor],
-    *,
-    deadline: float | None = None,
-) -> frozenset[Selector]:
+async def attest_workload(process: WorkloadProcess, attestors: Sequence[WorkloadAttestor]) -> frozenset[Selector]:
     """Run every attestor concurrently and merge their selectors.
 
-    Fails closed: if any attestor fails or misses the deadline, the whole attestation fails with an
-    AttestorError naming that attestor, even though a smaller selector set could only match fewer
-    entries; a half-described process is not one the operator registered.
+    Fails closed: if any attestor fails, the whole attestation fails with an AttestorError naming
+    that attestor, even though a smaller selector set could only match fewer entries; a
+    half-described process is not one the operator registered.
 
-    `deadline` (seconds) is for callers without one of their own. The Workload API has one
-    (WorkloadApiService's attest_deadline) and calls this without: it cancels the attestation, and
-    the attestors still running are then logged by name so a slow one can be found.
+    The caller bounds the time (the Workload API's attest_deadline) by cancelling the attestation:
+    every attestor is then cancelled too, and those still running are logged by name so a slow one
+    can be found.
     """
     if not attestors:
         raise ValueError("at least one workload attestor is required")
-    if deadline is not None and deadline <= 0:
-        raise ValueError(f"attestation deadline must be positive, got {deadline}")
     tasks = [asyncio.create_task(_attest_one(attestor, process)) for attestor in attestors]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=deadline, return_when=asyncio.FIRST_EXCEPTION)
+        # Returns once every attestor is done, or at the first one that raised.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         # Report in configuration order so the same failure always names the same attestor.
         for attestor, task in zip(attestors, tasks, strict=True):
             if task not in done:
@@ -91,9 +76,6 @@ async def attest_workload(
                 raise AttestorError(attestor.name, "cancelled itself")
             if (err := task.exception()) is not None:
                 raise _as_attestor_error(attestor.name, err) from err
-        if pending:  # only when the deadline passed: without one, wait returns once all are done
-            late = next(a for a, t in zip(attestors, tasks, strict=True) if t in pending)
-            raise AttestorError(late.name, f"no answer within {deadline:g}s")
         selectors: set[Selector] = set()
         for task in tasks:
             selectors.update(task.result())

@@ -39,9 +39,9 @@ from vouchd.selectors import Selector
 __all__ = [
     "DEFAULT_HASH_BURST_BYTES",
     "DEFAULT_HASH_BYTES_PER_SECOND",
-    "DEFAULT_HASH_BYTES_PER_SECOND_PER_UID",
     "DEFAULT_HASH_CACHE_ENTRIES",
     "DEFAULT_HASH_QUEUE_LIMIT",
+    "DEFAULT_HASH_UID_SHARE",
     "DEFAULT_MAX_HASH_BYTES",
     "HASH_THREADS",
     "MIN_HASH_COST",
@@ -61,8 +61,8 @@ _DELETED_SUFFIX = " (deleted)"
 _MIB = 1024 * 1024
 DEFAULT_MAX_HASH_BYTES = 512 * _MIB
 DEFAULT_HASH_BYTES_PER_SECOND = 256 * _MIB
-DEFAULT_HASH_BURST_BYTES = 512 * _MIB
-DEFAULT_HASH_BYTES_PER_SECOND_PER_UID = 128 * _MIB
+DEFAULT_HASH_BURST_BYTES = 1024 * _MIB
+DEFAULT_HASH_UID_SHARE = 0.5
 DEFAULT_HASH_CACHE_ENTRIES = 4096
 DEFAULT_HASH_QUEUE_LIMIT = 8
 HASH_THREADS = 2
@@ -148,11 +148,11 @@ class _ByteBucket:
 class HashBudget:
     """How many bytes of executables may be hashed: by all callers together, and by each uid.
 
-    Two token buckets of bytes, both holding `burst_bytes` when full: one shared, refilled at
-    `bytes_per_second`, and one per uid, refilled at `bytes_per_second_per_uid`. A uid hashing all it
-    can therefore leaves the rest of the shared rate to the others. Nobody waits for a refill: a hash
-    that does not fit now is refused. Every hash costs its file's size (the size stat reports: a
-    sparse file costs what it would take to read), at least MIN_HASH_COST.
+    Token buckets of bytes: a shared one, refilled at `bytes_per_second` up to `burst_bytes`, and one
+    per uid, refilled at `uid_share` of that rate up to `uid_share` of that burst. With a share below
+    1 no uid can take the whole budget, however much it asks for. Nobody waits for a refill: a hash
+    that does not fit now is refused. A hash costs its file's size as stat reports it (a sparse file
+    costs what it would take to read), at least MIN_HASH_COST.
     """
 
     def __init__(
@@ -160,37 +160,38 @@ class HashBudget:
         *,
         bytes_per_second: int = DEFAULT_HASH_BYTES_PER_SECOND,
         burst_bytes: int = DEFAULT_HASH_BURST_BYTES,
-        bytes_per_second_per_uid: int = DEFAULT_HASH_BYTES_PER_SECOND_PER_UID,
+        uid_share: float = DEFAULT_HASH_UID_SHARE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        for name, value in (
-            ("bytes_per_second", bytes_per_second),
-            ("burst_bytes", burst_bytes),
-            ("bytes_per_second_per_uid", bytes_per_second_per_uid),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if bytes_per_second_per_uid > bytes_per_second:
-            raise ValueError(
-                f"bytes_per_second_per_uid ({bytes_per_second_per_uid}) must not exceed "
-                f"bytes_per_second ({bytes_per_second})"
-            )
-        self.burst_bytes = burst_bytes
-        self._uid_rate = float(bytes_per_second_per_uid)
+        if bytes_per_second <= 0:
+            raise ValueError(f"bytes_per_second must be positive, got {bytes_per_second}")
+        if burst_bytes <= 0:
+            raise ValueError(f"burst_bytes must be positive, got {burst_bytes}")
+        if not 0 < uid_share <= 1:
+            raise ValueError(f"uid_share must be above 0 and at most 1, got {uid_share}")
+        self._uid_rate = bytes_per_second * uid_share
+        self._uid_capacity = burst_bytes * uid_share
         self._clock = clock
         self._shared = _ByteBucket(float(bytes_per_second), float(burst_bytes), clock())
         self._per_uid: dict[int, _ByteBucket] = {}
 
+    @property
+    def largest_hash(self) -> int:
+        """The largest file one uid can ever have hashed: its share of the burst."""
+        return int(self._uid_capacity)
+
     def spend(self, uid: int, size: int) -> HashRefusal | None:
         """Take the cost of hashing `size` bytes for `uid`, or say why not (and take nothing)."""
         now = self._clock()
-        cost = min(max(size, MIN_HASH_COST), self.burst_bytes)
+        cost = min(float(max(size, MIN_HASH_COST)), self._uid_capacity)
         self._forget_refilled(now)
-        own = self._per_uid.get(uid) or _ByteBucket(self._uid_rate, float(self.burst_bytes), now)
-        if own.refill(now) < cost:
-            return HashRefusal.UID_SHARE_USED
+        own = self._per_uid.get(uid)
+        if own is None:
+            own = _ByteBucket(self._uid_rate, self._uid_capacity, now)
         if self._shared.refill(now) < cost:
             return HashRefusal.BUDGET_USED
+        if own.refill(now) < cost:
+            return HashRefusal.UID_SHARE_USED
         own.tokens -= cost
         self._shared.tokens -= cost
         self._per_uid[uid] = own
@@ -198,7 +199,7 @@ class HashBudget:
 
     def _forget_refilled(self, now: float) -> None:
         # A full bucket is the same as a new one: keeping only partly spent ones bounds the map by
-        # the uids that hashed within the last burst_bytes / bytes_per_second_per_uid seconds.
+        # the uids that hashed within the last few seconds (uid capacity / uid rate).
         for uid in [uid for uid, bucket in self._per_uid.items() if bucket.refill(now) >= bucket.capacity]:
             del self._per_uid[uid]
 
@@ -231,10 +232,10 @@ class ExecutableHasher:
             raise ValueError(f"queue_limit must be positive, got {queue_limit}")
         if cache_entries <= 0:
             raise ValueError(f"cache_entries must be positive, got {cache_entries}")
-        budget = budget or HashBudget()
-        if budget.burst_bytes < max_bytes:
-            # A file the bucket can never hold would be refused forever, however idle the host.
-            raise ValueError(f"the budget's burst ({budget.burst_bytes} bytes) is below max_bytes ({max_bytes})")
+        budget = budget if budget is not None else HashBudget()
+        if budget.largest_hash < max_bytes:
+            # A file no uid's bucket can hold would be refused forever, however idle the host.
+            raise ValueError(f"the budget's largest hash ({budget.largest_hash}) is below max_bytes ({max_bytes})")
         self._max_bytes = max_bytes
         self._budget = budget
         self._queue_limit = queue_limit
@@ -256,7 +257,7 @@ class ExecutableHasher:
         """
         identity = executable.identity
         if identity.size > self._max_bytes:
-            self._warn_not_hashed(process, executable, f"{identity.size} bytes is above the {self._max_bytes} byte limit")
+            self._warn_not_hashed(process, executable, f"{identity.size} bytes is above the {self._max_bytes} limit")
             return None
         if (cached := self._cached(identity)) is not None:
             return cached
@@ -382,10 +383,10 @@ class UnixAttestor:
     - `max_hash_bytes` (int, 512 MiB): larger executables are never hashed.
     - `hash_bytes_per_second` (int, 256 MiB): how many bytes of executables not yet in the cache all
       callers together may have hashed per second, on average.
-    - `hash_burst_bytes` (int, 512 MiB): how many bytes may be hashed at once after a quiet spell;
-      at least max_hash_bytes.
-    - `hash_bytes_per_second_per_uid` (int, 128 MiB): the share of hash_bytes_per_second one uid may
-      use, so one user cannot take the whole budget.
+    - `hash_burst_bytes` (int, 1 GiB): how many bytes may be hashed at once after a quiet spell.
+    - `hash_uid_share` (number, 0.5): the part of both that the callers of one uid may use, so that
+      one user cannot take the whole budget; 1 lets one uid use all of it. hash_burst_bytes times
+      hash_uid_share must be at least max_hash_bytes.
 
     A hash that does not fit the budget, or finds the hash queue full, is not waited for: that call
     gets no `unix:sha256` (entries that require it do not match: fails closed) and a warning names the
@@ -401,7 +402,7 @@ class UnixAttestor:
         max_hash_bytes: int = DEFAULT_MAX_HASH_BYTES,
         hash_bytes_per_second: int = DEFAULT_HASH_BYTES_PER_SECOND,
         hash_burst_bytes: int = DEFAULT_HASH_BURST_BYTES,
-        hash_bytes_per_second_per_uid: int = DEFAULT_HASH_BYTES_PER_SECOND_PER_UID,
+        hash_uid_share: float = DEFAULT_HASH_UID_SHARE,
         hasher: ExecutableHasher | None = None,
     ) -> None:
         """`hasher` replaces the one built from the hash options (tests, shared caches)."""
@@ -411,19 +412,16 @@ class UnixAttestor:
             ("max_hash_bytes", max_hash_bytes),
             ("hash_bytes_per_second", hash_bytes_per_second),
             ("hash_burst_bytes", hash_burst_bytes),
-            ("hash_bytes_per_second_per_uid", hash_bytes_per_second_per_uid),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"workloadattestor(unix): {option} must be a positive integer")
-        if hash_burst_bytes < max_hash_bytes:
+        share = hash_uid_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError("workloadattestor(unix): hash_uid_share must be a number above 0 and at most 1")
+        if hash_burst_bytes * share < max_hash_bytes:
             raise ConfigError(
-                f"workloadattestor(unix): hash_burst_bytes ({hash_burst_bytes}) must be at least "
-                f"max_hash_bytes ({max_hash_bytes}), or the largest executables could never be hashed"
-            )
-        if hash_bytes_per_second_per_uid > hash_bytes_per_second:
-            raise ConfigError(
-                f"workloadattestor(unix): hash_bytes_per_second_per_uid ({hash_bytes_per_second_per_uid}) "
-                f"must not exceed hash_bytes_per_second ({hash_bytes_per_second})"
+                f"workloadattestor(unix): hash_burst_bytes times hash_uid_share ({int(hash_burst_bytes * share)}) must "
+                f"be at least max_hash_bytes ({max_hash_bytes}), or the largest executables could never be hashed"
             )
         if hasher is not None and not isinstance(hasher, ExecutableHasher):
             raise ConfigError("workloadattestor(unix): hasher must be an ExecutableHasher")
@@ -433,7 +431,7 @@ class UnixAttestor:
             budget=HashBudget(
                 bytes_per_second=hash_bytes_per_second,
                 burst_bytes=hash_burst_bytes,
-                bytes_per_second_per_uid=hash_bytes_per_second_per_uid,
+                uid_share=float(share),
             ),
         )
 

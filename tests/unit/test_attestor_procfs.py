@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vouchd.attestors import ProcessExitedError, ProcessInfoError, read_start_time
+from vouchd.attestors import ProcessExitedError, ProcessInfoError
 from vouchd.attestors.workload.procfs import (
     ProcessCredentials,
     parse_stat,
@@ -88,17 +88,18 @@ def hostile_named_process() -> Iterator[subprocess.Popen[str]]:
             process.kill()
 
 
-def test_read_start_time_of_a_process_named_with_parentheses(hostile_named_process: subprocess.Popen[str]) -> None:
+def test_the_start_time_of_a_process_named_with_parentheses(hostile_named_process: subprocess.Popen[str]) -> None:
     pid = hostile_named_process.pid
-    start_time = read_start_time(pid)
+    stat = read_process_stat(pid)
+    start_time = stat.start_time
 
-    assert read_process_stat(pid).comm == HOSTILE_COMM
+    assert stat.comm == HOSTILE_COMM
     # psutil derives create_time from the same field: boot time + ticks / CLK_TCK.
     ticks_per_second = os.sysconf("SC_CLK_TCK")
     assert psutil.boot_time() + start_time / ticks_per_second == pytest.approx(
         psutil.Process(pid).create_time(), abs=0.05
     )
-    assert start_time >= read_start_time(os.getpid())
+    assert start_time >= read_process_stat(os.getpid()).start_time
 
 
 def test_read_supplementary_groups_matches_the_kernel() -> None:
@@ -110,14 +111,14 @@ def test_reading_an_exited_process_says_so() -> None:
     process.wait()
 
     with pytest.raises(ProcessExitedError, match=f"process {process.pid} has exited"):
-        read_start_time(process.pid)
+        read_process_stat(process.pid)
     with pytest.raises(ProcessExitedError):
         read_supplementary_groups(process.pid)
 
 
 def test_invalid_pid_is_refused() -> None:
     with pytest.raises(ProcessInfoError, match="invalid pid 0"):
-        read_start_time(0)
+        read_process_stat(0)
 
 
 def test_parse_status_credentials_takes_real_and_effective_ids() -> None:

@@ -17,6 +17,7 @@ from vouchd.attestors import (
     workload_attestor_factories,
 )
 from vouchd.attestors.workload.unix import UnixAttestor
+from vouchd.errors import ConfigError
 from vouchd.selectors import Selector
 
 
@@ -118,10 +119,12 @@ def test_only_configured_plugins_are_imported() -> None:
 
 
 def test_build_passes_options_to_the_builtin() -> None:
-    (attestor,) = build_workload_attestors({"unix": {"hash_executables": False, "hashes_per_second": 5}})
+    (attestor,) = build_workload_attestors({"unix": {"hash_executables": False, "hash_uid_share": 1}})
 
     assert isinstance(attestor, UnixAttestor)
     assert attestor.name == "unix"
+    with pytest.raises(ConfigError, match=r"hash_uid_share must be a number above 0 and at most 1$"):
+        build_workload_attestors({"unix": {"hash_uid_share": 2}})
 
 
 def test_an_unknown_plugin_lists_the_known_ones() -> None:
@@ -134,8 +137,8 @@ def test_an_unknown_plugin_lists_the_known_ones() -> None:
 def test_an_unknown_option_is_named() -> None:
     with pytest.raises(
         CatalogError,
-        match=r"^workload attestor 'unix': unknown option 'hash_executable'; known: hash_executables, hasher, "
-        r"hashes_per_second, max_hash_bytes$",
+        match=r"^workload attestor 'unix': unknown option 'hash_executable'; known: hash_burst_bytes, "
+        r"hash_bytes_per_second, hash_executables, hash_uid_share, hasher, max_hash_bytes$",
     ):
         build_workload_attestors({"unix": {"hash_executable": True}})
 

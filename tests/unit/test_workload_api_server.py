@@ -26,7 +26,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from vouchd.agent.workload_api import NoIdentityError, RequestOutcome, WorkloadApiError, X509SvidMaterial
 from vouchd.agent.workload_api import server as server_module
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
-from vouchd.attestors import AttestorError, WorkloadProcess, read_start_time
+from vouchd.attestors import AttestorError, WorkloadProcess
+from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.proto import workload_pb2 as pb
 from vouchd.proto.workload_grpc import SpiffeWorkloadAPIStub
 from vouchd.selectors import Selector
@@ -297,7 +298,7 @@ async def test_the_caller_is_identified_by_the_kernel(api: Api) -> None:
 
     (process,) = api.identities.attested
     assert (process.pid, process.uid, process.gid) == (os.getpid(), os.getuid(), os.getgid())
-    assert process.start_time == read_start_time(os.getpid())
+    assert process.start_time == read_process_stat(os.getpid()).start_time
     if kernel_has_peer_pidfd():
         assert process.pidfd is not None
         assert os.readlink(f"/proc/self/fd/{process.pidfd}") == "anon_inode:[pidfd]"

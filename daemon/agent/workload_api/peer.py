@@ -11,6 +11,11 @@ _PinnedConnection that holds the pidfd, closes it in connection_lost and otherwi
 call to grpclib's protocol. The wrapper is the cache: later requests on the same connection find it
 with transport.get_protocol().
 
+Whether the kernel has SO_PEERPIDFD is decided once per process (kernel_has_peer_pidfd). Where it
+has it, a connection whose pidfd cannot be taken is refused: Linux 6.5-6.14 answer EINVAL when the
+caller has already exited, so treating EINVAL as "no support" would let an exited caller fall back
+to the weaker pinning below.
+
 Without SO_PEERPIDFD (kernels before 6.5) the pid is all there is, and a pid can be recycled between
 connect() and the moment /proc/<pid> is read. Two checks narrow that window to a process that also
 runs with the caller's credentials: the effective uid and gid in /proc/<pid>/status must equal the
@@ -23,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import select
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.protocol import Peer
 from grpclib.server import Stream
@@ -42,18 +48,29 @@ from vouchd.attestors.workload.procfs import PROC_ROOT, read_process_credentials
 __all__ = [
     "SO_PEERPIDFD",
     "PeerCredentials",
+    "SocketOptions",
     "describe_peer",
     "drop_connection",
     "kernel_has_peer_pidfd",
     "peer_credentials",
+    "peer_pidfd",
     "peer_process",
     "peer_transport",
+    "probe_peer_pidfd",
     "process_unchanged",
 ]
 
 SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python's socket module has no constant for it
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
-_NO_PEERPIDFD = frozenset({errno.ENOPROTOOPT, errno.EINVAL})
+# How a kernel with SO_PEERPIDFD says the peer is gone: EINVAL (6.5-6.14, from pidfd_prepare), ESRCH
+# (later kernels), ENODATA (the socket holds no peer process).
+_CALLER_GONE = frozenset({errno.EINVAL, errno.ESRCH, errno.ENODATA})
+
+
+class SocketOptions(Protocol):
+    """The part of a socket that pinning reads: a kernel socket, or a fake one in tests."""
+
+    def getsockopt(self, level: int, option: int, /) -> int: ...
 
 
 def peer_transport(peer: Peer) -> asyncio.BaseTransport:
@@ -143,17 +160,52 @@ def process_unchanged(process: WorkloadProcess, *, proc_root: Path = PROC_ROOT) 
     return stat.start_time == process.start_time and not stat.is_dead
 
 
+@functools.cache
 def kernel_has_peer_pidfd() -> bool:
-    """True if this kernel pins Unix socket peers with SO_PEERPIDFD (Linux 6.5+)."""
+    """True if this kernel pins Unix socket peers with SO_PEERPIDFD (Linux 6.5+); asked once per process.
+
+    Raises PeerError when the kernel gives an answer that is neither yes nor "no such option".
+    """
     left, right = socket.socketpair(socket.AF_UNIX)
     try:
-        os.close(left.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError:
-        return False
+        return probe_peer_pidfd(left)
     finally:
         left.close()
         right.close()
+
+
+def probe_peer_pidfd(sock: SocketOptions) -> bool:
+    """Whether SO_PEERPIDFD works, asked on a socket whose peer is alive (one end of our own socketpair).
+
+    Only ENOPROTOOPT, the kernel's answer to an option it does not know, means no. Anything else
+    is an error: guessing "no" would quietly weaken how every caller is pinned.
+    """
+    try:
+        os.close(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError as err:
+        if err.errno == errno.ENOPROTOOPT:
+            return False
+        raise PeerError(f"cannot tell whether the kernel has SO_PEERPIDFD: {err.strerror or err}") from err
     return True
+
+
+def peer_pidfd(sock: SocketOptions, *, kernel_has_pidfd: bool) -> int | None:
+    """A pidfd of the process that connected `sock`, or None when the kernel has no SO_PEERPIDFD.
+
+    `kernel_has_pidfd` is kernel_has_peer_pidfd(). Where the kernel has the option, failing to take
+    the pidfd refuses the caller (PeerError): its answers for a caller that already exited (EINVAL,
+    ESRCH, ENODATA) must not be mistaken for a kernel that cannot pin.
+    """
+    if not kernel_has_pidfd:
+        return None  # kernel older than 6.5: start time and credentials alone have to do
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as err:
+        if err.errno in _CALLER_GONE:
+            raise PeerError("caller exited before it was identified") from err
+        raise PeerError(f"cannot pin the caller's process: {err.strerror or err}") from err
+    os.set_inheritable(pidfd, False)
+    return pidfd
 
 
 async def drop_connection(transport: asyncio.BaseTransport) -> None:
@@ -190,22 +242,9 @@ def _pin(transport: asyncio.BaseTransport, sock: socket.socket) -> _PinnedConnec
         return protocol
     if not isinstance(protocol, asyncio.Protocol):
         raise PeerError(f"unexpected connection protocol {type(protocol).__name__}")
-    pinned = _PinnedConnection(protocol, _peer_pidfd(sock))
+    pinned = _PinnedConnection(protocol, peer_pidfd(sock, kernel_has_pidfd=kernel_has_peer_pidfd()))
     transport.set_protocol(pinned)
     return pinned
-
-
-def _peer_pidfd(sock: socket.socket) -> int | None:
-    try:
-        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError as err:
-        if err.errno in _NO_PEERPIDFD:
-            return None  # kernel older than 6.5: start time alone has to do
-        if err.errno == errno.ESRCH:
-            raise PeerError("caller exited before it was identified") from err
-        raise PeerError(f"cannot pin the caller's process: {err.strerror or err}") from err
-    os.set_inheritable(pidfd, False)
-    return pidfd
 
 
 class _PinnedConnection(asyncio.Protocol):
