@@ -60,6 +60,10 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     from vouchd.config import load_config
 
     config = load_config(Path(args.file))
+    if config.agent is not None:
+        from vouchd.attestors.catalog import build_workload_attestors
+
+        build_workload_attestors(config.agent.workload_attestors)  # plugin names and options
     parts = [name for name in ("agent", "authority") if getattr(config, name) is not None]
     print(f"{config.source}: ok (trust domain {config.trust_domain}; sections: {', '.join(parts) or 'none'}; "
           f"{len(config.entries)} entries)")

@@ -22,6 +22,7 @@ from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
+from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
 from vouchd.config import AgentConfig, Config
 from vouchd.errors import ConfigError
@@ -72,6 +73,8 @@ class Agent:
         return self._ready
 
     async def run(self) -> None:
+        # Plugin options are checked before the TPM is touched: a typo fails at once, not after attestation.
+        attestors = build_workload_attestors(self._agent_config.workload_attestors)
         async with self._tpm_service() as tpm:
             keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
             with self._connect(tpm.ek) as link:
@@ -87,7 +90,7 @@ class Agent:
                 svids = SvidManager(node)
                 self._svids = svids
                 await svids.sync_entries()
-                await self._serve(node, svids)
+                await self._serve(node, svids, attestors)
 
     @contextlib.asynccontextmanager
     async def _tpm_service(self) -> AsyncIterator[TpmService]:
@@ -99,8 +102,7 @@ class Agent:
         finally:
             await tpm.close()
 
-    async def _serve(self, node: NodeIdentity, svids: SvidManager) -> None:
-        attestors = build_workload_attestors(self._agent_config.workload_attestors)
+    async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor]) -> None:
         identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids)
         service = WorkloadApiService(identities,
                                      attest_deadline=self._agent_config.attestation_deadline.total_seconds(),

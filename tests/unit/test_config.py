@@ -805,3 +805,15 @@ def test_config_check_accepts_the_shipped_example(
     assert capsys.readouterr().out == (
         f"{EXAMPLE}: ok (trust domain example.org; sections: agent, authority; 1 entries)\n"
     )
+
+
+def test_config_check_also_checks_workload_attestor_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vouchd.cli import main
+
+    path = tmp_path / "vouchd.yaml"
+    path.write_text("trust_domain: example.org\nagent:\n  workload_attestors:\n    unix: {hash_everything: true}\n")
+
+    assert main(["config", "check", str(path)]) == 1
+    assert "workload attestor 'unix': unknown option 'hash_everything'" in capsys.readouterr().err
