@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from vouchd import __version__
 from vouchd.errors import VouchdError
 
 __all__ = ["main"]
@@ -60,13 +62,13 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     from vouchd.config import load_config
 
     config = load_config(Path(args.file))
-    if config.agent is not None:
-        from vouchd.attestors.catalog import build_workload_attestors
+    from vouchd.agent.agent import workload_attestors_from
 
-        build_workload_attestors(config.agent.workload_attestors)  # plugin names and options
+    workload_attestors_from(config)  # plugin names and options, checked as the agent will
     parts = [name for name in ("agent", "authority") if getattr(config, name) is not None]
+    count = len(config.entries)
     print(f"{config.source}: ok (trust domain {config.trust_domain}; sections: {', '.join(parts) or 'none'}; "
-          f"{len(config.entries)} entries)")
+          f"{count} {'entry' if count == 1 else 'entries'})")
     return 0
 
 
@@ -81,7 +83,8 @@ def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
     try:
         reply = asyncio.run(admin_request(path, "status"))
     except (OSError, TimeoutError, ValueError) as err:
-        raise VouchdError(f"cannot reach the agent's admin socket {path}: {err}") from None
+        raise VouchdError(f"cannot reach the agent's admin socket {path}: {err} "
+                          "(is the agent running? set VOUCHD_ADMIN_SOCKET or pass --admin-socket)") from None
     if "error" in reply:
         raise VouchdError(f"agent refused the status request: {reply['error']}")
     status = reply.get("status")
@@ -148,6 +151,14 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_name(text: str) -> str:
+    # The name becomes a node selector (tpm:pcr_profile:<name>) and appears in logs: keep it plain.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return text
+
+
 def _cmd_node_learn(args: argparse.Namespace) -> int:
     """Accept this host's current event log as a boot profile (after a firmware or kernel update).
 
@@ -197,18 +208,20 @@ def _cmd_simulate_boot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vouchd", description="hardware-rooted workload identity agent")
+    parser.add_argument("--version", action="version", version=f"vouchd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = commands.add_parser("agent", help="run the node agent")
     agent.add_argument("--config", required=True, help="configuration file (YAML)")
     agent.add_argument("--standalone", action="store_true", help="embed the authority (single host, no broker)")
-    agent.add_argument("--log-format", choices=("json", "text"), default="json")
+    agent.add_argument("--log-format", choices=("json", "text"), default="json",
+                       help="json lines for journald (default) or text for a terminal")
     agent.set_defaults(handler=_cmd_agent)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_commands.add_parser("check", help="validate a configuration file")
-    check.add_argument("file")
+    check.add_argument("file", help="the configuration file to validate, as the agent would read it")
     check.set_defaults(handler=_cmd_config_check)
 
     for name, handler, text in (("status", _cmd_status, "show what the agent knows and serves"),
@@ -225,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     node_commands = node.add_subparsers(dest="node_command", required=True, metavar="SUBCOMMAND")
     learn = node_commands.add_parser("learn", help="accept this host's current event log as a boot profile")
     learn.add_argument("--config", required=True, help="the standalone configuration file")
-    learn.add_argument("--name", default=time.strftime("learned-%Y%m%d-%H%M%S"),
-                       help="profile name (default: learned-<date>-<time>)")
+    learn.add_argument("--name", type=_profile_name, default=time.strftime("learned-%Y%m%d-%H%M%S"),
+                       help="profile name: letters, digits, '.', '_', '-' (default: learned-<date>-<time>)")
     learn.set_defaults(handler=_cmd_node_learn)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
@@ -240,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "agent":
+        # A short-lived command piped into `head` should end quietly, as other tools do; the daemon
+        # keeps Python's default, where a closed socket is an error to handle, not a signal.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         result: int = args.handler(args)
     except VouchdError as err:

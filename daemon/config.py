@@ -32,6 +32,7 @@ __all__ = [
     "EnrolmentMode",
     "EntryConfig",
     "TpmConfig",
+    "format_duration",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -103,6 +104,16 @@ class Config:
     log_level: str = "info"
 
 
+def format_duration(value: timedelta) -> str:
+    """A form parse_duration reads back, as people write them: 30d, 24h, 5m, 90s, 250ms."""
+    milliseconds = round(value.total_seconds() * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        # whole days from two days on (24h reads better than 1d); the largest whole unit otherwise
+        if milliseconds % size == 0 and (unit != "d" or milliseconds >= 2 * size):
+            return f"{milliseconds // size}{unit}"
+    return f"{milliseconds}ms"
+
+
 def parse_duration(text: str) -> timedelta:
     """``90s``, ``5m``, ``1h``, ``30d``, ``250ms`` -> timedelta; ValueError otherwise."""
     match = _DURATION.match(text.strip())
@@ -142,7 +153,8 @@ class _Section:
             value = self.environ.get(name)
             if value is None or value == "":
                 if default is None:
-                    raise self.error(key, f"environment variable {name} is not set and has no default")
+                    state = "is empty" if value == "" else "is not set"
+                    raise self.error(key, f"environment variable {name} {state} and has no default")
                 return default
             return value
 
@@ -243,11 +255,14 @@ class _Section:
             result[name] = dict(options or {})
         return result
 
-    def finish(self) -> None:
-        unknown = sorted(str(key) for key in self._data if key not in self._used)
+    def refuse_unknown(self, known: tuple[str, ...]) -> None:
+        unknown = sorted(str(key) for key in self._data if key not in known)
         if unknown:
             raise self.error(unknown[0], "unknown key" + (f" (also unknown: {', '.join(unknown[1:])})"
                                                           if len(unknown) > 1 else ""))
+
+    def finish(self) -> None:
+        self.refuse_unknown(tuple(self._used))
 
 
 def _kind(value: object) -> str:
@@ -330,7 +345,8 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
     )
     section.finish()
     if authority.x509_svid_ttl > authority.x509_svid_max_ttl:
-        raise section.error("x509_svid_ttl", "must not exceed x509_svid_max_ttl")
+        ttl, cap = format_duration(authority.x509_svid_ttl), format_duration(authority.x509_svid_max_ttl)
+        raise section.error("x509_svid_ttl", f"must not exceed x509_svid_max_ttl ({ttl} > {cap})")
     return authority
 
 
@@ -344,7 +360,13 @@ def _parse_selectors(section: _Section, key: str) -> frozenset[Selector]:
     return frozenset(selectors)
 
 
+_ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "dns_names",
+               "hint")
+
+
 def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
+    # A misspelt key ("selector:") is named as such, not reported as the missing key it was meant to be.
+    section.refuse_unknown(_ENTRY_KEYS)
     try:
         spiffe_id = SpiffeId.parse(section.string("spiffe_id"))
     except SpiffeError as err:
@@ -416,7 +438,8 @@ def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = No
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{where}") from None
+        problem = getattr(err, "problem", None)  # the parser's words, never the offending text itself
+        raise ConfigError(f"{source}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
     top = _Section(source, "", data, os.environ if environ is None else environ)
     try:
         trust_domain = TrustDomain.parse(top.string("trust_domain"))

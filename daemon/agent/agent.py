@@ -20,7 +20,7 @@ from vouchd.agent.admin import AdminServer
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
-from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
+from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService, check_socket_path
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
@@ -30,7 +30,7 @@ from vouchd.protocol.transport import AuthorityTransport
 from vouchd.spiffe import X509Bundle
 from vouchd.tpm import EkInfo, TpmService
 
-__all__ = ["Agent", "AuthorityConnector", "AuthorityLink"]
+__all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "workload_attestors_from"]
 
 log = logging.getLogger("vouchd.agent")
 
@@ -50,6 +50,16 @@ class AuthorityLink:
 
 # Given the local TPM's EK, open the link to the authority (and close it when the agent stops).
 AuthorityConnector = Callable[[EkInfo], contextlib.AbstractContextManager[AuthorityLink]]
+
+
+def workload_attestors_from(config: Config) -> list[WorkloadAttestor]:
+    """The configured workload attestors; a bad plugin name or option names the file and the key."""
+    if config.agent is None:
+        return []
+    try:
+        return build_workload_attestors(config.agent.workload_attestors)
+    except ConfigError as err:
+        raise ConfigError(f"{config.source}: agent.workload_attestors: {err}") from None
 
 
 class Agent:
@@ -73,8 +83,10 @@ class Agent:
         return self._ready
 
     async def run(self) -> None:
-        # Plugin options are checked before the TPM is touched: a typo fails at once, not after attestation.
-        attestors = build_workload_attestors(self._agent_config.workload_attestors)
+        # What can be checked cheaply is checked before the TPM and the authority are touched: a typo in
+        # the plugin options, a second agent on the same socket, a socket folder others may write to.
+        attestors = workload_attestors_from(self._config)
+        check_socket_path(self._agent_config.socket_path)
         async with self._tpm_service() as tpm:
             keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
             with self._connect(tpm.ek) as link:

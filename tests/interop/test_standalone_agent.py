@@ -171,3 +171,18 @@ def test_status_shows_recent_denials_with_the_callers_uid(agent: RunningAgent) -
     text = subprocess.run([*VOUCHD, "status", "--admin-socket", str(agent.admin_socket)],
                           capture_output=True, text=True, check=True).stdout
     assert f"uid {NOBODY}" in text
+
+
+def test_a_second_agent_on_the_same_socket_is_refused_before_it_attests(agent: RunningAgent) -> None:
+    result = subprocess.run([*VOUCHD, "agent", "--standalone", "--config", str(agent.config), "--log-format", "text"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert f"another process is serving on {agent.socket}" in result.stderr
+    assert "attestation challenge" not in result.stderr  # refused before the TPM or the authority
+
+
+def test_status_piped_into_a_closed_reader_ends_quietly(agent: RunningAgent) -> None:
+    result = subprocess.run(f"{' '.join(VOUCHD)} status --admin-socket {agent.admin_socket} | head -1",
+                            shell=True, capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.startswith("trust domain")
+    assert "Traceback" not in result.stderr

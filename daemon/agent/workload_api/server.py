@@ -55,7 +55,7 @@ from vouchd.proto import workload_pb2 as pb
 from vouchd.proto.workload_grpc import SpiffeWorkloadAPIBase
 from vouchd.selectors import Selector
 
-__all__ = ["SECURITY_HEADER", "WorkloadApiServer", "WorkloadApiService"]
+__all__ = ["SECURITY_HEADER", "WorkloadApiServer", "WorkloadApiService", "check_socket_path"]
 
 SECURITY_HEADER = "workload.spiffe.io"
 
@@ -480,6 +480,18 @@ class WorkloadApiServer:
             self._socket_path.unlink(missing_ok=True)
 
 
+def check_socket_path(path: Path) -> None:
+    """What would stop WorkloadApiServer.start(), checked without binding: the socket's folder, and
+    another process serving at the path.
+
+    The agent calls this before it touches the TPM or the authority, so a second agent, or a folder
+    others may write to, is refused at once rather than after a full node attestation.
+    """
+    _make_folder(path.parent)
+    _check_socket_folder(path.parent)
+    _refuse_live_socket(path)
+
+
 def _make_folder(folder: Path) -> None:
     """Create the socket's folder and any missing parent as 0755 (mkdir's mode is filtered by the umask)."""
     missing = [directory for directory in (folder, *folder.parents) if not directory.is_dir()]
@@ -535,10 +547,16 @@ def _check_socket_folder(folder: Path) -> None:
 
 def _remove_stale_socket(path: Path) -> None:
     """Remove a socket file left by a previous run; refuse to touch anything else."""
+    if _refuse_live_socket(path):
+        path.unlink(missing_ok=True)
+
+
+def _refuse_live_socket(path: Path) -> bool:
+    """WorkloadApiError if something serves at `path` or it is not a socket; True if a dead socket is there."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(mode):
         raise WorkloadApiError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -549,4 +567,4 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
     if in_use:
         raise WorkloadApiError(f"another process is serving on {path}")
-    path.unlink(missing_ok=True)
+    return True
