@@ -39,7 +39,7 @@ from vouchd.protocol.messages import (
 )
 from vouchd.protocol.signing import ReplyVerifier
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, AuthorityTransport
-from vouchd.spiffe import TrustDomain, X509Bundle
+from vouchd.spiffe import TrustDomain, X509Bundle, serial_hex
 from vouchd.tpm import EkInfo, TpmQuote
 
 __all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm"]
@@ -170,7 +170,7 @@ class NodeIdentity:
         now = time.time()
         self._status = NodeStatus(
             node_id=self.node_id, tier=result.tier, selectors=result.selectors,
-            svid_serial=f"{svid.serial_number:x}", svid_issued_at=now,
+            svid_serial=serial_hex(svid), svid_issued_at=now,
             svid_expires_at=svid.not_valid_after_utc.timestamp(), attested_at=now, last_quote_at=now,
         )
         log.info("node identity obtained", extra={"node_id": self.node_id, "svid_serial": self._status.svid_serial})

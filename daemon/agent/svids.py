@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST, CredentialResponse, EntryView, X509SvidRequest
 from vouchd.selectors import Selector
-from vouchd.spiffe import SpiffeError, X509Bundle, load_der_certificates, make_csr
+from vouchd.spiffe import SpiffeError, X509Bundle, load_der_certificates, make_csr, serial_hex
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -59,7 +59,7 @@ class CachedSvid:
 
     @property
     def serial(self) -> str:
-        return f"{self.certificate.serial_number:x}"
+        return serial_hex(self.certificate)
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class SvidManager:
                 rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
             )
             log.info("x509-svid cached", extra={"entry_id": issued.entry_id, "spiffe_id": issued.spiffe_id,
-                                                "svid_serial": f"{certificate.serial_number:x}"})
+                                                "svid_serial": serial_hex(certificate)})
         for request in requests:
             cached = self._svids.get(request.entry_id)
             if cached is None or cached.issued_at != now:

@@ -58,7 +58,7 @@ from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
 from vouchd.securefiles import InsecureFileError, read_private, write_atomically
 from vouchd.selectors import Selector
-from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key
+from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key, serial_hex
 
 __all__ = ["Authority"]
 
@@ -184,9 +184,9 @@ class Authority:
                 return self._ca
             if self._ca.prepared is not None and self._ca.prepared != previously_prepared:
                 log.info("ca root prepared: published in the bundle, signs once agents have it",
-                         extra={"root_serial": f"{self._ca.prepared.serial_number:x}"})
+                         extra={"root_serial": serial_hex(self._ca.prepared)})
             if self._ca.certificate != previous:
-                log.info("ca rotated", extra={"root_serial": f"{self._ca.certificate.serial_number:x}"})
+                log.info("ca rotated", extra={"root_serial": serial_hex(self._ca.certificate)})
                 self._signer, self._signer_expires = self._mint_signer()
         return self._ca
 
@@ -320,7 +320,7 @@ class Authority:
         ))
         nonce, expires = self._new_nonce(session.node_id)
         log.info("node attested", extra={"node_id": session.node_id, "pcr_profile": profile,
-                                         "svid_serial": f"{node_svid.serial_number:x}"})
+                                         "svid_serial": serial_hex(node_svid)})
         return AttestResult(node_svid=node_svid.public_bytes(Encoding.DER), bundle=self.bundle().der(),
                             selectors=tuple(sorted(selectors)), tier=TrustTier.HARDWARE.value,
                             nonce=nonce, nonce_expires_at=int(expires))
@@ -428,7 +428,7 @@ class Authority:
                                          expires_at=int(cert.not_valid_after_utc.timestamp())))
             log.info("x509-svid issued", extra={
                 "node_id": node.node_id, "entry_id": entry.id, "spiffe_id": str(entry.spiffe_id),
-                "svid_serial": f"{cert.serial_number:x}", "not_after": cert.not_valid_after_utc.isoformat(),
+                "svid_serial": serial_hex(cert), "not_after": cert.not_valid_after_utc.isoformat(),
                 "quote_digest": quote_digest,
             })
         entries = None

@@ -46,6 +46,7 @@ from vouchd.evidence import (
 )
 from vouchd.protocol.identities import ek_hash
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
+from vouchd.spiffe import serial_hex
 
 __all__ = [
     "AttestationSession",
@@ -121,7 +122,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+    return cert.subject.rfc4514_string() or f"serial {serial_hex(cert)}"
 
 
 def _issuer_common_name(cert: x509.Certificate) -> str | None:

@@ -15,6 +15,7 @@ from vouchd.spiffe.x509svid import (
     csr_public_key,
     make_csr,
     mint_x509_svid,
+    serial_hex,
     validate_x509_svid_leaf,
     verify_x509_svid,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "make_csr",
     "mint_x509_svid",
     "read_tier",
+    "serial_hex",
     "validate_x509_svid_leaf",
     "verify_x509_svid",
 ]

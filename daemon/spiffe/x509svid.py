@@ -31,6 +31,7 @@ __all__ = [
     "csr_public_key",
     "make_csr",
     "mint_x509_svid",
+    "serial_hex",
     "validate_x509_svid_leaf",
     "verify_x509_svid",
 ]
@@ -77,6 +78,12 @@ def _svid_subject(tier: TrustTier) -> x509.Name:
 def _random_serial() -> int:
     # Uniform over [1, 2**128 - 1]: positive and unpredictable, as RFC 5280 and CA/B practice want.
     return 1 + secrets.randbelow((1 << 128) - 1)
+
+
+def serial_hex(certificate: x509.Certificate) -> str:
+    """The serial number as openssl and most tools print it: hex, whole bytes (leading zero kept)."""
+    digits = f"{certificate.serial_number:x}"
+    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 def check_dns_name(name: str) -> None:

@@ -537,3 +537,18 @@ def test_py_spiffe_check_can_fail(tmp_path: Path, ca: Ca, workload_key: ec.Ellip
         _py_spiffe_parse(
             tmp_path, bad.public_bytes(serialization.Encoding.DER), workload_key, X509Bundle(TD, (ca.cert,))
         )
+
+
+@pytest.mark.parametrize(
+    ("serial", "printed"), [(0x0A, "0a"), (0xABC, "0abc"), (0xABCD, "abcd"), (1 << 120, "01" + "00" * 15)]
+)
+def test_serial_hex_prints_whole_bytes_as_openssl_does(serial: int, printed: str) -> None:
+    from vouchd.spiffe import serial_hex
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "serial")])
+    now = datetime.now(UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(serial).not_valid_before(now).not_valid_after(now + timedelta(minutes=1))
+                   .sign(key, hashes.SHA256()))
+    assert serial_hex(certificate) == printed
