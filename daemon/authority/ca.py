@@ -32,7 +32,7 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import assert_never
 
@@ -40,12 +40,20 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from vouchd.authority.errors import CaError
 from vouchd.securefiles import InsecureFileError, fsync_directory, read_private, write_together
-from vouchd.spiffe import CLOCK_SKEW, SpiffeId, TrustDomain, TrustTier, X509Bundle, mint_x509_svid
+from vouchd.spiffe import (
+    CLOCK_SKEW,
+    SpiffeId,
+    TrustDomain,
+    TrustTier,
+    X509Bundle,
+    mint_x509_svid,
+    spki_der,
+    utc_time,
+)
 
 __all__ = ["CertificateAuthority"]
 
@@ -149,7 +157,7 @@ class CertificateAuthority:
         prepared: x509.Certificate | None = None,
     ) -> None:
         """Prefer load_or_create; this wires already-loaded roots: the active one, prepared and older ones."""
-        if _spki(key.public_key()) != _spki(certificate.public_key()):
+        if spki_der(key.public_key()) != spki_der(certificate.public_key()):
             raise CaError("ca key does not match the ca certificate")
         self._trust_domain = trust_domain
         self._key = key
@@ -171,7 +179,7 @@ class CertificateAuthority:
         Creates the first root on first start and completes or undoes a rotation that a crash
         interrupted; the module docstring gives the schedule.
         """
-        now = _utc(now)
+        now = utc_time(now)
         if ca_ttl <= timedelta(0):
             raise CaError("ca ttl must be positive")
         ca_dir = _prepare_directory(state_dir / _CA_DIR_NAME)
@@ -214,7 +222,7 @@ class CertificateAuthority:
 
     def bundle(self, now: datetime | None = None) -> X509Bundle:
         """Every root that has not expired at `now`: the active one, the prepared one, then older ones."""
-        now = _utc(now)
+        now = utc_time(now)
         prepared = (self._prepared,) if self._prepared is not None else ()
         roots = (self._certificate, *prepared, *self._previous)
         return X509Bundle(self._trust_domain, tuple(c for c in roots if c.not_valid_after_utc > now))
@@ -352,19 +360,7 @@ def _created_at(root: _Root) -> datetime:
 
 
 def _same_key(key: ec.EllipticCurvePrivateKey | None, certificate: x509.Certificate) -> bool:
-    return key is not None and _spki(key.public_key()) == _spki(certificate.public_key())
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime")
-    return now.astimezone(UTC)
-
-
-def _spki(key: CertificatePublicKeyTypes) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key is not None and spki_der(key.public_key()) == spki_der(certificate.public_key())
 
 
 def _prepare_directory(ca_dir: Path) -> Path:

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from vouchd.authority.errors import RefusalError
@@ -46,7 +45,7 @@ from vouchd.evidence import (
 )
 from vouchd.protocol.identities import ek_hash
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
-from vouchd.spiffe import serial_hex
+from vouchd.spiffe import is_ca_certificate, serial_hex, spki_der
 
 __all__ = [
     "AttestationSession",
@@ -97,7 +96,9 @@ class EkTrust:
             for root in self._roots:
                 if _issued_by(current, root):
                     return
-            issuer = next((c for c in pool if c is not current and _issued_by(current, c) and _is_ca(c)), None)
+            issuer = next(
+                (c for c in pool if c is not current and _issued_by(current, c) and is_ca_certificate(c)), None
+            )
             if issuer is None:
                 raise RefusalError("ek_untrusted", "EK certificate does not chain to a configured manufacturer root")
             current = issuer
@@ -112,13 +113,6 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -169,10 +163,11 @@ def _check_ek_shape(ek: TpmPublic, ek_type: str) -> None:
         raise RefusalError("bad_evidence", "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
 
 
-def _spki(key: object) -> bytes:
+def _ek_certificate_spki(certificate: x509.Certificate) -> bytes:
+    key = certificate.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise RefusalError("bad_evidence", "EK certificate key is neither RSA nor EC")
-    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return spki_der(key)
 
 
 def begin_attestation(
@@ -198,7 +193,7 @@ def begin_attestation(
             certificate = x509.load_der_x509_certificate(request.ek_certificate)
         except ValueError:
             raise RefusalError("bad_evidence", "EK certificate is not DER X.509") from None
-        if _spki(certificate.public_key()) != ek.spki_der():
+        if _ek_certificate_spki(certificate) != ek.spki_der():
             raise RefusalError("bad_evidence", "EK certificate does not certify the presented EK")
         if trust.configured:
             trust.verify_chain(certificate)

@@ -6,6 +6,7 @@ Imports nothing of vouchd beyond vouchd.errors, so the agent, the authority and 
 from __future__ import annotations
 
 from vouchd.spiffe.bundle import X509Bundle, load_der_certificates
+from vouchd.spiffe.certificates import is_ca_certificate, serial_hex, spki_der, utc_time
 from vouchd.spiffe.errors import InvalidBundleError, InvalidSpiffeIdError, InvalidSvidError, SpiffeError
 from vouchd.spiffe.ids import SCHEME_PREFIX, SpiffeId, TrustDomain
 from vouchd.spiffe.tier import JWT_TIER_CLAIM, TIER_SUBJECT_PREFIX, TrustTier, read_tier
@@ -15,7 +16,6 @@ from vouchd.spiffe.x509svid import (
     csr_public_key,
     make_csr,
     mint_x509_svid,
-    serial_hex,
     validate_x509_svid_leaf,
     verify_x509_svid,
 )
@@ -35,11 +35,14 @@ __all__ = [
     "X509Bundle",
     "check_dns_name",
     "csr_public_key",
+    "is_ca_certificate",
     "load_der_certificates",
     "make_csr",
     "mint_x509_svid",
     "read_tier",
     "serial_hex",
+    "spki_der",
+    "utc_time",
     "validate_x509_svid_leaf",
     "verify_x509_svid",
 ]

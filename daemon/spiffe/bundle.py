@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from vouchd.spiffe.certificates import is_ca_certificate
 from vouchd.spiffe.errors import InvalidBundleError
 from vouchd.spiffe.ids import TrustDomain
 
@@ -16,14 +17,6 @@ __all__ = ["X509Bundle", "load_der_certificates"]
 # A bundle holds a handful of roots; this bound keeps a hostile input from costing much to parse.
 _MAX_BUNDLE_BYTES = 1 << 20
 _DER_SEQUENCE_TAG = 0x30
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    return constraints.ca
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +32,7 @@ class X509Bundle:
         for index, cert in enumerate(self.authorities):
             if not isinstance(cert, x509.Certificate):
                 raise InvalidBundleError(f"x509 bundle authority {index} is not a certificate")
-            if not _is_ca(cert):
+            if not is_ca_certificate(cert):
                 raise InvalidBundleError(
                     f"x509 bundle for {self.trust_domain}: authority {index} is not a ca certificate"
                 )

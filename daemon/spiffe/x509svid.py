@@ -10,17 +10,17 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from vouchd.spiffe.bundle import X509Bundle
+from vouchd.spiffe.certificates import spki_der, utc_time
 from vouchd.spiffe.errors import InvalidSpiffeIdError, InvalidSvidError
 from vouchd.spiffe.ids import SpiffeId
 from vouchd.spiffe.tier import TIER_SUBJECT_PREFIX, TrustTier
@@ -31,7 +31,6 @@ __all__ = [
     "csr_public_key",
     "make_csr",
     "mint_x509_svid",
-    "serial_hex",
     "validate_x509_svid_leaf",
     "verify_x509_svid",
 ]
@@ -49,21 +48,8 @@ _DNS_NAME = re.compile(rf"(?:\*\.)?(?:{_DNS_LABEL}\.)*{_DNS_LABEL}")
 _MAX_DNS_NAME = 253
 
 
-def _utc_now(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        # A naive time is ambiguous, and validity checks against the wrong zone fail open or shut.
-        raise ValueError("now must be a timezone-aware datetime")
-    return now.astimezone(UTC)
-
-
 def _is_p256(key: object) -> bool:
     return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-
-
-def _spki(key: CertificatePublicKeyTypes) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _svid_subject(tier: TrustTier) -> x509.Name:
@@ -78,12 +64,6 @@ def _svid_subject(tier: TrustTier) -> x509.Name:
 def _random_serial() -> int:
     # Uniform over [1, 2**128 - 1]: positive and unpredictable, as RFC 5280 and CA/B practice want.
     return 1 + secrets.randbelow((1 << 128) - 1)
-
-
-def serial_hex(certificate: x509.Certificate) -> str:
-    """The serial number as openssl and most tools print it: hex, whole bytes (leading zero kept)."""
-    digits = f"{certificate.serial_number:x}"
-    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 def check_dns_name(name: str) -> None:
@@ -119,7 +99,7 @@ def mint_x509_svid(
 
     The leaf never outlives the CA: notAfter is min(now + ttl, the CA's notAfter).
     """
-    now = _utc_now(now)
+    now = utc_time(now)
     if not _is_p256(public_key):
         raise InvalidSvidError("svid public key must be an ec p-256 key")
     if not spiffe_id.path:
@@ -130,7 +110,7 @@ def mint_x509_svid(
         raise InvalidSvidError("dns names must be a sequence of names, not one string")
     for name in dns_names:
         check_dns_name(name)
-    if _spki(ca_key.public_key()) != _spki(ca_cert.public_key()):
+    if spki_der(ca_key.public_key()) != spki_der(ca_cert.public_key()):
         raise InvalidSvidError("ca key does not match the ca certificate")
     ca_not_after = ca_cert.not_valid_after_utc
     if ca_not_after <= now:
@@ -222,7 +202,7 @@ def verify_x509_svid(chain: Sequence[x509.Certificate], bundle: X509Bundle, *, n
     validation is cryptography's client verifier (Web PKI profile), so beyond the SPIFFE rules a
     leaf also needs an AuthorityKeyIdentifier and, when it has an EKU, clientAuth in it.
     """
-    now = _utc_now(now)
+    now = utc_time(now)
     if not chain:
         raise InvalidSvidError("x509-svid chain is empty")
     leaf = chain[0]
