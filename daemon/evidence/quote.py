@@ -19,13 +19,14 @@ def pcr_digest(values: Sequence[bytes], hash_alg: TpmAlg = TpmAlg.SHA256) -> byt
 
 
 def verify_quote(ak: TpmPublic, attest: bytes, signature: bytes, *, extra_data: bytes,
-                 selection: PcrSelection, pcr_values: Mapping[int, bytes]) -> Attest:
+                 selection: PcrSelection, pcr_values: Mapping[int, bytes] | None) -> Attest:
     """Verify a TPM2_Quote made by `ak` and return its parsed TPMS_ATTEST.
 
     Checks that the signature is ak's, that it is a quote, that its extraData is `extra_data`,
     that it covers exactly `selection` (one bank), and that `pcr_values` (index -> value, e.g.
     from an event-log replay) hash to its pcrDigest. Each failure is a VerificationError naming
-    the check.
+    the check. With `pcr_values` None the caller has no values to check the digest against (it
+    compares `pcr_digest` with one it recorded, or records it): everything else is still checked.
     """
     verify_signature(ak, signature, attest)
     parsed = Attest.parse(attest)
@@ -35,6 +36,8 @@ def verify_quote(ak: TpmPublic, attest: bytes, signature: bytes, *, extra_data: 
         raise VerificationError("quote extraData does not match")
     if parsed.pcr_selection != (selection,):
         raise VerificationError("quote pcr selection does not match the demanded selection")
+    if pcr_values is None:
+        return parsed
     missing = [i for i in selection.pcrs if i not in pcr_values]
     if missing:
         raise VerificationError(f"pcr values missing for selected pcrs {missing}")

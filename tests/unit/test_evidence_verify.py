@@ -229,6 +229,21 @@ def test_quote_refusals_name_the_check(overrides: dict[str, object], message: st
         _verify(ak, quote_bytes(ak, NONCE, SELECTION, PCRS), **overrides)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"extra_data": os.urandom(32)}, "quote extraData does not match"),
+    ({"selection": PcrSelection(TpmAlg.SHA256, tuple(range(7)))}, "selection does not match"),
+])
+def test_without_pcr_values_everything_but_the_digest_is_still_checked(
+    overrides: dict[str, object], message: str
+) -> None:
+    ak = fake_ak()
+    attest = quote_bytes(ak, NONCE, SELECTION, PCRS)
+    parsed = verify_quote(ak.public, attest, ak.sign(attest), extra_data=NONCE, selection=SELECTION, pcr_values=None)
+    assert parsed.pcr_digest == pcr_digest([PCRS[i] for i in SELECTION.pcrs])  # left for the caller to compare
+    with pytest.raises(VerificationError, match=message):
+        _verify(ak, attest, pcr_values=None, **overrides)
+
+
 def test_quote_signed_by_another_ak_is_refused() -> None:
     ak, other = fake_ak(), fake_ak()
     attest = quote_bytes(ak, NONCE, SELECTION, PCRS)
