@@ -122,17 +122,34 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
 
 
-class _Section:
-    """A YAML mapping being read: tracks which keys were used so the rest can be refused."""
+# The keys each section may hold. Checked when a section is opened, before any value is read, so a
+# misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
+_TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
+_AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_log", "workload_attestors",
+               "attestation_deadline", "attestation_interval")
+_TPM_KEYS = ("tcti", "ek")
+_AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
+                   "x509_svid_ttl", "x509_svid_max_ttl")
+_EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
+_ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "dns_names",
+               "hint")
 
-    def __init__(self, source: Path, path: str, data: object, environ: Mapping[str, str]) -> None:
+
+class _Section:
+    """A YAML mapping being read; keys other than `keys` are refused as soon as it is opened."""
+
+    def __init__(self, source: Path, path: str, data: object, environ: Mapping[str, str],
+                 keys: tuple[str, ...]) -> None:
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {_kind(data)}")
         self.source, self.path, self.environ = source, path, environ
         self._data: dict[object, object] = data
-        self._used: set[str] = set()
+        unknown = sorted(str(key) for key in data if key not in keys)
+        if unknown:
+            raise self.error(unknown[0], "unknown key" + (f" (also unknown: {', '.join(unknown[1:])})"
+                                                          if len(unknown) > 1 else ""))
 
     def _key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -144,7 +161,6 @@ class _Section:
         return key in self._data
 
     def _raw(self, key: str) -> object:
-        self._used.add(key)
         return self._data.get(key)
 
     def _expand(self, key: str, text: str) -> str:
@@ -229,17 +245,17 @@ class _Section:
     def path_list(self, key: str) -> tuple[Path, ...]:
         return tuple(self._resolve(item) for item in self.string_list(key))
 
-    def section(self, key: str) -> _Section:
-        return _Section(self.source, self._key_path(key), self._raw(key), self.environ)
+    def section(self, key: str, keys: tuple[str, ...]) -> _Section:
+        return _Section(self.source, self._key_path(key), self._raw(key), self.environ, keys)
 
-    def sections(self, key: str) -> Iterator[_Section]:
+    def sections(self, key: str, keys: tuple[str, ...]) -> Iterator[_Section]:
         value = self._raw(key)
         if value is None:
             return
         if not isinstance(value, list):
             raise self.error(key, f"expected a list, got {_kind(value)}")
         for index, item in enumerate(value):
-            yield _Section(self.source, f"{self._key_path(key)}[{index}]", item, self.environ)
+            yield _Section(self.source, f"{self._key_path(key)}[{index}]", item, self.environ, keys)
 
     def free_mapping(self, key: str) -> dict[str, dict[str, Any]]:
         """A mapping of name -> options mapping, whose contents a plugin validates itself."""
@@ -255,14 +271,6 @@ class _Section:
             result[name] = dict(options or {})
         return result
 
-    def refuse_unknown(self, known: tuple[str, ...]) -> None:
-        unknown = sorted(str(key) for key in self._data if key not in known)
-        if unknown:
-            raise self.error(unknown[0], "unknown key" + (f" (also unknown: {', '.join(unknown[1:])})"
-                                                          if len(unknown) > 1 else ""))
-
-    def finish(self) -> None:
-        self.refuse_unknown(tuple(self._used))
 
 
 def _kind(value: object) -> str:
@@ -297,7 +305,6 @@ def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[i
 def _parse_tpm(section: _Section) -> TpmConfig:
     tcti = section.string("tcti", "device:/dev/tpmrm0")
     ek = cast(EkType, section.choice("ek", get_args(EkType), "rsa2048"))
-    section.finish()
     return TpmConfig(tcti=tcti, ek=ek)
 
 
@@ -307,19 +314,18 @@ def _parse_agent(section: _Section) -> AgentConfig:
         state_dir=state_dir,
         socket_path=section.path_value("socket_path", "/run/vouchd/agent.sock"),
         admin_socket_path=section.path_value("admin_socket_path", "/run/vouchd/admin.sock"),
-        tpm=_parse_tpm(section.section("tpm")),
+        tpm=_parse_tpm(section.section("tpm", _TPM_KEYS)),
         event_log_path=section.optional_path("event_log"),
         workload_attestors=section.free_mapping("workload_attestors") or {"unix": {}},
         attestation_deadline=section.duration("attestation_deadline", "5s"),
         attestation_interval=section.duration("attestation_interval", "60s"),
     )
-    section.finish()
     return agent
 
 
 def _parse_authority(section: _Section) -> AuthorityConfig:
     state_dir = section.path_value("state_dir", "/var/lib/vouchd/authority")
-    ek = section.section("ek_trust")
+    ek = section.section("ek_trust", _EK_TRUST_KEYS)
     roots = ek.path_list("roots")
     intermediates = ek.path_list("intermediates")
     enrolment = cast(EnrolmentMode, ek.choice("enrolment", get_args(EnrolmentMode), "allowlist"))
@@ -327,7 +333,6 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
     for digest in enrolled:
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise ek.error("enrolled", f"expected sha256 hex EK hashes, got {digest[:80]!r}")
-    ek.finish()
     bank, indices = _parse_pcrs(section, "pcr_selection", "sha256:0-7")
     authority = AuthorityConfig(
         state_dir=state_dir,
@@ -343,7 +348,6 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
         x509_svid_ttl=section.duration("x509_svid_ttl", "1h"),
         x509_svid_max_ttl=section.duration("x509_svid_max_ttl", "24h"),
     )
-    section.finish()
     if authority.x509_svid_ttl > authority.x509_svid_max_ttl:
         ttl, cap = format_duration(authority.x509_svid_ttl), format_duration(authority.x509_svid_max_ttl)
         raise section.error("x509_svid_ttl", f"must not exceed x509_svid_max_ttl ({ttl} > {cap})")
@@ -360,13 +364,7 @@ def _parse_selectors(section: _Section, key: str) -> frozenset[Selector]:
     return frozenset(selectors)
 
 
-_ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "dns_names",
-               "hint")
-
-
 def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
-    # A misspelt key ("selector:") is named as such, not reported as the missing key it was meant to be.
-    section.refuse_unknown(_ENTRY_KEYS)
     try:
         spiffe_id = SpiffeId.parse(section.string("spiffe_id"))
     except SpiffeError as err:
@@ -407,7 +405,6 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
         dns_names=dns_names,
         hint=section.optional_string("hint") or "",
     )
-    section.finish()
     return entry
 
 
@@ -420,7 +417,7 @@ def _default_entry_id(spiffe_id: SpiffeId, selectors: frozenset[Selector]) -> st
 
 def _parse_entries(top: _Section, trust_domain: TrustDomain) -> tuple[EntryConfig, ...]:
     entries: dict[str, EntryConfig] = {}
-    for section in top.sections("entries"):
+    for section in top.sections("entries", _ENTRY_KEYS):
         entry = _parse_entry(section, trust_domain)
         existing = entries.get(entry.id)
         # An entry listed twice (e.g. the example's "current user" entry when root runs it) is one entry.
@@ -440,16 +437,15 @@ def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = No
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None)  # the parser's words, never the offending text itself
         raise ConfigError(f"{source}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
-    top = _Section(source, "", data, os.environ if environ is None else environ)
+    top = _Section(source, "", data, os.environ if environ is None else environ, _TOP_KEYS)
     try:
         trust_domain = TrustDomain.parse(top.string("trust_domain"))
     except SpiffeError as err:
         raise top.error("trust_domain", str(err)) from None
-    agent = _parse_agent(top.section("agent")) if top.has("agent") else None
-    authority = _parse_authority(top.section("authority")) if top.has("authority") else None
+    agent = _parse_agent(top.section("agent", _AGENT_KEYS)) if top.has("agent") else None
+    authority = _parse_authority(top.section("authority", _AUTHORITY_KEYS)) if top.has("authority") else None
     entries = _parse_entries(top, trust_domain)
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
-    top.finish()
     return Config(source=source, trust_domain=trust_domain, agent=agent, authority=authority,
                   entries=entries, log_level=log_level)
 

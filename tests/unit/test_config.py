@@ -842,3 +842,17 @@ def test_node_learn_refuses_a_profile_name_that_cannot_be_a_selector(
         main(["node", "learn", "--config", str(tmp_path / "any.yaml"), f"--name={name}"])
     assert exited.value.code == 2
     assert "use 1 to 64 letters, digits" in capsys.readouterr().err
+
+
+def test_a_key_left_empty_takes_its_default_rather_than_being_called_unknown(source: Path) -> None:
+    config = parse_config(
+        "trust_domain: example.org\nagent: {event_log: }\n"
+        "entries:\n  - {spiffe_id: spiffe://example.org/web, selectors: ['unix:uid:1'], hint: , x509_ttl: }\n",
+        source, {},
+    )
+    assert config.agent is not None and config.agent.event_log_path is None
+    assert config.entries[0].hint == "" and config.entries[0].x509_ttl is None
+
+
+def test_a_misspelt_top_level_key_is_named_before_the_key_it_stands_for_is_missed(source: Path) -> None:
+    assert refused("trust_domian: example.org\n", source) == "trust_domian: unknown key"
