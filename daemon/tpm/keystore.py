@@ -7,11 +7,10 @@ use the same format as tpm2-tools' `-u`/`-r` files.
 
 from __future__ import annotations
 
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vouchd.securefiles import write_atomically
+from vouchd.securefiles import InsecureFileError, read_private, write_together
 from vouchd.tpm.errors import TpmKeyError
 from vouchd.tpm.values import KeyBlob
 
@@ -65,12 +64,6 @@ def read_key(files: KeyFiles) -> StoredKey | None:
     for path, exists in zip(files.all(), present, strict=True):
         if not exists:
             raise TpmKeyError(f"key file {path} is missing while the rest of its key is present")
-    try:
-        auth_mode = files.auth.stat().st_mode
-    except OSError as err:
-        raise TpmKeyError(f"cannot read key file {files.auth}: {err.strerror}") from err
-    if auth_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TpmKeyError(f"key file {files.auth} is accessible to group or others (mode {auth_mode & 0o777:o})")
     auth_value = _read(files.auth)
     if len(auth_value) != AUTH_VALUE_SIZE:
         raise TpmKeyError(f"key file {files.auth} is corrupt: expected {AUTH_VALUE_SIZE} bytes")
@@ -78,17 +71,21 @@ def read_key(files: KeyFiles) -> StoredKey | None:
 
 
 def write_key(files: KeyFiles, blob: KeyBlob, auth_value: bytes) -> StoredKey:
-    """Store a key; each file appears complete or not at all."""
-    for path, data in ((files.public, blob.public), (files.private, blob.private), (files.auth, auth_value)):
-        try:
-            write_atomically(path, data)
-        except OSError as err:
-            raise TpmKeyError(f"cannot write key file {path}: {err.strerror}") from err
+    """Store a key: the three files are renamed into place together, after all are durable."""
+    try:
+        write_together([(files.public, blob.public, 0o600), (files.private, blob.private, 0o600),
+                        (files.auth, auth_value, 0o600)])
+    except OSError as err:
+        names = ", ".join(str(path) for path in files.all())
+        raise TpmKeyError(f"cannot write key files {names}: {err.strerror}") from err
     return StoredKey(files, blob, auth_value)
 
 
 def _read(path: Path) -> bytes:
+    """Every key file is private and read without following links (see vouchd.securefiles)."""
     try:
-        return path.read_bytes()
+        return read_private(path)
+    except InsecureFileError as err:
+        raise TpmKeyError(f"key file {path} is {err}") from None
     except OSError as err:
         raise TpmKeyError(f"cannot read key file {path}: {err.strerror}") from err
