@@ -135,6 +135,9 @@ class TpmDevice:
         self._ek_public: bytes = b""
         self._ek_context: object = None
         self._ek_info: EkInfo | None = None
+        # Saved contexts of the AK and the node key, by public area. Reloading one is a single command;
+        # loading the key from its blob takes the EK, a policy session and five more commands.
+        self._key_contexts: dict[bytes, object] = {}
 
     @classmethod
     def open(cls, tcti: str, profile: EkProfile) -> TpmDevice:
@@ -343,6 +346,32 @@ class TpmDevice:
 
     @contextmanager
     def _loaded(self, key: StoredKey, role: KeyRole) -> Iterator[ESYS_TR]:
+        handle = self._reload_saved(key)
+        if handle is None:
+            handle = self._load_from_blob(key, role)
+            with _command("ContextSave"):
+                try:
+                    self._key_contexts[key.blob.public] = self._esapi.context_save(handle)
+                except BaseException:
+                    self._flush_quietly(handle)
+                    raise
+        with self._flushing(handle):
+            self._esapi.tr_set_auth(handle, key.auth_value)
+            yield handle
+
+    def _reload_saved(self, key: StoredKey) -> ESYS_TR | None:
+        context = self._key_contexts.get(key.blob.public)
+        if context is None:
+            return None
+        try:
+            handle: ESYS_TR = self._esapi.context_load(context)
+        except TSS2_Exception:
+            # A TPM Reset or Restart invalidates saved contexts: load the key from its blob again.
+            del self._key_contexts[key.blob.public]
+            return None
+        return handle
+
+    def _load_from_blob(self, key: StoredKey, role: KeyRole) -> ESYS_TR:
         public = _unmarshal_public(key, role)
         private = _unmarshal_private(key)
         with self._endorsement_key() as ek, self._endorsement_policy_session() as session:
@@ -356,9 +385,7 @@ class TpmDevice:
                         f"or corrupt): {_describe(err)}"
                     ) from err
                 raise TpmOperationError(f"tpm command Load failed: {_describe(err)}") from err
-        with self._flushing(handle):
-            self._esapi.tr_set_auth(handle, key.auth_value)
-            yield handle
+        return handle
 
     @contextmanager
     def _authorizing(self, command: str, keys_by_session: Mapping[int, StoredKey]) -> Iterator[None]:
