@@ -103,6 +103,7 @@ class NodeIdentity:
         self._trust_domain = trust_domain
         self._bundle_source = initial_bundle
         self._bundle: X509Bundle | None = None
+        self._bundle_der = b""  # as the authority sent it: what workloads get, not re-encoded per request
         self._verifier = ReplyVerifier(trust_domain, self.bundle)
         self._event_log_path = event_log_path
         self.node_id = str(node_spiffe_id(trust_domain, ek_hash(TpmPublic.from_tpm2b(tpm.ek.public))))
@@ -116,6 +117,13 @@ class NodeIdentity:
 
     def bundle(self) -> X509Bundle:
         return self._bundle if self._bundle is not None else self._bundle_source()
+
+    def bundle_der(self) -> bytes:
+        return self._bundle_der if self._bundle is not None else self._bundle_source().der()
+
+    def _accept_bundle(self, der: bytes) -> None:
+        self._bundle = X509Bundle.from_der(self._trust_domain, der)
+        self._bundle_der = der
 
     @property
     def status(self) -> NodeStatus | None:
@@ -164,7 +172,7 @@ class NodeIdentity:
         if not isinstance(result, AttestResult):
             raise SignatureError(f"authority answered a challenge response with {type(result).__name__}")
         self._pcr_bank, self._pcr_indices = challenge.pcr_bank, tuple(challenge.pcr_indices)
-        self._bundle = X509Bundle.from_der(self._trust_domain, result.bundle)
+        self._accept_bundle(result.bundle)
         self._nonce, self._nonce_expires = result.nonce, float(result.nonce_expires_at)
         svid = x509.load_der_x509_certificate(result.node_svid)
         now = time.time()
@@ -242,5 +250,5 @@ class NodeIdentity:
         if not isinstance(response, CredentialResponse):
             raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
         self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)
-        self._bundle = X509Bundle.from_der(self._trust_domain, response.bundle)
+        self._accept_bundle(response.bundle)
         return response

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST, CredentialResponse, EntryView, X509SvidRequest
 from vouchd.selectors import Selector
-from vouchd.spiffe import SpiffeError, X509Bundle, load_der_certificates, make_csr, serial_hex
+from vouchd.spiffe import SpiffeError, load_der_certificates, make_csr, serial_hex
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -43,7 +43,9 @@ class CredentialSource(Protocol):
     async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
                       sync_entries: bool = False) -> CredentialResponse: ...
 
-    def bundle(self) -> X509Bundle: ...
+    def bundle_der(self) -> bytes:
+        """The trust domain's bundle as concatenated DER certificates."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class SvidManager:
         return [self._entries[e] for e in sorted(candidates) if self._entry_selectors[e] <= selectors]
 
     def bundle_der(self) -> bytes:
-        return self._source.bundle().der()
+        return self._source.bundle_der()
 
     # -- SVIDs for workloads -----------------------------------------------------------------
     def _valid(self, entry_id: str, now: float) -> bool:
@@ -309,7 +311,7 @@ class SvidManager:
         response = await self._source.request(sync_entries=True)
         if response.entries is not None:
             await self.set_entries(response.entries)
-        bundle = self._source.bundle().der()
+        bundle = self._source.bundle_der()
         if bundle != self._bundle_der:
             self._bundle_der = bundle
             await self._bump()

@@ -82,6 +82,9 @@ class FakeCredentialSource:
     def bundle(self) -> X509Bundle:
         return self.ca.bundle()
 
+    def bundle_der(self) -> bytes:
+        return self.ca.bundle().der()
+
     async def wait_for_requests(self, count: int) -> None:
         async with self._requested:
             await self._requested.wait_for(lambda: len(self.requests) >= count)
