@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST, CredentialResponse, EntryView, X509SvidRequest
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, selector_set
 from vouchd.spiffe import SpiffeError, load_der_certificates, make_csr, serial_hex
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
@@ -121,7 +121,7 @@ class SvidManager:
         # A changed entry starts afresh: whatever made it fail may be what changed.
         self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
         self._entries = new
-        self._entry_selectors = {e.id: frozenset(Selector.parse(s) for s in e.selectors) for e in new.values()}
+        self._entry_selectors = {e.id: selector_set(e.selectors) for e in new.values()}
         self._index = defaultdict(set)
         for entry_id, selectors in self._entry_selectors.items():
             # One selector suffices as index key: a match needs all of them anyway.
@@ -277,6 +277,7 @@ class SvidManager:
         now = time.time()
         for item in response.errors:
             failed[item.entry_id] = f"{item.code}: {item.message}"
+        cached_now: set[str] = set()
         for issued in response.x509_svids:
             issued_key = keys.get(issued.entry_id)
             if issued_key is None or issued.entry_id not in self._entries:
@@ -298,11 +299,11 @@ class SvidManager:
                 issued_at=now, expires_at=expires,
                 rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
             )
+            cached_now.add(issued.entry_id)
             log.info("x509-svid cached", extra={"entry_id": issued.entry_id, "spiffe_id": issued.spiffe_id,
                                                 "svid_serial": serial_hex(certificate)})
         for request in requests:
-            cached = self._svids.get(request.entry_id)
-            if cached is None or cached.issued_at != now:
+            if request.entry_id not in cached_now:
                 failed.setdefault(request.entry_id, "authority did not issue an SVID")
         await self._bump()
         return failed

@@ -89,20 +89,17 @@ class EntryIndex:
         candidates = set(self._by_parent.get(node_id, ()))
         for selector in node_selectors:
             candidates.update(self._by_node_selector.get(selector, ()))
-        result = []
-        for entry_id in sorted(candidates):
-            entry = self._by_id[entry_id]
-            bound = entry.parent == node_id or (
-                bool(entry.node_selectors) and entry.node_selectors <= node_selectors
-            )
-            if bound and tier_allows(entry.min_tier, tier):
-                result.append(entry)
-        return result
+        entries = (self._by_id[entry_id] for entry_id in sorted(candidates))
+        return [entry for entry in entries if _grants(entry, node_id, node_selectors, tier)]
 
     def is_authorized(self, entry_id: str, node_id: SpiffeId, node_selectors: frozenset[Selector],
                       tier: TrustTier) -> Entry | None:
         entry = self._by_id.get(entry_id)
-        if entry is None:
-            return None
-        bound = entry.parent == node_id or (bool(entry.node_selectors) and entry.node_selectors <= node_selectors)
-        return entry if bound and tier_allows(entry.min_tier, tier) else None
+        return entry if entry is not None and _grants(entry, node_id, node_selectors, tier) else None
+
+
+def _grants(entry: Entry, node_id: SpiffeId, node_selectors: frozenset[Selector], tier: TrustTier) -> bool:
+    """The one rule entry sync and issuance share: the entry names this node (its parent, or node
+    selectors the node has) and allows the node's tier."""
+    bound = entry.parent == node_id or (bool(entry.node_selectors) and entry.node_selectors <= node_selectors)
+    return bound and tier_allows(entry.min_tier, tier)

@@ -57,7 +57,7 @@ from vouchd.protocol.messages import (
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
 from vouchd.securefiles import InsecureFileError, read_private, write_atomically
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, selector_set
 from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key, serial_hex
 
 __all__ = ["Authority"]
@@ -314,7 +314,7 @@ class Authority:
             node_id=session.node_id, ek_hash=session.ek_hash, tier=TrustTier.HARDWARE.value,
             state=NodeState.TRUSTED, ak_public=session.ak.to_tpm2b(), node_key_public=session.node_key.to_tpm2b(),
             selectors=tuple(sorted(selectors)), pcr_bank=self._config.pcr_bank,
-            pcr_indices=tuple(session.selection.pcrs), pcr_digest=verified.pcr_digest,
+            pcr_indices=tuple(session.selection.pcrs), pcr_digest=verified.attest.pcr_digest,
             reset_count=clock.reset_count, restart_count=clock.restart_count, clock=clock.clock,
             attested_at=now, last_quote_at=now,
         ))
@@ -401,7 +401,7 @@ class Authority:
     def _serve(self, node: NodeRecord, body: RequestBody, *, quote_digest: str) -> CredentialResponse:
         if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST:
             raise RefusalError("bad_request", f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
-        view = _NodeView(SpiffeId.parse(node.node_id), frozenset(Selector.parse(s) for s in node.selectors),
+        view = _NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors),
                          TrustTier(node.tier))
         issued: list[IssuedX509Svid] = []
         errors: list[ItemError] = []

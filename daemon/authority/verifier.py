@@ -248,8 +248,7 @@ def begin_attestation(
 class VerifiedNode:
     """The outcome of a completed attestation: what the quote proved."""
 
-    attest: Attest
-    pcr_digest: bytes
+    attest: Attest                     # its pcr_digest is the node's attested PCR state
     event_digests: tuple[str, ...]     # "<pcr>:<bank>:<hex>" of every quoted measurement, for profile policy
 
 
@@ -276,7 +275,7 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> Ver
             digests = ()
     except EvidenceError as err:
         raise RefusalError("bad_quote", str(err)) from None
-    return VerifiedNode(attest=attest, pcr_digest=attest.pcr_digest, event_digests=digests)
+    return VerifiedNode(attest=attest, event_digests=digests)
 
 
 def quoted_measurements(event_log: EventLog, selection: PcrSelection) -> tuple[str, ...]:

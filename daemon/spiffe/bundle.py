@@ -46,7 +46,7 @@ class X509Bundle:
 
     @classmethod
     def from_pem(cls, td: TrustDomain, data: bytes) -> X509Bundle:
-        _check_size(td, data)
+        _check_size(f"x509 bundle for {td}", data)
         try:
             certs = x509.load_pem_x509_certificates(data)
         except ValueError as err:
@@ -55,8 +55,7 @@ class X509Bundle:
 
     @classmethod
     def from_der(cls, td: TrustDomain, data: bytes) -> X509Bundle:
-        _check_size(td, data)
-        return cls(td, tuple(_load_der(f"x509 bundle for {td}", data)))
+        return cls(td, tuple(load_der_certificates(data, f"x509 bundle for {td}")))
 
 
 def load_der_certificates(data: bytes, what: str = "certificate chain") -> list[x509.Certificate]:
@@ -64,14 +63,7 @@ def load_der_certificates(data: bytes, what: str = "certificate chain") -> list[
 
     InvalidBundleError, naming `what`, when the data is empty, oversized or not DER certificates.
     """
-    if not data:
-        raise InvalidBundleError(f"{what}: no certificates")
-    if len(data) > _MAX_BUNDLE_BYTES:
-        raise InvalidBundleError(f"{what}: larger than {_MAX_BUNDLE_BYTES} bytes")
-    return _load_der(what, data)
-
-
-def _load_der(what: str, data: bytes) -> list[x509.Certificate]:
+    _check_size(what, data)
     certs: list[x509.Certificate] = []
     for index, blob in enumerate(_split_der(what, data)):
         try:
@@ -81,11 +73,11 @@ def _load_der(what: str, data: bytes) -> list[x509.Certificate]:
     return certs
 
 
-def _check_size(td: TrustDomain, data: bytes) -> None:
+def _check_size(what: str, data: bytes) -> None:
     if not data:
-        raise InvalidBundleError(f"x509 bundle for {td}: no certificates")
+        raise InvalidBundleError(f"{what}: no certificates")
     if len(data) > _MAX_BUNDLE_BYTES:
-        raise InvalidBundleError(f"x509 bundle for {td}: larger than {_MAX_BUNDLE_BYTES} bytes")
+        raise InvalidBundleError(f"{what}: larger than {_MAX_BUNDLE_BYTES} bytes")
 
 
 def _split_der(what: str, data: bytes) -> Iterator[bytes]:
