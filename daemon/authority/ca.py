@@ -51,7 +51,6 @@ from vouchd.spiffe import (
     TrustTier,
     X509Bundle,
     mint_x509_svid,
-    serial_hex,
     spki_der,
     utc_time,
 )
@@ -259,7 +258,7 @@ class CertificateAuthority:
     def __repr__(self) -> str:
         return (
             f"CertificateAuthority(trust_domain={self._trust_domain.name!r}, "
-            f"root_serial={serial_hex(self._certificate)})"
+            f"root_serial={self._certificate.serial_number:#x})"
         )
 
 
