@@ -468,3 +468,39 @@ async def test_a_failed_node_svid_renewal_shows_in_the_node_status(
         assert node.status.authority_error.startswith("re-attestation:")
     finally:
         authority.close()
+
+
+async def test_an_ek_public_area_without_the_ek_attributes_is_refused(exchange: Exchange) -> None:
+    ek = TpmPublic.from_tpm2b(exchange.tpm.ek.public)
+    altered = _with_attributes(exchange.tpm.ek.public, ek.attributes & ~ObjectAttributes.RESTRICTED)
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(await exchange.attest_request(ek_public=altered))
+    assert refused.value.code == "bad_evidence"
+    assert "restricted" in refused.value.reason
+
+
+async def test_a_node_id_not_derived_from_the_ek_is_refused(exchange: Exchange) -> None:
+    claimed = f"spiffe://{TRUST_DOMAIN}/vouchd/node/tpm/" + "00" * 32
+    request = encode(await exchange.attest_request(node_id=claimed))
+    reply = await exchange.authority.handle(ATTEST_TOPIC, request)  # answered to the id it claimed
+    with pytest.raises(RemoteError) as refused:
+        exchange.verifier.open(reply, node_id=claimed, request=request)
+    assert refused.value.code == "bad_request"
+    assert "not derived from the presented EK" in refused.value.reason
+
+
+async def test_a_demanded_pcr_the_event_log_does_not_cover_is_refused(
+    tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
+) -> None:
+    # PCR 9 stays all-zero: the log says nothing of it, so its quoted value proves nothing.
+    authority = Authority(authority_config(tmp_path / "pcr9", booted_tpm.swtpm, pcr_indices=(*range(8), 9)),
+                          TRUST_DOMAIN, standalone=True)
+    try:
+        authority.enrol(ek_hash_of(tpm), "test")
+        exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
+        with pytest.raises(RemoteError) as refused:
+            await exchange.attest_and_expect_refusal()
+        assert refused.value.code == "policy"
+        assert "all-zero" in refused.value.reason
+    finally:
+        authority.close()
