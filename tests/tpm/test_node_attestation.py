@@ -504,3 +504,33 @@ async def test_a_demanded_pcr_the_event_log_does_not_cover_is_refused(
         assert "all-zero" in refused.value.reason
     finally:
         authority.close()
+
+
+async def test_an_ek_certificate_for_another_key_is_refused(exchange: Exchange) -> None:
+    other = x509.load_pem_x509_certificate(_self_signed_ca_pem("Not This TPM"))
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    request = await exchange.attest_request(ek_certificate=other.public_bytes(Encoding.DER))
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(request)
+    assert refused.value.code == "bad_evidence"
+    assert "does not certify the presented EK" in refused.value.reason
+
+
+@pytest.mark.parametrize(("body_changes", "reason"), [
+    ({"node_id": f"spiffe://{TRUST_DOMAIN}/vouchd/node/tpm/" + "00" * 32}, "request body names another node"),
+    ({"sent_at_offset": -3600}, "request time is too far from the authority's clock"),
+])
+async def test_a_request_body_for_another_node_or_time_is_refused(
+    exchange: Exchange, body_changes: dict[str, object], reason: str
+) -> None:
+    result = await exchange.attest()
+    offset = int(body_changes.pop("sent_at_offset", 0))  # type: ignore[call-overload]
+    fields: dict[str, object] = {"node_id": exchange.node_id, "nonce": result.nonce,
+                                 "sent_at": int(dt.datetime.now().timestamp()) + offset, **body_changes}
+    body = encode(RequestBody(**fields))  # type: ignore[arg-type]
+    quote = await exchange.tpm.quote("sha256", range(8), hashlib.sha256(body).digest())
+    with pytest.raises(RemoteError) as refused:
+        await exchange.call(REQUEST_TOPIC, QuotedRequest(node_id=exchange.node_id, body=body,
+                                                         quote=TpmEvidence(quote.attest, quote.signature)))
+    assert (refused.value.code, refused.value.reason) == ("bad_request", reason)
