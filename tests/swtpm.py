@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -59,6 +60,7 @@ class Swtpm:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)  # the mkdtemp folder start() made
 
 
 def provision(state_dir: Path) -> None:

@@ -324,6 +324,7 @@ async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
     assert response.entries == ()
     second = authority.store.node(node.node_id)
     assert second is not None and second.reset_count > first.reset_count
+    assert second.attested_at > first.attested_at  # attested again, not merely served
 
 
 def _with_attributes(tpm2b_public: bytes, attributes: int) -> bytes:
@@ -331,11 +332,11 @@ def _with_attributes(tpm2b_public: bytes, attributes: int) -> bytes:
     return tpm2b_public[:6] + struct.pack(">I", attributes) + tpm2b_public[10:]
 
 
-def _self_signed_ca_pem(common_name: str) -> bytes:
+def _self_signed_ca_pem(common_name: str, subject: x509.Name | None = None) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    name = subject or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
@@ -534,3 +535,21 @@ async def test_a_request_body_for_another_node_or_time_is_refused(
         await exchange.call(REQUEST_TOPIC, QuotedRequest(node_id=exchange.node_id, body=body,
                                                          quote=TpmEvidence(quote.attest, quote.signature)))
     assert (refused.value.code, refused.value.reason) == ("bad_request", reason)
+
+
+async def test_an_impostor_root_with_the_manufacturers_name_is_refused(
+    tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
+) -> None:
+    # Same subject as the real EK issuer, another key: only the signature check can tell them apart.
+    issuer = x509.load_pem_x509_certificate(booted_tpm.swtpm.manufacturer_issuer.read_bytes())
+    impostor = tmp_path / "impostor.pem"
+    impostor.write_bytes(_self_signed_ca_pem("unused", subject=issuer.subject))
+    authority = Authority(authority_config(tmp_path / "impostor", booted_tpm.swtpm, ek_roots=(impostor,),
+                                           ek_intermediates=()), TRUST_DOMAIN, standalone=True)
+    try:
+        authority.enrol(ek_hash_of(tpm), "test")
+        with pytest.raises(RemoteError) as refused:
+            await Exchange(authority, tpm, node_keys, booted_tpm.event_log).challenge()
+        assert refused.value.code == "ek_untrusted"
+    finally:
+        authority.close()
