@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from vouchd.attestors.errors import AttestorError
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, SelectorKind
 
-__all__ = ["AttestorError", "WorkloadAttestor", "WorkloadProcess", "attest_workload"]
+__all__ = ["AttestorError", "DeclaresSelectors", "WorkloadAttestor", "WorkloadProcess", "attest_workload"]
 
 _log = logging.getLogger("vouchd.attestors")
 
@@ -49,6 +49,23 @@ class WorkloadAttestor(Protocol):
     name: str
 
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]: ...
+
+
+@runtime_checkable
+class DeclaresSelectors(Protocol):
+    """What a workload attestor may also have: the selectors it can produce. Optional.
+
+    Entries are matched by exact comparison, so an entry naming a selector no attestor produces
+    (`unix:pth:/x`, `unix:uid:abc`) would silently never match. With `produces` declared, such
+    entries are refused when they are written. The catalog reads `produces` from the factory (for a
+    class, a class attribute), so an attestor need not be built to be described.
+
+    An attestor that declares nothing is taken to produce selectors of its own name's type, with any
+    key and value.
+    """
+
+    @property
+    def produces(self) -> Sequence[SelectorKind]: ...
 
 
 async def attest_workload(process: WorkloadProcess, attestors: Sequence[WorkloadAttestor]) -> frozenset[Selector]:

@@ -4,6 +4,9 @@ Built-ins are listed here; third-party attestors register an entry point in the 
 `vouchd.workload_attestors` (name = the attestor's name, value = its factory). Nothing extends the
 import path from configuration or the environment. A name defined twice is fatal: silently picking
 one of two plugins would let an installed package replace a security check.
+
+The catalog also says which selectors attestors can produce (their optional `produces`, see
+DeclaresSelectors), so that entries naming a selector none of them produces are refused.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from typing import Protocol
 from vouchd.attestors.base import WorkloadAttestor
 from vouchd.attestors.errors import CatalogError
 from vouchd.attestors.workload.unix import UnixAttestor
+from vouchd.selectors import SelectorKind, SelectorSchema
 
 __all__ = [
     "BUILTIN_WORKLOAD_ATTESTORS",
     "WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP",
     "PluginEntryPoint",
+    "WorkloadAttestorFactory",
+    "all_known_selector_schema",
     "build_workload_attestors",
+    "selector_schema",
     "workload_attestor_factories",
 ]
 
@@ -91,6 +98,56 @@ def build_workload_attestors(
             raise CatalogError(f"unknown workload attestor {name!r}; known: {', '.join(sorted(factories))}")
         attestors.append(_build(name, factory, options))
     return attestors
+
+
+def selector_schema(
+    attestors: Iterable[str], *, factories: Mapping[str, WorkloadAttestorFactory] | None = None
+) -> SelectorSchema:
+    """What the named workload attestors (those an agent enables) can produce.
+
+    `attestors` are names, e.g. the `workload_attestors` mapping of an agent's configuration.
+    `factories` defaults to workload_attestor_factories(); a plugin among the named ones is imported
+    to read its declaration, as building it would. CatalogError for an unknown name, a plugin that
+    cannot be loaded, or a malformed declaration.
+    """
+    if factories is None:
+        factories = workload_attestor_factories()
+    producers: dict[str, tuple[SelectorKind, ...] | None] = {}
+    for name in attestors:
+        factory = factories.get(name)
+        if factory is None:
+            raise CatalogError(f"unknown workload attestor {name!r}; known: {', '.join(sorted(factories))}")
+        producers[name] = _declared_kinds(name, factory)
+    return SelectorSchema(producers, described_as="a selector any enabled attestor produces")
+
+
+def all_known_selector_schema(*, factories: Mapping[str, WorkloadAttestorFactory] | None = None) -> SelectorSchema:
+    """What any workload attestor this host knows can produce: the built-ins and every installed plugin.
+
+    For an authority, which does not know which attestors its agents run: a plugin an agent runs
+    must then be installed on the authority's host too for entries using its selectors. Every plugin
+    is imported (`factories` defaults to workload_attestor_factories()); CatalogError as for
+    selector_schema.
+    """
+    if factories is None:
+        factories = workload_attestor_factories()
+    producers = {name: _declared_kinds(name, factory) for name, factory in factories.items()}
+    return SelectorSchema(producers, described_as="a selector any installed attestor produces")
+
+
+def _declared_kinds(name: str, factory: WorkloadAttestorFactory) -> tuple[SelectorKind, ...] | None:
+    """The `produces` of a factory (a class attribute, or an attribute of a factory function), or None."""
+    target = factory.load() if isinstance(factory, _LazyFactory) else factory
+    declared = getattr(target, "produces", None)
+    if declared is None:
+        return None
+    expected = f"workload attestor {name!r}: produces must be a class attribute listing SelectorKinds"
+    if not isinstance(declared, list | tuple | frozenset | set):
+        raise CatalogError(f"{expected}, got {type(declared).__name__}")
+    for item in declared:
+        if not isinstance(item, SelectorKind):
+            raise CatalogError(f"{expected}, got a {type(item).__name__} among them")
+    return tuple(declared)
 
 
 def _build(name: str, factory: WorkloadAttestorFactory, options: Mapping[str, object]) -> WorkloadAttestor:

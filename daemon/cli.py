@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vouchd import __version__
+from vouchd.admincli import add_admin_commands
 from vouchd.errors import VouchdError
 
 __all__ = ["main"]
@@ -44,7 +45,9 @@ def _run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> None:
 
 def _cmd_agent(args: argparse.Namespace) -> int:
     from vouchd.agent.agent import Agent
+    from vouchd.attestors.catalog import selector_schema
     from vouchd.config import load_config
+    from vouchd.decisions import DecisionBus, LogDecisions
     from vouchd.logs import configure_logging
     from vouchd.standalone import standalone_connector
 
@@ -52,8 +55,14 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     if not args.standalone:
         raise VouchdError("fleet mode (agent -> authority over MQTT) is not available in this version; "
                           "run `vouchd agent --standalone`")
+    if config.agent is None:
+        raise VouchdError(f"{config.source}: agent: section is required to run the agent")
     configure_logging(config.log_level, args.log_format)
-    agent = Agent(config, standalone_connector(config))
+    decisions = DecisionBus()  # one per daemon: the agent's and the embedded authority's decisions
+    decisions.subscribe(LogDecisions())
+    connector = standalone_connector(config, workload_schema=selector_schema(config.agent.workload_attestors),
+                                     decisions=decisions)
+    agent = Agent(config, connector, decisions=decisions)
     _run_until_signalled(agent.run())
     return 0
 
@@ -77,17 +86,16 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 
 
 def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
-    from vouchd.agent.admin import admin_request
+    from vouchd.agent.admin import AdminClientError, AdminSocketError, admin_request
 
     path = _admin_socket(args)
     try:
-        reply = asyncio.run(admin_request(path, "status"))
-    except (OSError, TimeoutError, ValueError) as err:
+        status = asyncio.run(admin_request(path, "status"))
+    except (OSError, TimeoutError, AdminSocketError) as err:
         raise VouchdError(f"cannot reach the agent's admin socket {path}: {err} "
                           "(is the agent running? set VOUCHD_ADMIN_SOCKET or pass --admin-socket)") from None
-    if "error" in reply:
-        raise VouchdError(f"agent refused the status request: {reply['error']}")
-    status = reply.get("status")
+    except AdminClientError as err:
+        raise VouchdError(f"agent refused the status request: {err}") from None
     if not isinstance(status, dict):
         raise VouchdError("agent sent a malformed status reply")
     return status
@@ -165,7 +173,8 @@ def _cmd_node_learn(args: argparse.Namespace) -> int:
     As Keylime's reference-state tool does: golden PCR values break on every update, so the
     operator records the measurements of a boot they trust, from the log the agent would send.
     """
-    from vouchd.authority.store import AuthorityStore
+    from vouchd.authority.build import AUTHORITY_DATABASE
+    from vouchd.authority.store import SqliteStore
     from vouchd.authority.verifier import quoted_measurements, selection_for
     from vouchd.config import load_config
     from vouchd.evidence import EvidenceError, parse_event_log
@@ -188,11 +197,16 @@ def _cmd_node_learn(args: argparse.Namespace) -> int:
         measurements = quoted_measurements(event_log, selection)
     except EvidenceError as err:
         raise VouchdError(f"{log_path}: {err}") from None
-    store = AuthorityStore(config.authority.state_dir / "authority.db")
-    try:
-        store.save_profile(args.name, list(measurements), learned_from=f"vouchd node learn ({log_path})")
-    finally:
-        store.close()
+    async def save() -> None:
+        assert config.authority is not None
+        store = await SqliteStore.open(config.authority.state_dir / AUTHORITY_DATABASE)
+        try:
+            await store.save_profile(args.name, list(measurements), learned_from=f"vouchd node learn ({log_path})",
+                                     now=time.time())
+        finally:
+            await store.close()
+
+    asyncio.run(save())
     print(f"profile {args.name!r}: {len(measurements)} measurements of {selection.tool_string()} "
           f"from {log_path}; nodes whose logs stay within it attest again")
     return 0
@@ -241,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--name", type=_profile_name, default=time.strftime("learned-%Y%m%d-%H%M%S"),
                        help="profile name: letters, digits, '.', '_', '-' (default: learned-<date>-<time>)")
     learn.set_defaults(handler=_cmd_node_learn)
+    add_admin_commands(commands, node_commands)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

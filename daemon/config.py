@@ -1,28 +1,38 @@
 """Configuration: one YAML file parsed once into frozen dataclasses.
 
 Every problem is reported as a ConfigError naming the file, the key path and what was expected;
-unknown keys are errors (a typo must never silently fall back to a default). String values may
+unknown keys are errors (a typo must never silently fall back to a default), and so is a key given
+twice in one mapping (YAML loaders otherwise keep the last one without a word). String values may
 reference environment variables as ``${NAME}`` or ``${NAME:-default}`` so that one example file
 serves every host; a reference to an unset variable without a default is an error. Relative paths
 are resolved against the directory of the configuration file.
+
+Entries are vouchd.entries.Entry, and their selectors must be ones something produces: workload
+selectors what the file's own agent enables (`agent.workload_attestors`), or, in a file without an
+agent section, any workload attestor installed here; node selectors what node attestation produces.
+An entry that could never match is refused here rather than ignored at run time.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import yaml
 
-from vouchd.entry_rules import entry_violation
+from vouchd.entries import Entry, InvalidEntryError, default_entry_id
+from vouchd.entry_rules import NODE_SELECTOR_SCHEMA
 from vouchd.errors import ConfigError
-from vouchd.selectors import InvalidSelectorError, Selector
-from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier, check_dns_name
+from vouchd.selectors import InvalidSelectorError, Selector, SelectorSchema
+from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier
+
+if TYPE_CHECKING:
+    from vouchd.attestors.catalog import WorkloadAttestorFactory
 
 __all__ = [
     "AgentConfig",
@@ -30,7 +40,6 @@ __all__ = [
     "Config",
     "EkType",
     "EnrolmentMode",
-    "EntryConfig",
     "TpmConfig",
     "format_duration",
     "load_config",
@@ -44,7 +53,6 @@ EnrolmentMode = Literal["allowlist", "approve", "any-genuine"]
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_ENTRY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -82,25 +90,12 @@ class AuthorityConfig:
 
 
 @dataclass(frozen=True)
-class EntryConfig:
-    id: str
-    spiffe_id: SpiffeId
-    selectors: frozenset[Selector]
-    parent: SpiffeId | None = None
-    node_selectors: frozenset[Selector] = frozenset()
-    min_tier: TrustTier = TrustTier.HARDWARE
-    x509_ttl: timedelta | None = None
-    dns_names: tuple[str, ...] = ()
-    hint: str = ""
-
-
-@dataclass(frozen=True)
 class Config:
     source: Path
     trust_domain: TrustDomain
     agent: AgentConfig | None
     authority: AuthorityConfig | None
-    entries: tuple[EntryConfig, ...] = field(default=())
+    entries: tuple[Entry, ...] = field(default=())
     log_level: str = "info"
 
 
@@ -131,8 +126,8 @@ _TPM_KEYS = ("tcti", "ek")
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
                    "x509_svid_ttl", "x509_svid_max_ttl")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
-_ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "dns_names",
-               "hint")
+_ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "jwt_ttl",
+               "dns_names", "hint", "labels")
 
 
 class _Section:
@@ -242,6 +237,22 @@ class _Section:
             items.append(self._expand(f"{key}[{index}]", str(item)))
         return items
 
+    def string_mapping(self, key: str) -> dict[str, str]:
+        """A mapping of names to strings (numbers are read as their text), such as an entry's labels."""
+        value = self._raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping of names to strings, got {_kind(value)}")
+        result: dict[str, str] = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise self.error(key, f"expected names (strings) as keys, got {_kind(name)}")
+            if isinstance(item, bool) or not isinstance(item, str | int):
+                raise self.error(f"{key}.{name}", f"expected a string, got {_kind(item)}")
+            result[name] = self._expand(f"{key}.{name}", str(item))
+        return result
+
     def path_list(self, key: str) -> tuple[Path, ...]:
         return tuple(self._resolve(item) for item in self.string_list(key))
 
@@ -270,7 +281,6 @@ class _Section:
                 raise self.error(f"{key}.{name}", "expected a mapping of options")
             result[name] = dict(options or {})
         return result
-
 
 
 def _kind(value: object) -> str:
@@ -354,71 +364,86 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
     return authority
 
 
-def _parse_selectors(section: _Section, key: str) -> frozenset[Selector]:
+def _parse_selectors(section: _Section, key: str, schema: SelectorSchema) -> frozenset[Selector]:
     selectors = set()
     for index, text in enumerate(section.string_list(key)):
         try:
-            selectors.add(Selector.parse(text))
+            selector = Selector.parse(text)
         except InvalidSelectorError as err:
             raise section.error(f"{key}[{index}]", str(err)) from None
+        # Here, before the entry's rules: a misspelt anchor is named as a typo, not as a missing anchor.
+        problem = schema.problem(selector)
+        if problem is not None:
+            raise section.error(f"{key}[{index}]", problem)
+        selectors.add(selector)
     return frozenset(selectors)
 
 
-def _parse_entry(section: _Section, trust_domain: TrustDomain) -> EntryConfig:
+def _parse_spiffe_id(section: _Section, key: str, text: str) -> SpiffeId:
     try:
-        spiffe_id = SpiffeId.parse(section.string("spiffe_id"))
+        return SpiffeId.parse(text)
     except SpiffeError as err:
-        raise section.error("spiffe_id", str(err)) from None
+        raise section.error(key, str(err)) from None
+
+
+def _parse_entry(section: _Section, trust_domain: TrustDomain, workload_schema: SelectorSchema,
+                 authority: AuthorityConfig | None) -> Entry:
+    spiffe_id = _parse_spiffe_id(section, "spiffe_id", section.string("spiffe_id"))
     if not spiffe_id.is_member_of(trust_domain):
         raise section.error("spiffe_id", f"must be in the trust domain {trust_domain}")
-    selectors = _parse_selectors(section, "selectors")
-    parent = None
+    selectors = _parse_selectors(section, "selectors", workload_schema)
     parent_text = section.optional_string("parent")
-    if parent_text is not None:
-        try:
-            parent = SpiffeId.parse(parent_text)
-        except SpiffeError as err:
-            raise section.error("parent", str(err)) from None
-    node_selectors = _parse_selectors(section, "node_selectors")
-    violation = entry_violation(spiffe_id, selectors, parent, node_selectors)
-    if violation is not None:
-        raise section.error(violation.field, violation.message)
+    parent = None if parent_text is None else _parse_spiffe_id(section, "parent", parent_text)
+    node_selectors = _parse_selectors(section, "node_selectors", NODE_SELECTOR_SCHEMA)
     tier_text = section.choice("min_tier", tuple(t.value for t in TrustTier), TrustTier.HARDWARE.value)
-    default_id = _default_entry_id(spiffe_id, selectors)
-    entry_id = section.string("id", default_id)
-    if not _ENTRY_ID.match(entry_id):
-        raise section.error("id", "expected letters, digits, '.', '_' or '-' (at most 128)")
-    dns_names = tuple(section.string_list("dns_names"))
-    for index, name in enumerate(dns_names):
-        try:
-            check_dns_name(name)
-        except SpiffeError as err:
-            raise section.error(f"dns_names[{index}]", str(err)) from None
-    entry = EntryConfig(
-        id=entry_id,
-        spiffe_id=spiffe_id,
-        selectors=selectors,
-        parent=parent,
-        node_selectors=node_selectors,
-        min_tier=TrustTier(tier_text),
-        x509_ttl=section.optional_duration("x509_ttl"),
-        dns_names=dns_names,
-        hint=section.optional_string("hint") or "",
-    )
+    try:
+        entry = Entry(
+            id=section.string("id", default_entry_id(spiffe_id, selectors)),
+            spiffe_id=spiffe_id,
+            selectors=selectors,
+            parent=parent,
+            node_selectors=node_selectors,
+            min_tier=TrustTier(tier_text),
+            x509_ttl=section.optional_duration("x509_ttl"),
+            jwt_ttl=section.optional_duration("jwt_ttl"),
+            dns_names=tuple(section.string_list("dns_names")),
+            hint=section.optional_string("hint") or "",
+            labels=Entry.label_pairs(section.string_mapping("labels")),
+        )
+    except InvalidEntryError as err:
+        raise section.error(err.field, err.reason) from None
+    if authority is not None and entry.x509_ttl is not None and entry.x509_ttl > authority.x509_svid_max_ttl:
+        ttl, cap = format_duration(entry.x509_ttl), format_duration(authority.x509_svid_max_ttl)
+        raise section.error("x509_ttl", f"must not exceed authority.x509_svid_max_ttl ({ttl} > {cap})")
     return entry
 
 
-def _default_entry_id(spiffe_id: SpiffeId, selectors: frozenset[Selector]) -> str:
-    import hashlib
+def _workload_selector_schema(source: Path, agent: AgentConfig | None,
+                              factories: Mapping[str, WorkloadAttestorFactory] | None) -> SelectorSchema:
+    """What the file's agent enables, or, without an agent section, anything installed here produces."""
+    # Imported here, not at the top: the catalog imports every attestor (and may import plugins),
+    # which a file without entries never needs.
+    from vouchd.attestors.catalog import all_known_selector_schema, selector_schema
+    from vouchd.attestors.errors import CatalogError
 
-    material = "\n".join([str(spiffe_id), *sorted(str(s) for s in selectors)])
-    return "e-" + hashlib.sha256(material.encode()).hexdigest()[:16]
+    try:
+        if agent is None:
+            return all_known_selector_schema(factories=factories)
+        return selector_schema(agent.workload_attestors, factories=factories)
+    except CatalogError as err:
+        key = "agent.workload_attestors" if agent is not None else "entries"
+        raise ConfigError(f"{source}: {key}: {err}") from None
 
 
-def _parse_entries(top: _Section, trust_domain: TrustDomain) -> tuple[EntryConfig, ...]:
-    entries: dict[str, EntryConfig] = {}
+def _parse_entries(top: _Section, trust_domain: TrustDomain, agent: AgentConfig | None,
+                   authority: AuthorityConfig | None,
+                   factories: Mapping[str, WorkloadAttestorFactory] | None) -> tuple[Entry, ...]:
+    entries: dict[str, Entry] = {}
+    workload_schema: SelectorSchema | None = None
     for section in top.sections("entries", _ENTRY_KEYS):
-        entry = _parse_entry(section, trust_domain)
+        if workload_schema is None:  # built once, and only for a file that has entries
+            workload_schema = _workload_selector_schema(top.source, agent, factories)
+        entry = _parse_entry(section, trust_domain, workload_schema, authority)
         existing = entries.get(entry.id)
         # An entry listed twice (e.g. the example's "current user" entry when root runs it) is one entry.
         if existing is not None and existing != entry:
@@ -427,16 +452,59 @@ def _parse_entries(top: _Section, trust_domain: TrustDomain) -> tuple[EntryConfi
     return tuple(entries.values())
 
 
-def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Parse configuration text; ``source`` names the file in errors and anchors relative paths."""
-    source = source.resolve()
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(key, line)
+        self.key = key
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping, which YAML forbids and PyYAML lets the last win.
+
+    Keys merged in with `<<: *anchor` may be overridden: that is what merging is for.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader itself refuses it below
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: Path) -> object:
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.safe_load(text)
+        return loader.get_single_data()
+    except _DuplicateKeyError as err:
+        # The key, never its values: a configuration may hold secrets.
+        raise ConfigError(f"{source}: duplicate key {str(err.key)[:80]!r} at line {err.line}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None)  # the parser's words, never the offending text itself
         raise ConfigError(f"{source}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
+    finally:
+        loader.dispose()
+
+
+def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None, *,
+                 attestor_factories: Mapping[str, WorkloadAttestorFactory] | None = None) -> Config:
+    """Parse configuration text; ``source`` names the file in errors and anchors relative paths.
+
+    `attestor_factories` are the workload attestors whose selectors entries may use (default: the
+    built-ins and the installed plugins, vouchd.attestors.catalog.workload_attestor_factories()).
+    """
+    source = source.resolve()
+    data = _load_yaml(text, source)
     top = _Section(source, "", data, os.environ if environ is None else environ, _TOP_KEYS)
     try:
         trust_domain = TrustDomain.parse(top.string("trust_domain"))
@@ -444,17 +512,19 @@ def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = No
         raise top.error("trust_domain", str(err)) from None
     agent = _parse_agent(top.section("agent", _AGENT_KEYS)) if top.has("agent") else None
     authority = _parse_authority(top.section("authority", _AUTHORITY_KEYS)) if top.has("authority") else None
-    entries = _parse_entries(top, trust_domain)
+    entries = _parse_entries(top, trust_domain, agent, authority, attestor_factories)
     log_level = top.choice("log_level", ("debug", "info", "warning", "error"), "info")
     return Config(source=source, trust_domain=trust_domain, agent=agent, authority=authority,
                   entries=entries, log_level=log_level)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *,
+                attestor_factories: Mapping[str, WorkloadAttestorFactory] | None = None) -> Config:
+    """Read and parse a configuration file (see parse_config)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read configuration: {err.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
-    return parse_config(text, path, environ)
+    return parse_config(text, path, environ, attestor_factories=attestor_factories)

@@ -1,62 +1,68 @@
 """Standalone mode: the agent with the authority embedded in its process (DESIGN §1).
 
 The one place that wires the two together, above both (cli -> agent | authority): the agent gets
-an AuthorityLink whose transport hands request bytes to the in-process authority, so the same
-messages, signatures and checks run as in fleet mode.
+an AuthorityLink whose transport hands request bytes to the in-process authority and whose bus
+hands it the authority's publications, so the same messages, signatures and checks run as in fleet
+mode. The authority's admin commands join the agent's admin socket.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from vouchd.agent.agent import AuthorityConnector, AuthorityLink
-from vouchd.authority.entries import Entry
-from vouchd.authority.server import Authority
-from vouchd.config import Config, EntryConfig
+from vouchd.authority.admin import AuthorityAdmin
+from vouchd.authority.build import open_authority
+from vouchd.clock import SYSTEM_CLOCK, Clock
+from vouchd.config import Config
+from vouchd.decisions import DecisionSink
+from vouchd.entries import Entry
 from vouchd.errors import ConfigError
 from vouchd.evidence import TpmPublic
 from vouchd.protocol.identities import ek_hash
-from vouchd.protocol.transport import LocalTransport
-from vouchd.selectors import Selector
+from vouchd.protocol.transport import LocalBus, LocalTransport
+from vouchd.selectors import Selector, SelectorSchema
 from vouchd.tpm import EkInfo
 
 __all__ = ["standalone_connector", "standalone_entries"]
 
 
-def standalone_entries(entries: Sequence[EntryConfig], local_ek_hash: str) -> list[Entry]:
+def standalone_entries(entries: Sequence[Entry], local_ek_hash: str) -> list[Entry]:
     """Entries of a standalone host; those that name no node are bound to the local TPM's EK."""
-    bound = []
-    for entry in entries:
-        node_selectors = entry.node_selectors
-        if entry.parent is None and not node_selectors:
-            node_selectors = frozenset({Selector("tpm", "ek_hash", local_ek_hash)})
-        bound.append(Entry(
-            id=entry.id, revision=1, spiffe_id=entry.spiffe_id, selectors=entry.selectors, parent=entry.parent,
-            node_selectors=node_selectors, min_tier=entry.min_tier, x509_ttl=entry.x509_ttl,
-            dns_names=entry.dns_names, hint=entry.hint,
-        ))
-    return bound
+    local = frozenset({Selector("tpm", "ek_hash", local_ek_hash)})
+    return [replace(entry, node_selectors=local) if entry.parent is None and not entry.node_selectors else entry
+            for entry in entries]
 
 
-def standalone_connector(config: Config) -> AuthorityConnector:
-    """A connector that embeds the authority configured in `config`."""
+def standalone_connector(config: Config, *, workload_schema: SelectorSchema, decisions: DecisionSink,
+                         clock: Clock = SYSTEM_CLOCK) -> AuthorityConnector:
+    """A connector that embeds the authority configured in `config`.
+
+    `workload_schema`: the selectors the agent's attestors produce; entries created at run time are
+    checked against it, as the file's entries were.
+    """
     authority_config = config.authority
     if authority_config is None:
         raise ConfigError(f"{config.source}: authority: section is required with --standalone")
 
-    @contextlib.contextmanager
-    def connect(ek: EkInfo) -> Iterator[AuthorityLink]:
+    @contextlib.asynccontextmanager
+    async def connect(ek: EkInfo) -> AsyncIterator[AuthorityLink]:
         local_ek_hash = ek_hash(TpmPublic.from_tpm2b(ek.public))
-        authority = Authority(authority_config, config.trust_domain,
-                              standalone_entries(config.entries, local_ek_hash), standalone=True)
+        bus = LocalBus()
+        authority = await open_authority(authority_config, config.trust_domain, publisher=bus,
+                                         decisions=decisions, clock=clock, standalone=True)
         try:
             # The operator of the host is the operator of the authority, so the local EK is enrolled
             # here. Its certificate chain is still checked whenever the TPM has one.
-            authority.enrol(local_ek_hash, "standalone: local TPM")
-            yield AuthorityLink(mode="standalone", transport=LocalTransport(authority.handle),
-                                initial_bundle=authority.bundle)
+            await authority.enrol(local_ek_hash, "standalone: local TPM")
+            await authority.registry.import_entries(standalone_entries(config.entries, local_ek_hash))
+            admin = AuthorityAdmin(authority, workload_schema=workload_schema,
+                                   default_node_selectors=frozenset({Selector("tpm", "ek_hash", local_ek_hash)}))
+            yield AuthorityLink(mode="standalone", transport=LocalTransport(authority.handle), events=bus,
+                                initial_bundle=authority.bundle, admin_commands=admin.commands())
         finally:
-            authority.close()
+            await authority.close()
 
     return connect

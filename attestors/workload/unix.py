@@ -34,7 +34,7 @@ from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError, ProcessExitedError, ProcessInfoError
 from vouchd.attestors.workload.procfs import PROC_ROOT, read_supplementary_groups
 from vouchd.errors import ConfigError
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, SelectorKind, absolute_path, decimal_id, matching
 
 __all__ = [
     "DEFAULT_HASH_BURST_BYTES",
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_MAX_HASH_BYTES",
     "HASH_THREADS",
     "MIN_HASH_COST",
+    "SELECTOR_KINDS",
     "ExecutableFile",
     "ExecutableHasher",
     "FileIdentity",
@@ -67,6 +68,29 @@ DEFAULT_HASH_CACHE_ENTRIES = 4096
 DEFAULT_HASH_QUEUE_LIMIT = 8
 HASH_THREADS = 2
 MIN_HASH_COST = _MIB  # what a hash of a tiny file costs: floods of small files are bounded too
+
+# Exactly the values attest() emits, so that an entry written with any other can be refused as one
+# that never matches: ids as str(int) of what the kernel reports, names as NSS returns them (never
+# empty, never padded with spaces), the path as /proc/<pid>/exe reads, the digest as hexdigest().
+_DECIMAL_ID = "a decimal number (no sign, spaces or leading zeros) below 4294967295"
+_NAME_VALUE = r"\S(?:.*\S)?"
+SELECTOR_KINDS = (
+    SelectorKind(_NAME, "uid", decimal_id(f"a uid is {_DECIMAL_ID}, e.g. unix:uid:1000")),
+    SelectorKind(_NAME, "user", matching(_NAME_VALUE, "a user is a name without spaces at either end, "
+                                                      "e.g. unix:user:www-data")),
+    SelectorKind(_NAME, "gid", decimal_id(f"a gid is {_DECIMAL_ID}, e.g. unix:gid:1000")),
+    SelectorKind(_NAME, "group", matching(_NAME_VALUE, "a group is a name without spaces at either end, "
+                                                       "e.g. unix:group:www-data")),
+    SelectorKind(_NAME, "supplementary_gid", decimal_id(f"a supplementary_gid is {_DECIMAL_ID}, "
+                                                        "e.g. unix:supplementary_gid:1000")),
+    SelectorKind(_NAME, "supplementary_group", matching(_NAME_VALUE, "a supplementary_group is a name without spaces "
+                                                                     "at either end, e.g. "
+                                                                     "unix:supplementary_group:docker")),
+    SelectorKind(_NAME, "path", absolute_path("a path is absolute and normalised, as the kernel reports it, "
+                                              "e.g. unix:path:/usr/bin/python3.12")),
+    SelectorKind(_NAME, "sha256", matching(r"[0-9a-f]{64}", "a sha256 is 64 lowercase hex digits, "
+                                                            "as sha256sum prints it")),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +418,7 @@ class UnixAttestor:
     """
 
     name = _NAME
+    produces = SELECTOR_KINDS
 
     def __init__(
         self,

@@ -1,9 +1,10 @@
 """The agent's composition root: builds every part from one Config and runs them (DESIGN §1, §11).
 
 Start-up order matters and is the order below: TPM, node keys, the link to the authority (the
-connector decides which: vouchd.standalone embeds one), node attestation, first entry sync,
-Workload API socket, admin socket, then READY=1. Long-running
-parts are tasks of one TaskGroup; cancelling `run()` stops them all and closes the TPM.
+connector decides which: vouchd.standalone embeds one), the subscription to what the authority
+publishes, node attestation, first entry sync, Workload API socket, admin socket, then READY=1.
+Long-running parts are tasks of one TaskGroup; cancelling `run()` stops them all and closes the TPM.
+Every decision goes to the one DecisionSink the caller gives (shared with an embedded authority).
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from vouchd.agent.admin import AdminServer
+from vouchd.agent.admin import AdminCommand, AdminServer, check_admin_socket_path, without_args
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
+from vouchd.agent.updates import AuthorityUpdates
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService, check_socket_path
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
+from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AgentConfig, Config
+from vouchd.decisions import DecisionBus
 from vouchd.errors import ConfigError
-from vouchd.protocol.transport import AuthorityTransport
+from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
 from vouchd.spiffe import X509Bundle
 from vouchd.tpm import EkInfo, TpmService
 
@@ -45,11 +48,14 @@ class AuthorityLink:
 
     mode: str                                   # "standalone" | "fleet"
     transport: AuthorityTransport
+    events: AuthorityEvents                     # what the authority publishes: revocations, node events
     initial_bundle: Callable[[], X509Bundle]
+    # Commands the admin socket answers besides the agent's own (a standalone agent: the authority's).
+    admin_commands: Mapping[str, AdminCommand] = field(default_factory=dict)
 
 
 # Given the local TPM's EK, open the link to the authority (and close it when the agent stops).
-AuthorityConnector = Callable[[EkInfo], contextlib.AbstractContextManager[AuthorityLink]]
+AuthorityConnector = Callable[[EkInfo], contextlib.AbstractAsyncContextManager[AuthorityLink]]
 
 
 def workload_attestors_from(config: Config) -> list[WorkloadAttestor]:
@@ -63,18 +69,22 @@ def workload_attestors_from(config: Config) -> list[WorkloadAttestor]:
 
 
 class Agent:
-    def __init__(self, config: Config, connect: AuthorityConnector) -> None:
+    def __init__(self, config: Config, connect: AuthorityConnector, *, decisions: DecisionBus,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         if config.agent is None:
             raise ConfigError(f"{config.source}: agent: section is required to run the agent")
         self._config = config
         self._connect = connect
         self._mode = "starting"
         self._agent_config: AgentConfig = config.agent
-        self._started_at = time.time()
+        self._clock = clock
+        self._started_at = clock.now()
         self._node: NodeIdentity | None = None
         self._svids: SvidManager | None = None
         self._tpm: TpmService | None = None
         self._activity = WorkloadActivity()
+        self._decisions = decisions
+        self._decisions.subscribe(self._activity.record)
         self._ready = asyncio.Event()
 
     @property
@@ -87,22 +97,26 @@ class Agent:
         # the plugin options, a second agent on the same socket, a socket folder others may write to.
         attestors = workload_attestors_from(self._config)
         check_socket_path(self._agent_config.socket_path)
+        check_admin_socket_path(self._agent_config.admin_socket_path)
         async with self._tpm_service() as tpm:
             keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
-            with self._connect(tpm.ek) as link:
+            async with self._connect(tpm.ek) as link:
                 self._mode = link.mode
                 node = NodeIdentity(
                     tpm=tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
                     transport=link.transport, trust_domain=self._config.trust_domain,
                     initial_bundle=link.initial_bundle, event_log_path=self._agent_config.event_log_path,
+                    clock=self._clock,
                 )
                 self._node = node
+                svids = SvidManager(node, clock=self._clock, decisions=self._decisions)
+                self._svids = svids
+                # Subscribed before attesting: nothing published from here on is missed.
+                AuthorityUpdates(node, svids).subscribe(link.events)
                 notify("STATUS=attesting node")
                 await node.attest()
-                svids = SvidManager(node)
-                self._svids = svids
                 await svids.sync_entries()
-                await self._serve(node, svids, attestors)
+                await self._serve(node, svids, attestors, link.admin_commands)
 
     @contextlib.asynccontextmanager
     async def _tpm_service(self) -> AsyncIterator[TpmService]:
@@ -114,13 +128,15 @@ class Agent:
         finally:
             await tpm.close()
 
-    async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor]) -> None:
+    async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor],
+                     admin_commands: Mapping[str, AdminCommand]) -> None:
         identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids)
-        service = WorkloadApiService(identities,
+        service = WorkloadApiService(identities, decisions=self._decisions,
                                      attest_deadline=self._agent_config.attestation_deadline.total_seconds(),
                                      observer=self._activity)
         workload_api = WorkloadApiServer(service, self._agent_config.socket_path)
-        admin = AdminServer(self._agent_config.admin_socket_path, self.status)
+        admin = AdminServer(self._agent_config.admin_socket_path,
+                            {"status": without_args(self.status), **admin_commands})
         await workload_api.start()
         try:
             await admin.start()
@@ -175,14 +191,18 @@ class Agent:
             except Exception as err:  # keep serving cached SVIDs; report and retry next interval
                 log.warning("heartbeat failed", extra={"reason": str(err)})
                 failures.append(f"sync: {err}")
-            if failures:
+            if svids.banned is not None:
+                notify(f"STATUS=node banned by the authority: {svids.banned}")
+            elif failures:
                 notify(f"STATUS=authority unreachable: {'; '.join(failures)}")
+            elif svids.stale_since() is not None:
+                notify("STATUS=node stale: no current revocation document; serving cached SVIDs only")
             else:
                 notify(f"STATUS=serving on {self._agent_config.socket_path}")
 
     def status(self) -> dict[str, Any]:
         """What `vouchd status` shows; never key material."""
-        now = time.time()
+        now = self._clock.now()
         node = self._node.status if self._node is not None else None
         result: dict[str, Any] = {
             "mode": self._mode,
@@ -199,21 +219,38 @@ class Agent:
         if node is not None:
             result["node"] = {
                 "id": node.node_id, "tier": node.tier, "selectors": list(node.selectors),
-                # The authority owns node states; the agent shows what its last exchange implied.
-                "state": "trusted" if node.authority_error is None else "unconfirmed",
+                "state": self._node_state(node.authority_error),
                 "authority_link": "ok" if node.authority_error is None else node.authority_error,
                 "svid_serial": node.svid_serial, "svid_expires_in_seconds": round(node.svid_expires_at - now),
                 "last_quote_age_seconds": round(now - node.last_quote_at, 1),
+                "revocations": self._revocations_status(now),
             }
         if self._svids is not None:
             result["entries"] = [
-                {"id": e.id, "spiffe_id": e.spiffe_id, "selectors": list(e.selectors)} for e in self._svids.entries
+                {"id": e.id, "revision": e.revision, "spiffe_id": str(e.spiffe_id),
+                 "selectors": sorted(str(s) for s in e.selectors)} for e in self._svids.entries
             ]
             result["svids"] = [
                 {"entry_id": s.entry_id, "spiffe_id": s.spiffe_id, "serial": s.serial,
                  "expires_in_seconds": round(s.expires_at - now)} for s in self._svids.svids
             ]
         return result
+
+    def _node_state(self, authority_error: str | None) -> str:
+        """The authority owns node states; the agent shows what it last heard: banned (by the revocation
+        document), stale (no current document), unconfirmed (the last exchange failed), or trusted."""
+        if self._svids is not None and self._svids.banned is not None:
+            return "banned"
+        if self._svids is not None and self._svids.stale_since() is not None:
+            return "stale"
+        return "trusted" if authority_error is None else "unconfirmed"
+
+    def _revocations_status(self, now: float) -> dict[str, Any] | None:
+        document = self._node.revocations if self._node is not None else None
+        if document is None:
+            return None
+        return {"version": document.version, "next_update_in_seconds": round(document.next_update - now),
+                "revoked_entries": len(document.entries), "revoked_nodes": len(document.nodes)}
 
     def _tpm_latency(self) -> dict[str, dict[str, float]]:
         """Per TPM operation: count and milliseconds (every TPM call queues on one device)."""

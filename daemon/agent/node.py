@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Protocol
 
 from cryptography import x509
 
+from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.evidence import TpmPublic
 from vouchd.protocol.codec import encode
 from vouchd.protocol.errors import RemoteError, SignatureError
@@ -30,19 +30,27 @@ from vouchd.protocol.messages import (
     Challenge,
     ChallengeResponse,
     CredentialResponse,
+    NodeEvent,
     NonceGrant,
     NonceRequest,
     QuotedRequest,
     RequestBody,
+    RevocationDocument,
     TpmEvidence,
     X509SvidRequest,
 )
 from vouchd.protocol.signing import ReplyVerifier
-from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, AuthorityTransport
+from vouchd.protocol.transport import (
+    ATTEST_TOPIC,
+    REQUEST_TOPIC,
+    REVOCATIONS_TOPIC,
+    AuthorityTransport,
+    node_events_topic,
+)
 from vouchd.spiffe import TrustDomain, X509Bundle, serial_hex
 from vouchd.tpm import EkInfo, TpmQuote
 
-__all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm"]
+__all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm", "OlderRevocationsError"]
 
 log = logging.getLogger("vouchd.agent.node")
 
@@ -62,6 +70,10 @@ class NodeTpm(Protocol):
 
 class NodeAttestationError(RemoteError):
     """The authority refused to attest this node."""
+
+
+class OlderRevocationsError(SignatureError):
+    """A correctly signed revocation document older than the one the node holds: a replay."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,10 @@ class NodeIdentity:
         trust_domain: TrustDomain,
         initial_bundle: Callable[[], X509Bundle],
         event_log_path: Path | None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._tpm = tpm
+        self._clock = clock
         self._ak_public = ak_public
         self._node_key_public = node_key_public
         self._transport = transport
@@ -104,7 +118,7 @@ class NodeIdentity:
         self._bundle_source = initial_bundle
         self._bundle: X509Bundle | None = None
         self._bundle_der = b""  # as the authority sent it: what workloads get, not re-encoded per request
-        self._verifier = ReplyVerifier(trust_domain, self.bundle)
+        self._verifier = ReplyVerifier(trust_domain, self.bundle, clock)
         self._event_log_path = event_log_path
         self.node_id = str(node_spiffe_id(trust_domain, ek_hash(TpmPublic.from_tpm2b(tpm.ek.public))))
         self._nonce: bytes | None = None
@@ -112,6 +126,7 @@ class NodeIdentity:
         self._pcr_bank = "sha256"
         self._pcr_indices: tuple[int, ...] = ()
         self._status: NodeStatus | None = None
+        self._revocations: RevocationDocument | None = None
         # DESIGN §5: one request in flight per node; callers queue here and the SVID manager batches.
         self._in_flight = asyncio.Lock()
 
@@ -128,6 +143,39 @@ class NodeIdentity:
     @property
     def status(self) -> NodeStatus | None:
         return self._status
+
+    # -- publications of the authority ---------------------------------------------------------
+    @property
+    def revocations(self) -> RevocationDocument | None:
+        return self._revocations
+
+    def accept_revocations(self, signed: bytes) -> RevocationDocument | None:
+        """Verify a published revocation document; the new one, or None when it is the one held.
+
+        An older version than the one held is refused (OlderRevocationsError): a captured document
+        replayed to undo a revocation.
+        """
+        document = self._verifier.open_publication(signed, topic=REVOCATIONS_TOPIC)
+        if not isinstance(document, RevocationDocument):
+            raise SignatureError(f"{REVOCATIONS_TOPIC} carried a {type(document).__name__}")
+        held = self._revocations
+        if held is not None and document.version < held.version:
+            raise OlderRevocationsError(f"revocation document version {document.version} is older than "
+                                        f"the version {held.version} this node holds")
+        if held is not None and document.version == held.version:
+            return None
+        self._revocations = document
+        log.info("revocation document accepted", extra={"version": document.version,
+                                                        "next_update": document.next_update})
+        return document
+
+    def open_node_event(self, signed: bytes) -> NodeEvent:
+        """Verify an event the authority published for this node."""
+        topic = node_events_topic(self.node_id)
+        event = self._verifier.open_publication(signed, topic=topic)
+        if not isinstance(event, NodeEvent) or event.node_id != self.node_id:
+            raise SignatureError(f"{topic} carried something other than an event for this node")
+        return event
 
     def _read_event_log(self) -> bytes | None:
         if self._event_log_path is None:
@@ -174,8 +222,10 @@ class NodeIdentity:
         self._pcr_bank, self._pcr_indices = challenge.pcr_bank, tuple(challenge.pcr_indices)
         self._accept_bundle(result.bundle)
         self._nonce, self._nonce_expires = result.nonce, float(result.nonce_expires_at)
+        if result.revocations is not None:
+            self.accept_revocations(result.revocations)
         svid = x509.load_der_x509_certificate(result.node_svid)
-        now = time.time()
+        now = self._clock.now()
         self._status = NodeStatus(
             node_id=self.node_id, tier=result.tier, selectors=result.selectors,
             svid_serial=serial_hex(svid), svid_issued_at=now,
@@ -185,7 +235,7 @@ class NodeIdentity:
 
     async def _fresh_nonce(self) -> bytes:
         # Keep a margin: the nonce must still be valid when the authority receives the request.
-        if self._nonce is not None and time.time() < self._nonce_expires - 2:
+        if self._nonce is not None and self._clock.now() < self._nonce_expires - 2:
             nonce, self._nonce = self._nonce, None
             return nonce
         grant = await self._call(REQUEST_TOPIC, NonceRequest(node_id=self.node_id, request_id=os.urandom(16)))
@@ -209,7 +259,7 @@ class NodeIdentity:
     async def renew_if_due(self) -> bool:
         """Attest again when the node SVID has passed half of its lifetime; True if it did."""
         async with self._in_flight:
-            if self._status is not None and time.time() < self._status.renew_at:
+            if self._status is not None and self._clock.now() < self._status.renew_at:
                 return False
             try:
                 await self.attest()
@@ -222,7 +272,7 @@ class NodeIdentity:
         if self._status is not None:
             changes: dict[str, object] = {"authority_error": error}
             if error is None:
-                changes["last_quote_at"] = time.time()
+                changes["last_quote_at"] = self._clock.now()
             self._status = replace(self._status, **changes)  # type: ignore[arg-type]
 
     async def _request_locked(self, x509_svids: tuple[X509SvidRequest, ...],
@@ -242,8 +292,9 @@ class NodeIdentity:
 
     async def _quoted_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool) -> CredentialResponse:
         nonce = await self._fresh_nonce()
-        body = encode(RequestBody(node_id=self.node_id, nonce=nonce, sent_at=int(time.time()),
-                                  x509_svids=x509_svids, sync_entries=sync_entries))
+        body = encode(RequestBody(node_id=self.node_id, nonce=nonce, sent_at=int(self._clock.now()),
+                                  x509_svids=x509_svids, sync_entries=sync_entries,
+                                  revocations_version=self._revocations.version if self._revocations else 0))
         quote = await self._tpm.quote(self._pcr_bank, self._pcr_indices, hashlib.sha256(body).digest())
         response = await self._call(REQUEST_TOPIC, QuotedRequest(
             node_id=self.node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature)))
@@ -251,4 +302,6 @@ class NodeIdentity:
             raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
         self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)
         self._accept_bundle(response.bundle)
+        if response.revocations is not None:
+            self.accept_revocations(response.revocations)
         return response

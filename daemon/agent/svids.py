@@ -5,6 +5,13 @@ sees only a CSR. Issuance goes through `run()`, a single loop that batches every
 meanwhile into one quote-bound request and rotates SVIDs when half of their lifetime is left
 (±10 % jitter, so a fleet started together does not rotate together). Each change bumps `version`
 and wakes every open Workload API stream.
+
+Revocation (DESIGN §8): the node identity holds the authority's signed revocation document; the
+manager applies each newer one as soon as it arrives, together with the entry set of the same sync
+when there is one, so an open stream sees one change: the SVIDs of revoked entry revisions and of
+a revoked node leave the cache and the stream gets the new set, or PermissionDenied when nothing is
+left. A node whose document is past its `next_update` is stale: cached SVIDs are served until
+they expire, nothing new is issued.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +30,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
-from vouchd.protocol.messages import MAX_X509_SVIDS_PER_REQUEST, CredentialResponse, EntryView, X509SvidRequest
-from vouchd.selectors import Selector, selector_set
+from vouchd.clock import SYSTEM_CLOCK, Clock
+from vouchd.decisions import Decision, DecisionKind, DecisionSink, Outcome
+from vouchd.entries import Entry
+from vouchd.protocol.messages import (
+    MAX_X509_SVIDS_PER_REQUEST,
+    CredentialResponse,
+    RevocationDocument,
+    X509SvidRequest,
+)
+from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeError, load_der_certificates, make_csr, serial_hex
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
@@ -40,6 +54,8 @@ _IDLE_WAKE = 3600.0
 class CredentialSource(Protocol):
     """What the SVID manager needs from the node identity."""
 
+    node_id: str
+
     async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
                       sync_entries: bool = False) -> CredentialResponse: ...
 
@@ -47,10 +63,16 @@ class CredentialSource(Protocol):
         """The trust domain's bundle as concatenated DER certificates."""
         ...
 
+    @property
+    def revocations(self) -> RevocationDocument | None:
+        """The newest verified revocation document, None before the first."""
+        ...
+
 
 @dataclass(frozen=True)
 class CachedSvid:
     entry_id: str
+    entry_revision: int
     spiffe_id: str
     certificate: x509.Certificate
     chain_der: bytes
@@ -72,10 +94,12 @@ class _Backoff:
 
 
 class SvidManager:
-    def __init__(self, source: CredentialSource) -> None:
+    def __init__(self, source: CredentialSource, *, clock: Clock = SYSTEM_CLOCK,
+                 decisions: DecisionSink | None = None) -> None:
         self._source = source
-        self._entries: dict[str, EntryView] = {}
-        self._entry_selectors: dict[str, frozenset[Selector]] = {}
+        self._clock = clock
+        self._decisions = decisions
+        self._entries: dict[str, Entry] = {}
         self._index: dict[Selector, set[str]] = defaultdict(set)
         self._svids: dict[str, CachedSvid] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}
@@ -84,6 +108,9 @@ class SvidManager:
         self._changed = asyncio.Condition()
         self._version = 0
         self._bundle_der = b""
+        self._revocations_applied = 0           # version of the last document applied
+        self._node_revoked_before = 0           # the latest own-node revocation applied
+        self._banned: str | None = None         # the reason, while the authority bans this node
 
     # -- change notification (the Workload API streams wait here) ----------------------------
     @property
@@ -102,37 +129,127 @@ class SvidManager:
 
     # -- entries -----------------------------------------------------------------------------
     @property
-    def entries(self) -> list[EntryView]:
+    def entries(self) -> list[Entry]:
         return [self._entries[k] for k in sorted(self._entries)]
 
     @property
     def svids(self) -> list[CachedSvid]:
         return [self._svids[k] for k in sorted(self._svids)]
 
-    async def set_entries(self, entries: Iterable[EntryView]) -> None:
+    async def set_entries(self, entries: Iterable[Entry]) -> None:
         """Replace the node's entry set; SVIDs of removed or changed entries are dropped at once."""
+        if self._replace_entries(entries):
+            await self._bump()
+
+    def _replace_entries(self, entries: Iterable[Entry]) -> bool:
         new = {e.id: e for e in entries}
         if new == self._entries:
-            return
+            return False
         for entry_id, svid in list(self._svids.items()):
             entry = new.get(entry_id)
-            if entry is None or entry != self._entries.get(entry_id) or entry.spiffe_id != svid.spiffe_id:
+            if entry is None or entry != self._entries.get(entry_id) or str(entry.spiffe_id) != svid.spiffe_id:
                 del self._svids[entry_id]
         # A changed entry starts afresh: whatever made it fail may be what changed.
         self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
         self._entries = new
-        self._entry_selectors = {e.id: selector_set(e.selectors) for e in new.values()}
-        self._index = defaultdict(set)
-        for entry_id, selectors in self._entry_selectors.items():
-            # One selector suffices as index key: a match needs all of them anyway.
-            self._index[min(selectors)].add(entry_id)
-        await self._bump()
+        self._reindex()
+        return True
 
-    def match(self, selectors: frozenset[Selector]) -> list[EntryView]:
+    def _reindex(self) -> None:
+        self._index = defaultdict(set)
+        for entry_id, entry in self._entries.items():
+            # One selector suffices as index key: a match needs all of them anyway.
+            self._index[min(entry.selectors)].add(entry_id)
+
+    # -- revocation ----------------------------------------------------------------------------
+    @property
+    def banned(self) -> str | None:
+        return self._banned
+
+    def stale_since(self) -> float | None:
+        """When the revocation document ran out (its next_update), or None while it is current."""
+        document = self._source.revocations
+        if document is None or self._clock.now() <= document.next_update:
+            return None
+        return float(document.next_update)
+
+    def affected_by(self, document: RevocationDocument) -> bool:
+        """Whether applying `document` changes what this node holds, or whether it is banned."""
+        return bool(self._revoked_by(document)[0] or self._own_node_revocation(document) is not None
+                    or self._ban_in(document) != self._banned)
+
+    def _ban_in(self, document: RevocationDocument) -> str | None:
+        return next((n.reason for n in document.nodes if n.node_id == self._source.node_id and n.banned), None)
+
+    async def apply_revocations(self) -> bool:
+        """Apply the node identity's newest revocation document, if not yet applied; True if it changed
+        what is served (open streams have been told)."""
+        if self._apply_revocations():
+            await self._bump()
+            return True
+        return False
+
+    def _own_node_revocation(self, document: RevocationDocument) -> tuple[int, bool, str] | None:
+        """(before, banned, reason) of a revocation of this node not applied yet."""
+        for node in document.nodes:
+            if node.node_id == self._source.node_id and (node.banned or node.before > self._node_revoked_before):
+                return node.before, node.banned, node.reason
+        return None
+
+    def _revoked_by(self, document: RevocationDocument) -> tuple[set[str], set[str]]:
+        """(entry ids whose held revision is revoked, entry ids whose cached SVID is)."""
+        below: dict[str, int] = {}
+        for revoked in document.entries:
+            below[revoked.entry_id] = max(below.get(revoked.entry_id, 0), revoked.below_revision)
+        entries = {e for e, entry in self._entries.items() if entry.revision < below.get(e, 0)}
+        svids = {e for e, svid in self._svids.items() if svid.entry_revision < below.get(e, 0)}
+        return entries, svids
+
+    def _apply_revocations(self) -> bool:
+        document = self._source.revocations
+        if document is None or document.version <= self._revocations_applied:
+            return False
+        self._revocations_applied = document.version
+        changed = False
+        banned = self._ban_in(document)
+        if banned != self._banned:
+            self._banned = banned
+            changed = True
+        if banned is None:
+            # Whatever held issuance back (a ban, a stale document) may be what this document ends.
+            self._backoff.clear()
+        own = self._own_node_revocation(document)
+        revoked_entries, revoked_svids = self._revoked_by(document)
+        if own is not None:
+            before, is_ban, reason = own
+            self._node_revoked_before = max(self._node_revoked_before, before)
+            revoked_svids = set(self._svids)
+            if is_ban:
+                revoked_entries = set(self._entries)
+            self._decide(f"node revoked: {reason}", sorted(revoked_svids))
+        elif revoked_svids:
+            self._decide("entry revision revoked", sorted(revoked_svids))
+        for entry_id in revoked_svids:
+            self._svids.pop(entry_id, None)
+        if revoked_entries:
+            self._entries = {e: v for e, v in self._entries.items() if e not in revoked_entries}
+            self._reindex()
+        return changed or bool(revoked_svids or revoked_entries)
+
+    def _decide(self, reason: str, entry_ids: list[str]) -> None:
+        if self._decisions is None:
+            return
+        svids = [self._svids[e] for e in entry_ids if e in self._svids]
+        self._decisions.emit(Decision(kind=DecisionKind.REVOKE, outcome=Outcome.OK, at=self._clock.now(),
+                                      source="svid_cache", method="revocation", reason=reason,
+                                      entry_ids=tuple(entry_ids), spiffe_ids=tuple(s.spiffe_id for s in svids),
+                                      svid_serials=tuple(s.serial for s in svids)))
+
+    def match(self, selectors: frozenset[Selector]) -> list[Entry]:
         candidates: set[str] = set()
         for selector in selectors:
             candidates.update(self._index.get(selector, ()))
-        return [self._entries[e] for e in sorted(candidates) if self._entry_selectors[e] <= selectors]
+        return [self._entries[e] for e in sorted(candidates) if self._entries[e].selectors <= selectors]
 
     def bundle_der(self) -> bytes:
         return self._source.bundle_der()
@@ -151,11 +268,14 @@ class SvidManager:
         entries = self.match(selectors)
         if not entries:
             raise NoIdentityError("no registration entry matches the caller")
-        now = time.time()
+        now = self._clock.now()
         missing = [e.id for e in entries if not self._valid(e.id, now)]
-        failures = await self._ensure(missing) if missing else []
+        failures = []
+        if missing:
+            refusal = self._issuance_refusal()
+            failures = [refusal] if refusal is not None else await self._ensure(missing)
         bundle = self.bundle_der()
-        now = time.time()
+        now = self._clock.now()
         materials = [
             X509SvidMaterial(spiffe_id=svid.spiffe_id, cert_chain_der=svid.chain_der,
                              private_key_der=svid.private_key_der, bundle_der=bundle, hint=entry.hint)
@@ -166,6 +286,15 @@ class SvidManager:
             raise NoIdentityError(failures[0] if failures else "no SVID could be issued for the caller")
         return materials
 
+    def _issuance_refusal(self) -> str | None:
+        """Why nothing new may be issued now, or None."""
+        if self._banned is not None:
+            return f"node is banned: {self._banned}"
+        stale = self.stale_since()
+        if stale is not None:
+            return "node is stale: no revocation document from the authority since its next update was due"
+        return None
+
     async def _ensure(self, entry_ids: Sequence[str]) -> list[str]:
         """Have the issuance loop try these entries; returns the reasons of those that failed.
 
@@ -173,7 +302,7 @@ class SvidManager:
         and again must not turn into a TPM quote and an authority request each time.
         """
         loop = asyncio.get_running_loop()
-        now = time.time()
+        now = self._clock.now()
         failures = []
         futures = []
         for entry_id in entry_ids:
@@ -219,12 +348,12 @@ class SvidManager:
 
     async def run(self) -> None:
         while True:
-            wait = max(0.0, self._next_wake(time.time()) - time.time())
+            wait = max(0.0, self._next_wake(self._clock.now()) - self._clock.now())
             if not self._pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
             self._wake.clear()
-            now = time.time()
+            now = self._clock.now()
             await self._drop_expired(now)
             due = {e for e, s in self._svids.items()
                    if s.rotate_at <= now and self._next_attempt(e) <= now and e in self._entries}
@@ -238,6 +367,15 @@ class SvidManager:
             batch = sorted(set(waiting) | due)
             if not batch:
                 continue
+            refusal = self._issuance_refusal()
+            if refusal is not None:
+                # Stale or banned: rotation waits too; callers hear why at once.
+                for entry_id in batch:
+                    self._note_failure(entry_id, refusal, now)
+                for future in waiting.values():
+                    if not future.done():
+                        future.set_exception(NoIdentityError(refusal))
+                continue
             failed: dict[str, str] = {}
             # The authority takes a bounded number of CSRs per request: larger batches go in parts.
             for start in range(0, len(batch), MAX_X509_SVIDS_PER_REQUEST):
@@ -247,7 +385,7 @@ class SvidManager:
                 except Exception as err:  # whatever failed, every waiter hears of it and the loop goes on
                     log.warning("svid issuance failed", extra={"entries": part, "reason": str(err)})
                     failed.update({entry_id: f"the authority did not issue an SVID: {err}" for entry_id in part})
-            now = time.time()
+            now = self._clock.now()
             for entry_id in batch:
                 if entry_id in failed:
                     self._note_failure(entry_id, failed[entry_id], now)
@@ -274,7 +412,7 @@ class SvidManager:
         if not requests:
             return failed
         response = await self._source.request(x509_svids=requests)
-        now = time.time()
+        now = self._clock.now()
         for item in response.errors:
             failed[item.entry_id] = f"{item.code}: {item.message}"
         cached_now: set[str] = set()
@@ -293,7 +431,8 @@ class SvidManager:
             expires = certificate.not_valid_after_utc.timestamp()
             lifetime = expires - now
             self._svids[issued.entry_id] = CachedSvid(
-                entry_id=issued.entry_id, spiffe_id=issued.spiffe_id, certificate=certificate,
+                entry_id=issued.entry_id, entry_revision=self._entries[issued.entry_id].revision,
+                spiffe_id=issued.spiffe_id, certificate=certificate,
                 chain_der=issued.cert_chain,
                 private_key_der=issued_key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
                 issued_at=now, expires_at=expires,
@@ -305,14 +444,18 @@ class SvidManager:
         for request in requests:
             if request.entry_id not in cached_now:
                 failed.setdefault(request.entry_id, "authority did not issue an SVID")
+        self._apply_revocations()  # a newer document may have come with the reply
         await self._bump()
         return failed
 
     async def sync_entries(self) -> None:
+        """Fetch the node's entry set (and any newer revocation document) and apply both as one change."""
         response = await self._source.request(sync_entries=True)
-        if response.entries is not None:
-            await self.set_entries(response.entries)
+        changed = self._replace_entries(response.entries) if response.entries is not None else False
+        changed = self._apply_revocations() or changed
         bundle = self._source.bundle_der()
         if bundle != self._bundle_der:
             self._bundle_der = bundle
+            changed = True
+        if changed:
             await self._bump()

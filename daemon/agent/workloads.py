@@ -11,14 +11,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vouchd.agent.svids import SvidManager
-from vouchd.agent.workload_api.identities import RequestOutcome, X509SvidMaterial
+from vouchd.agent.workload_api.identities import WORKLOAD_API_SOURCE, X509SvidMaterial
 from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload
+from vouchd.decisions import Decision, Outcome
 from vouchd.selectors import Selector
 from vouchd.spiffe import TrustDomain
 
 __all__ = ["AgentWorkloadIdentities", "WorkloadActivity"]
 
-_RECENT_DENIALS = 20
+_RECENT_REFUSALS = 20
+_UNKNOWN = -1  # pid or uid of a caller the Workload API could not identify
 
 
 class AgentWorkloadIdentities:
@@ -49,17 +51,24 @@ class AgentWorkloadIdentities:
 
 
 class WorkloadActivity:
-    """What `vouchd status` shows about callers: open streams, outcomes, the latest denials."""
+    """What `vouchd status` shows about callers: open streams, request outcomes, the latest refusals.
+
+    A subscriber of the agent's decision bus (`record`) for the outcomes, and the Workload API's
+    WorkloadApiObserver for open streams, which are not decisions.
+    """
 
     def __init__(self) -> None:
         self._open_streams: Counter[str] = Counter()
         self._outcomes: Counter[str] = Counter()
-        self._denials: deque[RequestOutcome] = deque(maxlen=_RECENT_DENIALS)
+        self._refusals: deque[Decision] = deque(maxlen=_RECENT_REFUSALS)
 
-    def request_finished(self, outcome: RequestOutcome) -> None:
-        self._outcomes[outcome.outcome] += 1
-        if outcome.outcome != "ok":
-            self._denials.append(outcome)
+    def record(self, decision: Decision) -> None:
+        """Count a Workload API decision; keep it if it was not ok. Other sources' decisions are not ours."""
+        if decision.source != WORKLOAD_API_SOURCE:
+            return
+        self._outcomes[decision.outcome.value] += 1
+        if decision.outcome is not Outcome.OK:
+            self._refusals.append(decision)
 
     def stream_opened(self, method: str, pid: int, uid: int) -> None:
         self._open_streams[method] += 1
@@ -73,9 +82,17 @@ class WorkloadActivity:
         return {
             "open_streams": dict(self._open_streams),
             "requests": dict(self._outcomes),
-            "recent_denials": [
-                {"at": denial.at, "method": denial.method, "pid": denial.pid, "uid": denial.uid,
-                 "outcome": denial.outcome, "reason": denial.reason}
-                for denial in reversed(self._denials)
-            ],
+            "recent_denials": [_refusal_fields(refusal) for refusal in reversed(self._refusals)],
         }
+
+
+def _refusal_fields(decision: Decision) -> dict[str, Any]:
+    caller = decision.caller
+    return {
+        "at": decision.at,
+        "method": decision.method,
+        "pid": caller.pid if caller is not None else _UNKNOWN,
+        "uid": caller.uid if caller is not None else _UNKNOWN,
+        "outcome": decision.outcome.value,
+        "reason": decision.reason,
+    }

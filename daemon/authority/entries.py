@@ -10,40 +10,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import timedelta
 
-from vouchd.authority.errors import AuthorityError
-from vouchd.entry_rules import entry_violation
+from vouchd.entries import Entry
 from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeId, TrustTier
 
-__all__ = ["Entry", "EntryIndex", "InvalidEntryError", "tier_allows"]
+__all__ = ["EntryIndex", "grants", "tier_allows"]
 
 _TIER_STRENGTH = {TrustTier.STATIC_SECRET: 0, TrustTier.HARDWARE: 1}
-
-
-class InvalidEntryError(AuthorityError):
-    """A registration entry breaks one of the rules of vouchd.entry_rules."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    id: str
-    revision: int
-    spiffe_id: SpiffeId
-    selectors: frozenset[Selector]
-    parent: SpiffeId | None
-    node_selectors: frozenset[Selector]
-    min_tier: TrustTier
-    x509_ttl: timedelta | None
-    dns_names: tuple[str, ...] = ()
-    hint: str = ""
-
-    def __post_init__(self) -> None:
-        violation = entry_violation(self.spiffe_id, self.selectors, self.parent, self.node_selectors)
-        if violation is not None:
-            raise InvalidEntryError(f"entry {self.id}: {violation.field}: {violation.message}")
 
 
 def tier_allows(min_tier: TrustTier, node_tier: TrustTier) -> bool:
@@ -84,21 +58,24 @@ class EntryIndex:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def all(self) -> list[Entry]:
+        return [self._by_id[k] for k in sorted(self._by_id)]
+
     def authorized_for(self, node_id: SpiffeId, node_selectors: frozenset[Selector],
                        tier: TrustTier) -> list[Entry]:
         candidates = set(self._by_parent.get(node_id, ()))
         for selector in node_selectors:
             candidates.update(self._by_node_selector.get(selector, ()))
         entries = (self._by_id[entry_id] for entry_id in sorted(candidates))
-        return [entry for entry in entries if _grants(entry, node_id, node_selectors, tier)]
+        return [entry for entry in entries if grants(entry, node_id, node_selectors, tier)]
 
     def is_authorized(self, entry_id: str, node_id: SpiffeId, node_selectors: frozenset[Selector],
                       tier: TrustTier) -> Entry | None:
         entry = self._by_id.get(entry_id)
-        return entry if entry is not None and _grants(entry, node_id, node_selectors, tier) else None
+        return entry if entry is not None and grants(entry, node_id, node_selectors, tier) else None
 
 
-def _grants(entry: Entry, node_id: SpiffeId, node_selectors: frozenset[Selector], tier: TrustTier) -> bool:
+def grants(entry: Entry, node_id: SpiffeId, node_selectors: frozenset[Selector], tier: TrustTier) -> bool:
     """The one rule entry sync and issuance share: the entry names this node (its parent, or node
     selectors the node has) and allows the node's tier."""
     bound = entry.parent == node_id or (bool(entry.node_selectors) and entry.node_selectors <= node_selectors)

@@ -1,75 +1,91 @@
-"""The authority's durable state: nodes, single-use nonces, answered requests, EK enrolment.
+"""The authority's durable state, behind one async interface (`Store`), and its SQLite implementation.
 
-SQLite by default (one file in the authority's state directory, WAL journal). Each method is one
-short transaction; the single-use nonce is consumed by one DELETE whose row count decides, so two
-requests racing with the same nonce cannot both pass.
+What is kept: enrolled and pending EKs, node records, bans, single-use nonces, answered requests,
+boot (event log) profiles, attestation sessions in progress, registration entries, and the
+revocations that void SVIDs issued before a change.
+
+Every method is one short transaction: a change and the revocation it implies land together or not
+at all, and the revocation version is bumped in that same transaction. Time is never read here:
+every method that needs it takes `now` (seconds since the epoch) from its caller's clock.
+
+`SqliteStore` keeps one file in the authority's state directory (WAL journal, born 0600, never
+opened through a symlink). One worker thread owns the connection, so no call blocks the event loop
+and calls run one after another in the order they were made. A call whose caller is cancelled
+still runs to its end; only its result is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import sqlite3
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from vouchd.authority.errors import AuthorityError
+from vouchd.entries import Entry, InvalidEntryError
 
-__all__ = ["AuthorityStore", "NodeRecord", "NodeState", "StoreError"]
+__all__ = [
+    "Ban",
+    "EntryConflictError",
+    "EntryExistsError",
+    "EntryNotFoundError",
+    "NodeRecord",
+    "NodeState",
+    "PendingNode",
+    "ProfileRecord",
+    "Revocations",
+    "RevokedEntry",
+    "RevokedNode",
+    "SessionRecord",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+]
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY,
-    ek_hash TEXT NOT NULL UNIQUE,
-    tier TEXT NOT NULL,
-    state TEXT NOT NULL,
-    ak_public BLOB NOT NULL,
-    node_key_public BLOB NOT NULL,
-    selectors TEXT NOT NULL,
-    pcr_bank TEXT NOT NULL,
-    pcr_indices TEXT NOT NULL,
-    pcr_digest BLOB NOT NULL,
-    reset_count INTEGER NOT NULL,
-    restart_count INTEGER NOT NULL,
-    clock INTEGER NOT NULL,
-    attested_at REAL NOT NULL,
-    last_quote_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrolled_eks (ek_hash TEXT PRIMARY KEY, source TEXT NOT NULL, added_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS banned_nodes (node_id TEXT PRIMARY KEY, reason TEXT NOT NULL, banned_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS nonces (
-    nonce BLOB PRIMARY KEY,
-    node_id TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS nonces_by_expiry ON nonces (expires_at);
-CREATE TABLE IF NOT EXISTS answered (
-    node_id TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    reply BLOB NOT NULL,
-    answered_at REAL NOT NULL,
-    PRIMARY KEY (node_id, digest)
-);
-CREATE INDEX IF NOT EXISTS answered_by_time ON answered (answered_at);
-CREATE TABLE IF NOT EXISTS event_log_profiles (
-    name TEXT PRIMARY KEY,
-    digests TEXT NOT NULL,
-    learned_from TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+_T = TypeVar("_T")
+
+
+# -- errors ----------------------------------------------------------------------------------------
 
 
 class StoreError(AuthorityError):
-    """The authority's database cannot be opened or used."""
+    """The authority's database cannot be opened or used; the message names the database and the call."""
+
+
+class EntryExistsError(StoreError):
+    """An entry with this id exists already."""
+
+    def __init__(self, entry_id: str) -> None:
+        super().__init__(f"entry {entry_id} already exists")
+        self.entry_id = entry_id
+
+
+class EntryNotFoundError(StoreError):
+    """No entry has this id."""
+
+    def __init__(self, entry_id: str) -> None:
+        super().__init__(f"entry {entry_id} does not exist")
+        self.entry_id = entry_id
+
+
+class EntryConflictError(StoreError):
+    """The entry changed since its caller read it: its revision is not the one the caller expected."""
+
+    def __init__(self, entry_id: str, *, stored_revision: int, expected_revision: int) -> None:
+        super().__init__(f"entry {entry_id} is at revision {stored_revision}, not {expected_revision}")
+        self.entry_id = entry_id
+        self.stored_revision = stored_revision
+        self.expected_revision = expected_revision
+
+
+# -- records ---------------------------------------------------------------------------------------
 
 
 class NodeState(StrEnum):
@@ -99,121 +115,835 @@ class NodeRecord:
     last_quote_at: float
 
 
-class AuthorityStore:
-    """One connection, used under a lock: the authority may call it from more than one thread, and a
-    single-use nonce must stay single-use however the calls interleave."""
+@dataclass(frozen=True)
+class PendingNode:
+    """A genuine EK nobody enrolled yet, waiting for an operator's approval."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = threading.RLock()
+    ek_hash: str
+    node_id: str
+    first_seen: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Ban:
+    node_id: str
+    reason: str
+    banned_at: float
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """A boot profile as operators list it: its name, how many measurements it accepts, where from."""
+
+    name: str
+    measurements: int
+    learned_from: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """An attestation between the Challenge and the ChallengeResponse."""
+
+    session: str
+    node_id: str
+    ek_hash: str
+    ek_issuer_cn: str | None
+    ak_public: bytes
+    node_key_public: bytes
+    pcr_bank: str
+    pcr_indices: tuple[int, ...]
+    event_log: bytes | None
+    secret: bytes = field(repr=False)
+    server_nonce: bytes = field(repr=False)
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    """SVIDs of entry `entry_id` with a revision below `below_revision` are void."""
+
+    entry_id: str
+    below_revision: int
+    revoked_at: float
+
+
+@dataclass(frozen=True)
+class RevokedNode:
+    """SVIDs issued to the node (and for workloads on it) before `before` are void; `banned`: all are."""
+
+    node_id: str
+    reason: str
+    before: float
+    banned: bool
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """The revocation document's content; `version` grows with every change (sorted by id)."""
+
+    version: int
+    entries: tuple[RevokedEntry, ...]
+    nodes: tuple[RevokedNode, ...]
+
+
+# -- the interface -----------------------------------------------------------------------------------
+
+
+class Store(Protocol):
+    """The authority's durable state. Every method is one transaction; failures raise StoreError.
+
+    Expiry: a nonce or a session expiring at `expires_at` can be used while `now <= expires_at`.
+    """
+
+    async def close(self) -> None:
+        """Finish the calls already made, then release the database; later calls raise StoreError."""
+        ...
+
+    # enrolment
+    async def enrol_ek(self, ek_hash: str, source: str, *, now: float) -> None:
+        """Enrol an EK (enrolling again changes nothing); an enrolled EK is no longer pending."""
+        ...
+
+    async def is_enrolled(self, ek_hash: str) -> bool:
+        ...
+
+    async def add_pending(self, ek_hash: str, node_id: str, *, now: float) -> None:
+        """Record an unknown genuine EK for an operator to approve; when pending already, update
+        its last_seen. An EK that is enrolled is never pending: nothing is recorded for it."""
+        ...
+
+    async def pending(self) -> list[PendingNode]:
+        """The pending EKs, the longest waiting first."""
+        ...
+
+    async def approve(self, node_id_or_ek_hash: str, *, now: float) -> PendingNode | None:
+        """Enrol the pending EK with this EK hash or node id and remove it from pending; None when
+        nothing pending matches."""
+        ...
+
+    # nodes
+    async def save_node(self, node: NodeRecord) -> None:
+        """Store a node, replacing the record with its id (and any other record of its EK)."""
+        ...
+
+    async def node(self, node_id: str) -> NodeRecord | None:
+        ...
+
+    async def nodes(self) -> list[NodeRecord]:
+        """Every node, by id."""
+        ...
+
+    async def record_quote(self, node_id: str, *, reset_count: int, restart_count: int, clock: int,
+                           now: float) -> None:
+        """Remember the TPM clock of the node's latest accepted quote, and when it came."""
+        ...
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        ...
+
+    # bans
+    async def ban_node(self, node_id: str, reason: str, *, now: float) -> int:
+        """Ban a node (known or not): record the ban, set a known node's state to banned and revoke
+        everything issued to it. Banning a banned node updates the reason and keeps banned_at.
+        Returns the new revocation version."""
+        ...
+
+    async def unban_node(self, node_id: str, *, now: float) -> int | None:
+        """Lift a ban: the node's state becomes attesting, and its revocation stays as a non-ban
+        record with before=the ban's time, so SVIDs issued before the ban stay void. Returns the
+        new revocation version, or None when the node is not banned."""
+        ...
+
+    async def is_banned(self, node_id: str) -> bool:
+        ...
+
+    async def bans(self) -> list[Ban]:
+        """Every ban, by node id."""
+        ...
+
+    # nonces
+    async def add_nonce(self, node_id: str, nonce: bytes, expires_at: float, *, now: float) -> None:
+        """Hand a nonce to a node (dropping every expired one); a nonce already handed out is an error."""
+        ...
+
+    async def consume_nonce(self, node_id: str, nonce: bytes, *, now: float) -> bool:
+        """True exactly once for an unexpired nonce handed to this node, however calls race."""
+        ...
+
+    # answered requests (a redelivered request gets the very same reply)
+    async def answered_reply(self, node_id: str, digest: str) -> bytes | None:
+        ...
+
+    async def remember_reply(self, node_id: str, digest: str, reply: bytes, *, now: float,
+                             keep_seconds: float) -> None:
+        """Remember a reply (replacing one for the same request), dropping those older than keep_seconds."""
+        ...
+
+    # boot profiles
+    async def save_profile(self, name: str, digests: Iterable[str], learned_from: str, *, now: float) -> None:
+        """Store a profile (its accepted measurements), replacing one of that name."""
+        ...
+
+    async def profiles(self) -> dict[str, frozenset[str]]:
+        ...
+
+    async def profile_records(self) -> list[ProfileRecord]:
+        """Every profile, by name."""
+        ...
+
+    async def remove_profile(self, name: str, *, now: float) -> tuple[int, list[str]] | None:
+        """Delete a profile; every node whose selectors hold `tpm:pcr_profile:<name>` gets a node
+        revocation (not a ban) with before=now and must attest again (state attesting; a banned or
+        failed node keeps its state). Returns (revocation version, those node ids sorted), the
+        version unchanged when no node had the profile; None when there is no such profile."""
+        ...
+
+    # attestation sessions
+    async def put_session(self, record: SessionRecord, *, max_sessions: int, now: float) -> bool:
+        """Store a session, replacing any session of its EK (one attestation in progress per EK),
+        after dropping expired ones. False, and nothing stored, when max_sessions are in progress
+        and none of them is this EK's."""
+        ...
+
+    async def take_session(self, session_id: str, *, now: float) -> SessionRecord | None:
+        """Remove a session and return it if it has not expired; an expired one is removed and None
+        returned. Of calls racing for one session, one at most gets it."""
+        ...
+
+    # registration entries
+    async def create_entry(self, entry: Entry, *, now: float) -> Entry:
+        """Store a new entry with created_at=updated_at=int(now) and a revision set here: 1, or the
+        last revision of a deleted entry of that id + 1 (so the old entry's revocation never voids
+        the new one). EntryExistsError when the id is in use."""
+        ...
+
+    async def update_entry(self, entry: Entry, *, expected_revision: int, now: float) -> tuple[Entry, int]:
+        """Replace an entry with revision expected_revision + 1 (created_at kept, updated_at=int(now))
+        and revoke the older revisions. Returns (stored entry, new revocation version).
+        EntryNotFoundError, or EntryConflictError when the stored revision is another."""
+        ...
+
+    async def delete_entry(self, entry_id: str, *, now: float) -> tuple[Entry, int]:
+        """Delete an entry and revoke every revision of it. Returns (deleted entry, new revocation
+        version); EntryNotFoundError when there is none."""
+        ...
+
+    async def entry(self, entry_id: str) -> Entry | None:
+        ...
+
+    async def entries(self) -> list[Entry]:
+        """Every entry, by id."""
+        ...
+
+    # revocations
+    async def revocations(self) -> Revocations:
+        """A consistent snapshot of the revocations and their version."""
+        ...
+
+    async def bump_revocation_version(self) -> int:
+        """A new version for the same content (the authority refreshes its document); returns it."""
+        ...
+
+    async def prune_revocations(self, *, older_than: float) -> int:
+        """Drop entry revocations made before `older_than` and non-ban node revocations whose
+        `before` is earlier (every SVID they void has expired); bans stay while the node is
+        banned. The version is not bumped. Returns how many revocations were dropped."""
+        ...
+
+
+# -- SQLite ----------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 2
+
+# Version 1, as operators have it: these tables stay as they are.
+_SCHEMA_V1 = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS nodes (
+        node_id TEXT PRIMARY KEY,
+        ek_hash TEXT NOT NULL UNIQUE,
+        tier TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ak_public BLOB NOT NULL,
+        node_key_public BLOB NOT NULL,
+        selectors TEXT NOT NULL,
+        pcr_bank TEXT NOT NULL,
+        pcr_indices TEXT NOT NULL,
+        pcr_digest BLOB NOT NULL,
+        reset_count INTEGER NOT NULL,
+        restart_count INTEGER NOT NULL,
+        clock INTEGER NOT NULL,
+        attested_at REAL NOT NULL,
+        last_quote_at REAL NOT NULL
+    )""",
+    "CREATE TABLE IF NOT EXISTS enrolled_eks (ek_hash TEXT PRIMARY KEY, source TEXT NOT NULL, added_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS banned_nodes (node_id TEXT PRIMARY KEY, reason TEXT NOT NULL, banned_at REAL NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS nonces (
+        nonce BLOB PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS nonces_by_expiry ON nonces (expires_at)",
+    """CREATE TABLE IF NOT EXISTS answered (
+        node_id TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        reply BLOB NOT NULL,
+        answered_at REAL NOT NULL,
+        PRIMARY KEY (node_id, digest)
+    )""",
+    "CREATE INDEX IF NOT EXISTS answered_by_time ON answered (answered_at)",
+    """CREATE TABLE IF NOT EXISTS event_log_profiles (
+        name TEXT PRIMARY KEY,
+        digests TEXT NOT NULL,
+        learned_from TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+)
+
+# Added by version 2.
+_SCHEMA_V2 = (
+    """CREATE TABLE IF NOT EXISTS pending_eks (
+        ek_hash TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS pending_eks_by_node ON pending_eks (node_id)",
+    """CREATE TABLE IF NOT EXISTS sessions (
+        session TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        ek_hash TEXT NOT NULL UNIQUE,
+        ek_issuer_cn TEXT,
+        ak_public BLOB NOT NULL,
+        node_key_public BLOB NOT NULL,
+        pcr_bank TEXT NOT NULL,
+        pcr_indices TEXT NOT NULL,
+        event_log BLOB,
+        secret BLOB NOT NULL,
+        server_nonce BLOB NOT NULL,
+        expires_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at)",
+    # `wire` is Entry.to_wire() as JSON, the whole truth; the other columns are there to look entries up.
+    """CREATE TABLE IF NOT EXISTS entries (
+        id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        parent TEXT,
+        wire TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entries_by_spiffe_id ON entries (spiffe_id)",
+    "CREATE INDEX IF NOT EXISTS entries_by_parent ON entries (parent)",
+    # Never pruned: an id used again continues the revisions of the entry it had, whenever that was.
+    """CREATE TABLE IF NOT EXISTS deleted_entries (
+        id TEXT PRIMARY KEY,
+        last_revision INTEGER NOT NULL,
+        deleted_at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS entry_revocations (
+        entry_id TEXT PRIMARY KEY,
+        below_revision INTEGER NOT NULL,
+        revoked_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS entry_revocations_by_time ON entry_revocations (revoked_at)",
+    """CREATE TABLE IF NOT EXISTS node_revocations (
+        node_id TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        revokes_before REAL NOT NULL,
+        banned INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS revocation_version (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        version INTEGER NOT NULL
+    )""",
+)
+
+# One row per node: revocations of one node merge into the one that voids most (the latest
+# `before`), and a later non-ban revocation never lifts a ban or replaces its reason.
+_REVOKE_NODE = """
+    INSERT INTO node_revocations (node_id, reason, revokes_before, banned) VALUES (?, ?, ?, ?)
+    ON CONFLICT (node_id) DO UPDATE SET
+        reason = CASE WHEN node_revocations.banned AND NOT excluded.banned
+                      THEN node_revocations.reason ELSE excluded.reason END,
+        revokes_before = max(node_revocations.revokes_before, excluded.revokes_before),
+        banned = max(node_revocations.banned, excluded.banned)
+"""
+
+_NODE_COLUMNS = ("node_id, ek_hash, tier, state, ak_public, node_key_public, selectors, pcr_bank, pcr_indices, "
+                 "pcr_digest, reset_count, restart_count, clock, attested_at, last_quote_at")
+_SESSION_COLUMNS = ("session, node_id, ek_hash, ek_issuer_cn, ak_public, node_key_public, pcr_bank, pcr_indices, "
+                    "event_log, secret, server_nonce, expires_at")
+
+
+class SqliteStore:
+    """The Store in one SQLite file. Open it with `await SqliteStore.open(path)`; close it with
+    `await store.close()`.
+
+    One worker thread owns the connection and runs each call as one transaction (BEGIN IMMEDIATE
+    for changes, so that another process sharing the file waits instead of failing halfway).
+    """
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor, connection: sqlite3.Connection) -> None:
+        """Internal: use `SqliteStore.open`."""
+        self._path = path
+        self._executor = executor
+        self._db = connection
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        """Open the database at `path`, creating it (and a missing state directory, 0700) or
+        migrating a version 1 database. StoreError when it cannot: a symlink at `path`, a file that
+        is not a database, a schema version this vouchd does not know."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vouchd-store")
         try:
-            # Born 0600: SQLite gives its -wal and -shm files the database file's mode.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-            path.chmod(0o600)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
-            elif int(row[0]) != _SCHEMA_VERSION:
-                raise StoreError(f"{path}: schema version {row[0]} is not {_SCHEMA_VERSION}")
-        except (sqlite3.Error, OSError) as err:
-            raise StoreError(f"{path}: cannot open the authority database: {err}") from None
+            connection = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, executor, connection)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    @property
+    def path(self) -> Path:
+        return self._path
 
-    def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
-        with self._lock:
-            return self._db.execute(sql, parameters).fetchall()
+    async def close(self) -> None:
+        """Finish the calls already made, then close the connection and stop the worker thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+    # -- running calls on the worker thread ---------------------------------------------------------
+    async def _read(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        return await self._run(what, work, begin="BEGIN")
+
+    async def _write(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        return await self._run(what, work, begin="BEGIN IMMEDIATE")
+
+    async def _run(self, what: str, work: Callable[[sqlite3.Connection], _T], *, begin: str) -> _T:
+        if self._closed:
+            raise StoreError(f"{self._path}: cannot {what}: the store is closed")
+
+        def transaction() -> _T:
+            db = self._db
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                db.execute(begin)
+                try:
+                    result = work(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as err:
+                raise StoreError(f"{self._path}: cannot {what}: {err}") from None
+            return result
 
-    # -- enrolment ---------------------------------------------------------------------------
-    def enrol_ek(self, ek_hash: str, source: str) -> None:
-        self._execute("INSERT OR IGNORE INTO enrolled_eks VALUES (?, ?, ?)", (ek_hash, source, time.time()))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, transaction)
 
-    def is_enrolled(self, ek_hash: str) -> bool:
-        return self._execute("SELECT 1 FROM enrolled_eks WHERE ek_hash=?", (ek_hash,)) != []
+    # -- enrolment ------------------------------------------------------------------------------------
+    async def enrol_ek(self, ek_hash: str, source: str, *, now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO enrolled_eks VALUES (?, ?, ?)", (ek_hash, source, now))
+            db.execute("DELETE FROM pending_eks WHERE ek_hash=?", (ek_hash,))
 
-    def is_banned(self, node_id: str) -> bool:
-        return self._execute("SELECT 1 FROM banned_nodes WHERE node_id=?", (node_id,)) != []
+        await self._write("enrol an ek", work)
 
-    # -- nodes -------------------------------------------------------------------------------
-    def save_node(self, node: NodeRecord) -> None:
-        self._execute(
-            "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (node.node_id, node.ek_hash, node.tier, node.state.value, node.ak_public, node.node_key_public,
-             json.dumps(list(node.selectors)), node.pcr_bank, json.dumps(list(node.pcr_indices)),
-             node.pcr_digest, node.reset_count, node.restart_count, node.clock, node.attested_at,
-             node.last_quote_at),
-        )
+    async def is_enrolled(self, ek_hash: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            return db.execute("SELECT 1 FROM enrolled_eks WHERE ek_hash=?", (ek_hash,)).fetchone() is not None
 
-    def node(self, node_id: str) -> NodeRecord | None:
-        rows = self._execute("SELECT * FROM nodes WHERE node_id=?", (node_id,))
-        return _node_from_row(rows[0]) if rows else None
+        return await self._read("read enrolment", work)
 
-    def nodes(self) -> list[NodeRecord]:
-        return [_node_from_row(r) for r in self._execute("SELECT * FROM nodes ORDER BY node_id")]
+    async def add_pending(self, ek_hash: str, node_id: str, *, now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO pending_eks SELECT ?, ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM enrolled_eks WHERE ek_hash=?) "
+                "ON CONFLICT (ek_hash) DO UPDATE SET last_seen=excluded.last_seen",
+                (ek_hash, node_id, now, now, ek_hash),
+            )
 
-    def record_quote(self, node_id: str, *, reset_count: int, restart_count: int, clock: int) -> None:
-        self._execute(
-            "UPDATE nodes SET reset_count=?, restart_count=?, clock=?, last_quote_at=? WHERE node_id=?",
-            (reset_count, restart_count, clock, time.time(), node_id),
-        )
+        await self._write("add a pending ek", work)
 
-    def set_node_state(self, node_id: str, state: NodeState) -> None:
-        self._execute("UPDATE nodes SET state=? WHERE node_id=?", (state.value, node_id))
+    async def pending(self) -> list[PendingNode]:
+        def work(db: sqlite3.Connection) -> list[PendingNode]:
+            rows = db.execute("SELECT ek_hash, node_id, first_seen, last_seen FROM pending_eks "
+                              "ORDER BY first_seen, ek_hash").fetchall()
+            return [PendingNode(*row) for row in rows]
 
-    # -- nonces ------------------------------------------------------------------------------
-    def add_nonce(self, node_id: str, nonce: bytes, expires_at: float) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM nonces WHERE expires_at < ?", (time.time(),))
+        return await self._read("list pending eks", work)
+
+    async def approve(self, node_id_or_ek_hash: str, *, now: float) -> PendingNode | None:
+        def work(db: sqlite3.Connection) -> PendingNode | None:
+            row = db.execute(
+                "DELETE FROM pending_eks WHERE ek_hash=?1 OR node_id=?1 RETURNING ek_hash, node_id, first_seen, "
+                "last_seen", (node_id_or_ek_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            approved = PendingNode(*row)
+            db.execute("INSERT OR IGNORE INTO enrolled_eks VALUES (?, 'approved', ?)", (approved.ek_hash, now))
+            return approved
+
+        return await self._write(f"approve {node_id_or_ek_hash}", work)
+
+    # -- nodes ----------------------------------------------------------------------------------------
+    async def save_node(self, node: NodeRecord) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT OR REPLACE INTO nodes ({_NODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                (node.node_id, node.ek_hash, node.tier, node.state.value, node.ak_public, node.node_key_public,
+                 json.dumps(list(node.selectors)), node.pcr_bank, json.dumps(list(node.pcr_indices)),
+                 node.pcr_digest, node.reset_count, node.restart_count, node.clock, node.attested_at,
+                 node.last_quote_at),
+            )
+
+        await self._write(f"save node {node.node_id}", work)
+
+    async def node(self, node_id: str) -> NodeRecord | None:
+        def work(db: sqlite3.Connection) -> NodeRecord | None:
+            row = db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id=?", (node_id,)).fetchone()  # noqa: S608
+            return None if row is None else _node_from_row(row)
+
+        return await self._read(f"read node {node_id}", work)
+
+    async def nodes(self) -> list[NodeRecord]:
+        def work(db: sqlite3.Connection) -> list[NodeRecord]:
+            rows = db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY node_id").fetchall()  # noqa: S608
+            return [_node_from_row(row) for row in rows]
+
+        return await self._read("list nodes", work)
+
+    async def record_quote(self, node_id: str, *, reset_count: int, restart_count: int, clock: int,
+                           now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE nodes SET reset_count=?, restart_count=?, clock=?, last_quote_at=? WHERE node_id=?",
+                       (reset_count, restart_count, clock, now, node_id))
+
+        await self._write(f"record a quote of node {node_id}", work)
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE nodes SET state=? WHERE node_id=?", (state.value, node_id))
+
+        await self._write(f"set the state of node {node_id}", work)
+
+    # -- bans -----------------------------------------------------------------------------------------
+    async def ban_node(self, node_id: str, reason: str, *, now: float) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            db.execute("INSERT INTO banned_nodes VALUES (?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                       "reason=excluded.reason", (node_id, reason, now))
+            db.execute("UPDATE nodes SET state=? WHERE node_id=?", (NodeState.BANNED.value, node_id))
+            db.execute(_REVOKE_NODE, (node_id, reason, now, 1))
+            return _bump_version(db)
+
+        return await self._write(f"ban node {node_id}", work)
+
+    async def unban_node(self, node_id: str, *, now: float) -> int | None:
+        def work(db: sqlite3.Connection) -> int | None:
+            ban = db.execute("DELETE FROM banned_nodes WHERE node_id=? RETURNING reason, banned_at",
+                             (node_id,)).fetchone()
+            if ban is None:
+                return None
+            reason, banned_at = ban
+            db.execute("INSERT INTO node_revocations VALUES (?, ?, ?, 0) ON CONFLICT (node_id) DO UPDATE SET banned=0",
+                       (node_id, reason, banned_at))
+            db.execute("UPDATE nodes SET state=? WHERE node_id=?", (NodeState.ATTESTING.value, node_id))
+            return _bump_version(db)
+
+        return await self._write(f"unban node {node_id}", work)
+
+    async def is_banned(self, node_id: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            return db.execute("SELECT 1 FROM banned_nodes WHERE node_id=?", (node_id,)).fetchone() is not None
+
+        return await self._read("read bans", work)
+
+    async def bans(self) -> list[Ban]:
+        def work(db: sqlite3.Connection) -> list[Ban]:
+            rows = db.execute("SELECT node_id, reason, banned_at FROM banned_nodes ORDER BY node_id").fetchall()
+            return [Ban(*row) for row in rows]
+
+        return await self._read("list bans", work)
+
+    # -- nonces ---------------------------------------------------------------------------------------
+    async def add_nonce(self, node_id: str, nonce: bytes, expires_at: float, *, now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM nonces WHERE expires_at < ?", (now,))
             db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (nonce, node_id, expires_at))
 
-    def consume_nonce(self, node_id: str, nonce: bytes) -> bool:
-        """True exactly once for a nonce handed to this node that has not expired."""
-        deleted = self._execute(
-            "DELETE FROM nonces WHERE nonce=? AND node_id=? AND expires_at >= ? RETURNING nonce",
-            (nonce, node_id, time.time()),
-        )
-        return len(deleted) == 1
+        await self._write(f"add a nonce for node {node_id}", work)
 
-    # -- answered requests (QoS 1 redelivery gets the same reply) ----------------------------------
-    def answered_reply(self, node_id: str, digest: str) -> bytes | None:
-        rows = self._execute("SELECT reply FROM answered WHERE node_id=? AND digest=?", (node_id, digest))
-        return bytes(rows[0][0]) if rows else None
+    async def consume_nonce(self, node_id: str, nonce: bytes, *, now: float) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            # One statement decides: of racing requests (on any connection), one deletes the row.
+            deleted = db.execute("DELETE FROM nonces WHERE nonce=? AND node_id=? AND expires_at >= ? RETURNING 1",
+                                 (nonce, node_id, now)).fetchall()
+            return len(deleted) == 1
 
-    def remember_reply(self, node_id: str, digest: str, reply: bytes, *, keep_seconds: float) -> None:
-        now = time.time()
-        with self._transaction() as db:
+        return await self._write(f"consume a nonce of node {node_id}", work)
+
+    # -- answered requests ----------------------------------------------------------------------------
+    async def answered_reply(self, node_id: str, digest: str) -> bytes | None:
+        def work(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT reply FROM answered WHERE node_id=? AND digest=?", (node_id, digest)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read("read an answered reply", work)
+
+    async def remember_reply(self, node_id: str, digest: str, reply: bytes, *, now: float,
+                             keep_seconds: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM answered WHERE answered_at < ?", (now - keep_seconds,))
             db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?)", (node_id, digest, reply, now))
 
-    # -- event log profiles ------------------------------------------------------------------
-    def save_profile(self, name: str, digests: list[str], learned_from: str) -> None:
-        self._execute(
-            "INSERT OR REPLACE INTO event_log_profiles VALUES (?, ?, ?, ?)",
-            (name, json.dumps(sorted(set(digests))), learned_from, time.time()),
-        )
+        await self._write(f"remember a reply to node {node_id}", work)
 
-    def profiles(self) -> dict[str, frozenset[str]]:
-        return {
-            name: frozenset(json.loads(digests))
-            for name, digests in self._execute("SELECT name, digests FROM event_log_profiles ORDER BY name")
-        }
+    # -- boot profiles --------------------------------------------------------------------------------
+    async def save_profile(self, name: str, digests: Iterable[str], learned_from: str, *, now: float) -> None:
+        encoded = json.dumps(sorted(set(digests)))
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO event_log_profiles VALUES (?, ?, ?, ?)",
+                       (name, encoded, learned_from, now))
+
+        await self._write(f"save profile {name}", work)
+
+    async def profiles(self) -> dict[str, frozenset[str]]:
+        def work(db: sqlite3.Connection) -> dict[str, frozenset[str]]:
+            rows = db.execute("SELECT name, digests FROM event_log_profiles ORDER BY name").fetchall()
+            return {name: frozenset(json.loads(digests)) for name, digests in rows}
+
+        return await self._read("read profiles", work)
+
+    async def profile_records(self) -> list[ProfileRecord]:
+        def work(db: sqlite3.Connection) -> list[ProfileRecord]:
+            rows = db.execute("SELECT name, digests, learned_from, created_at FROM event_log_profiles "
+                              "ORDER BY name").fetchall()
+            return [ProfileRecord(name, len(json.loads(digests)), learned_from, created_at)
+                    for name, digests, learned_from, created_at in rows]
+
+        return await self._read("list profiles", work)
+
+    async def remove_profile(self, name: str, *, now: float) -> tuple[int, list[str]] | None:
+        selector = f"tpm:pcr_profile:{name}"
+
+        def work(db: sqlite3.Connection) -> tuple[int, list[str]] | None:
+            if db.execute("DELETE FROM event_log_profiles WHERE name=? RETURNING 1", (name,)).fetchone() is None:
+                return None
+            affected = [node_id for node_id, selectors in
+                        db.execute("SELECT node_id, selectors FROM nodes ORDER BY node_id").fetchall()
+                        if selector in json.loads(selectors)]
+            if not affected:
+                return _version(db), []
+            for node_id in affected:
+                db.execute("UPDATE nodes SET state=? WHERE node_id=? AND state NOT IN (?, ?)",
+                           (NodeState.ATTESTING.value, node_id, NodeState.BANNED.value, NodeState.FAILED.value))
+                db.execute(_REVOKE_NODE, (node_id, f"boot profile {name} removed", now, 0))
+            return _bump_version(db), affected
+
+        return await self._write(f"remove profile {name}", work)
+
+    # -- attestation sessions -------------------------------------------------------------------------
+    async def put_session(self, record: SessionRecord, *, max_sessions: int, now: float) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
+            replaced = db.execute("DELETE FROM sessions WHERE ek_hash=? RETURNING 1", (record.ek_hash,)).fetchone()
+            if replaced is None:
+                (in_progress,) = db.execute("SELECT count(*) FROM sessions").fetchone()
+                if in_progress >= max_sessions:
+                    return False
+            db.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                (record.session, record.node_id, record.ek_hash, record.ek_issuer_cn, record.ak_public,
+                 record.node_key_public, record.pcr_bank, json.dumps(list(record.pcr_indices)), record.event_log,
+                 record.secret, record.server_nonce, record.expires_at),
+            )
+            return True
+
+        return await self._write(f"store an attestation session of node {record.node_id}", work)
+
+    async def take_session(self, session_id: str, *, now: float) -> SessionRecord | None:
+        def work(db: sqlite3.Connection) -> SessionRecord | None:
+            row = db.execute(f"DELETE FROM sessions WHERE session=? RETURNING {_SESSION_COLUMNS}",  # noqa: S608
+                             (session_id,)).fetchone()
+            if row is None:
+                return None
+            record = _session_from_row(row)
+            return record if now <= record.expires_at else None
+
+        return await self._write("take an attestation session", work)
+
+    # -- registration entries -------------------------------------------------------------------------
+    async def create_entry(self, entry: Entry, *, now: float) -> Entry:
+        def work(db: sqlite3.Connection) -> Entry:
+            if db.execute("SELECT 1 FROM entries WHERE id=?", (entry.id,)).fetchone() is not None:
+                raise EntryExistsError(entry.id)
+            deleted = db.execute("SELECT last_revision FROM deleted_entries WHERE id=?", (entry.id,)).fetchone()
+            stored = replace(entry, revision=1 if deleted is None else deleted[0] + 1,
+                             created_at=int(now), updated_at=int(now))
+            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _entry_row(stored))
+            return stored
+
+        return await self._write(f"create entry {entry.id}", work)
+
+    async def update_entry(self, entry: Entry, *, expected_revision: int, now: float) -> tuple[Entry, int]:
+        def work(db: sqlite3.Connection) -> tuple[Entry, int]:
+            row = db.execute("SELECT revision, created_at FROM entries WHERE id=?", (entry.id,)).fetchone()
+            if row is None:
+                raise EntryNotFoundError(entry.id)
+            revision, created_at = row
+            if revision != expected_revision:
+                raise EntryConflictError(entry.id, stored_revision=revision, expected_revision=expected_revision)
+            stored = replace(entry, revision=revision + 1, created_at=created_at, updated_at=int(now))
+            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _entry_row(stored))
+            _revoke_entry(db, entry.id, below_revision=stored.revision, now=now)
+            return stored, _bump_version(db)
+
+        return await self._write(f"update entry {entry.id}", work)
+
+    async def delete_entry(self, entry_id: str, *, now: float) -> tuple[Entry, int]:
+        def work(db: sqlite3.Connection) -> tuple[Entry, int]:
+            row = db.execute("DELETE FROM entries WHERE id=? RETURNING wire", (entry_id,)).fetchone()
+            if row is None:
+                raise EntryNotFoundError(entry_id)
+            deleted = self._entry_from_wire(entry_id, row[0])
+            db.execute("INSERT OR REPLACE INTO deleted_entries VALUES (?, ?, ?)", (entry_id, deleted.revision, now))
+            _revoke_entry(db, entry_id, below_revision=deleted.revision + 1, now=now)
+            return deleted, _bump_version(db)
+
+        return await self._write(f"delete entry {entry_id}", work)
+
+    async def entry(self, entry_id: str) -> Entry | None:
+        def work(db: sqlite3.Connection) -> Entry | None:
+            row = db.execute("SELECT wire FROM entries WHERE id=?", (entry_id,)).fetchone()
+            return None if row is None else self._entry_from_wire(entry_id, row[0])
+
+        return await self._read(f"read entry {entry_id}", work)
+
+    async def entries(self) -> list[Entry]:
+        def work(db: sqlite3.Connection) -> list[Entry]:
+            rows = db.execute("SELECT id, wire FROM entries").fetchall()
+            return sorted((self._entry_from_wire(entry_id, wire) for entry_id, wire in rows), key=lambda e: e.id)
+
+        return await self._read("list entries", work)
+
+    def _entry_from_wire(self, entry_id: str, wire: str) -> Entry:
+        try:
+            return Entry.from_wire(json.loads(wire))
+        except (ValueError, InvalidEntryError) as err:
+            raise StoreError(f"{self._path}: entry {entry_id} is stored damaged: {err}") from None
+
+    # -- revocations ----------------------------------------------------------------------------------
+    async def revocations(self) -> Revocations:
+        def work(db: sqlite3.Connection) -> Revocations:
+            entries = db.execute("SELECT entry_id, below_revision, revoked_at FROM entry_revocations "
+                                 "ORDER BY entry_id").fetchall()
+            nodes = db.execute("SELECT node_id, reason, revokes_before, banned FROM node_revocations "
+                               "ORDER BY node_id").fetchall()
+            return Revocations(
+                version=_version(db),
+                entries=tuple(RevokedEntry(*row) for row in entries),
+                nodes=tuple(RevokedNode(node_id, reason, before, bool(banned))
+                            for node_id, reason, before, banned in nodes),
+            )
+
+        return await self._read("read revocations", work)
+
+    async def bump_revocation_version(self) -> int:
+        return await self._write("bump the revocation version", _bump_version)
+
+    async def prune_revocations(self, *, older_than: float) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            entries = db.execute("DELETE FROM entry_revocations WHERE revoked_at < ?", (older_than,)).rowcount
+            nodes = db.execute("DELETE FROM node_revocations WHERE banned=0 AND revokes_before < ?",
+                               (older_than,)).rowcount
+            return int(entries) + int(nodes)
+
+        return await self._write("prune revocations", work)
+
+
+# -- helpers run on the worker thread ---------------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating or migrating) the database; runs on the store's worker thread, which keeps it."""
+    connection: sqlite3.Connection | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Born 0600, never through a symlink: SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        path.chmod(0o600)
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            _prepare_schema(path, connection)
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+    except StoreError:
+        if connection is not None:
+            connection.close()
+        raise
+    except (sqlite3.Error, OSError) as err:
+        if connection is not None:
+            connection.close()
+        raise StoreError(f"{path}: cannot open the authority database: {err}") from None
+    return connection
+
+
+def _prepare_schema(path: Path, db: sqlite3.Connection) -> None:
+    """Create a new database, or bring a version 1 database to version 2: its tables stay, bans get
+    the node revocation a ban records today (version 1, so agents fetch it)."""
+    has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+    row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if has_meta else None
+    if row is not None:
+        found = str(row[0])
+        if found == str(SCHEMA_VERSION):
+            return
+        if found != "1":
+            raise StoreError(f"{path}: schema version {found[:20]} is not one this vouchd reads "
+                             f"(1 or {SCHEMA_VERSION})")
+    for statement in (*_SCHEMA_V1, *_SCHEMA_V2):
+        db.execute(statement)
+    db.execute("INSERT OR IGNORE INTO node_revocations "
+               "SELECT node_id, reason, banned_at, 1 FROM banned_nodes")
+    (bans,) = db.execute("SELECT count(*) FROM banned_nodes").fetchone()
+    db.execute("INSERT OR IGNORE INTO revocation_version VALUES (1, ?)", (1 if bans else 0,))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def _version(db: sqlite3.Connection) -> int:
+    (version,) = db.execute("SELECT version FROM revocation_version").fetchone()
+    return int(version)
+
+
+def _bump_version(db: sqlite3.Connection) -> int:
+    (version,) = db.execute("UPDATE revocation_version SET version = version + 1 RETURNING version").fetchone()
+    return int(version)
+
+
+def _revoke_entry(db: sqlite3.Connection, entry_id: str, *, below_revision: int, now: float) -> None:
+    db.execute("INSERT INTO entry_revocations VALUES (?, ?, ?) ON CONFLICT (entry_id) DO UPDATE SET "
+               "below_revision=max(below_revision, excluded.below_revision), revoked_at=excluded.revoked_at",
+               (entry_id, below_revision, now))
+
+
+def _entry_row(entry: Entry) -> tuple[object, ...]:
+    return (entry.id, entry.revision, str(entry.spiffe_id), None if entry.parent is None else str(entry.parent),
+            json.dumps(entry.to_wire(), sort_keys=True), entry.created_at, entry.updated_at)
 
 
 def _node_from_row(row: Any) -> NodeRecord:
@@ -225,4 +955,15 @@ def _node_from_row(row: Any) -> NodeRecord:
         selectors=tuple(json.loads(selectors)), pcr_bank=pcr_bank, pcr_indices=tuple(json.loads(pcr_indices)),
         pcr_digest=bytes(pcr_digest), reset_count=reset_count, restart_count=restart_count, clock=clock,
         attested_at=attested_at, last_quote_at=last_quote_at,
+    )
+
+
+def _session_from_row(row: Any) -> SessionRecord:
+    (session, node_id, ek_hash, ek_issuer_cn, ak_public, node_key_public, pcr_bank, pcr_indices, event_log,
+     secret, server_nonce, expires_at) = row
+    return SessionRecord(
+        session=session, node_id=node_id, ek_hash=ek_hash, ek_issuer_cn=ek_issuer_cn, ak_public=bytes(ak_public),
+        node_key_public=bytes(node_key_public), pcr_bank=pcr_bank, pcr_indices=tuple(json.loads(pcr_indices)),
+        event_log=None if event_log is None else bytes(event_log), secret=bytes(secret),
+        server_nonce=bytes(server_nonce), expires_at=expires_at,
     )

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from vouchd.authority.errors import RefusalError
-from vouchd.authority.store import NodeRecord
+from vouchd.authority.store import NodeRecord, SessionRecord
 from vouchd.evidence import (
     Attest,
     EccCurve,
@@ -79,13 +78,14 @@ class EkTrust:
     def configured(self) -> bool:
         return bool(self._roots)
 
-    def verify_chain(self, certificate: x509.Certificate, extra: Sequence[x509.Certificate] = ()) -> None:
+    def verify_chain(self, certificate: x509.Certificate, extra: Sequence[x509.Certificate] = (),
+                     *, now: datetime | None = None) -> None:
         """Walk issuer links from the EK certificate to a configured root; RefusalError otherwise.
 
         EK certificates break WebPKI rules (critical SAN with a directory name, no subject), so the
         chain is walked by hand: each link's signature, validity and CA flag are checked.
         """
-        now = datetime.now(UTC)
+        now = now or datetime.now(UTC)
         pool = self._intermediates + list(extra)
         current = certificate
         for _ in range(_MAX_CHAIN_DEPTH):
@@ -134,13 +134,39 @@ class AttestationSession:
     node_key: TpmPublic
     selection: PcrSelection
     event_log: EventLog | None
-    expires_at: float
+    expires_at: float                   # wall-clock seconds: sessions may live in a store shared by replicas
     secret: bytes = field(repr=False)
     server_nonce: bytes = field(repr=False)
+    raw_event_log: bytes | None = field(default=None, repr=False)
 
     @property
     def expected_extra_data(self) -> bytes:
         return hashlib.sha256(self.server_nonce + self.secret).digest()
+
+    def to_record(self) -> SessionRecord:
+        return SessionRecord(
+            session=self.session, node_id=self.node_id, ek_hash=self.ek_hash, ek_issuer_cn=self.ek_issuer_cn,
+            ak_public=self.ak.to_tpm2b(), node_key_public=self.node_key.to_tpm2b(),
+            pcr_bank=self.selection.hash_alg.name.lower(), pcr_indices=tuple(self.selection.pcrs),
+            event_log=self.raw_event_log, secret=self.secret, server_nonce=self.server_nonce,
+            expires_at=self.expires_at,
+        )
+
+    @classmethod
+    def from_record(cls, record: SessionRecord) -> AttestationSession:
+        """The session as begin_attestation made it; what it holds was verified then."""
+        try:
+            event_log = parse_event_log(record.event_log) if record.event_log is not None else None
+            return cls(
+                session=record.session, node_id=record.node_id, ek_hash=record.ek_hash,
+                ek_issuer_cn=record.ek_issuer_cn, ak=TpmPublic.from_tpm2b(record.ak_public),
+                node_key=TpmPublic.from_tpm2b(record.node_key_public),
+                selection=selection_for(record.pcr_bank, record.pcr_indices), event_log=event_log,
+                expires_at=record.expires_at, secret=record.secret, server_nonce=record.server_nonce,
+                raw_event_log=record.event_log,
+            )
+        except (EvidenceError, KeyError) as err:
+            raise RefusalError("session_expired", f"stored attestation session is unreadable: {err}") from None
 
 
 def _parse_public(data: bytes, what: str) -> TpmPublic:
@@ -176,6 +202,7 @@ def begin_attestation(
     bank: str,
     pcr_indices: Sequence[int],
     accept_missing_event_log: bool,
+    now: float,
     session_ttl: float = 60.0,
 ) -> tuple[AttestationSession, bytes, bytes]:
     """Check the AttestRequest (DESIGN §4.2). Returns the session and the credential to send.
@@ -194,7 +221,7 @@ def begin_attestation(
         if _ek_certificate_spki(certificate) != ek.spki_der():
             raise RefusalError("bad_evidence", "EK certificate does not certify the presented EK")
         if trust.configured:
-            trust.verify_chain(certificate)
+            trust.verify_chain(certificate, now=datetime.fromtimestamp(now, UTC))
         elif require_certificate:
             raise RefusalError("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
         # else: the operator enrolled this exact EK by its hash, which pins more than any chain could.
@@ -237,9 +264,10 @@ def begin_attestation(
         node_key=node_key,
         selection=selection_for(bank, pcr_indices),
         event_log=event_log,
-        expires_at=time.monotonic() + session_ttl,
+        expires_at=now + session_ttl,
         secret=secret,
         server_nonce=os.urandom(32),
+        raw_event_log=request.event_log,
     )
     return session, credential_blob, encrypted_secret
 
@@ -252,9 +280,9 @@ class VerifiedNode:
     event_digests: tuple[str, ...]     # "<pcr>:<bank>:<hex>" of every quoted measurement, for profile policy
 
 
-def complete_attestation(session: AttestationSession, quote: TpmEvidence) -> VerifiedNode:
+def complete_attestation(session: AttestationSession, quote: TpmEvidence, *, now: float) -> VerifiedNode:
     """Verify the quote answering the Challenge (DESIGN §4.4)."""
-    if time.monotonic() > session.expires_at:
+    if now > session.expires_at:
         raise RefusalError("session_expired", "attestation session expired; start again")
     try:
         if session.event_log is not None:

@@ -3,7 +3,8 @@
 Messages are frozen dataclasses registered under a `kind`; the wire form is
 ``{"kind": ..., "v": ..., <fields>}`` serialised with sorted keys and no whitespace, so the same
 message always has the same bytes (requests are bound to TPM quotes by the sha256 of those bytes).
-bytes travel as standard base64. Decoding is strict: unknown or missing fields, wrong types and
+bytes travel as standard base64; a type with `to_wire()` and `from_wire()` (vouchd.entries.Entry)
+travels in the form it defines. Decoding is strict: unknown or missing fields, wrong types and
 oversized input are refused with a MessageError naming the field.
 """
 
@@ -18,6 +19,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, cast, get_args, get_origin, get_type_hints
 
+from vouchd.errors import VouchdError
 from vouchd.protocol.errors import MessageError
 
 __all__ = ["MAX_MESSAGE_BYTES", "canonical_json", "decode", "decode_as", "encode", "message"]
@@ -90,6 +92,9 @@ def decode_as(cls: type[T], data: bytes) -> T:
 
 
 def _to_json(value: object) -> object:
+    to_wire = getattr(value, "to_wire", None)
+    if to_wire is not None and not isinstance(value, type):
+        return to_wire()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -111,6 +116,13 @@ def _from_json(tp: Any, value: object, where: str) -> Any:
             return None
         (inner,) = [o for o in options if o is not type(None)]
         return _from_json(inner, value, where)
+    from_wire = getattr(tp, "from_wire", None)
+    if from_wire is not None:
+        # A model that owns its wire form (vouchd.entries.Entry) checks it itself.
+        try:
+            return from_wire(value)
+        except VouchdError as err:
+            raise MessageError(f"{where}: {err}") from None
     if tp is bytes:
         if not isinstance(value, str):
             raise MessageError(f"{where}: expected base64 text")

@@ -8,12 +8,16 @@ Agent -> authority:
                        whose extraData is sha256 of those bytes (§5)
 Authority -> agent, always inside a SignedReply:
   Challenge, AttestResult, NonceGrant, CredentialResponse, ErrorReply
+Authority -> every agent, published (signed, not addressed to one request):
+  RevocationDocument   what is revoked, with an increasing version and a next_update (DESIGN §8)
+  NodeEvent            "your entries changed": the node syncs at once instead of at its next heartbeat
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vouchd.entries import Entry
 from vouchd.protocol.codec import message
 
 __all__ = [
@@ -23,15 +27,19 @@ __all__ = [
     "Challenge",
     "ChallengeResponse",
     "CredentialResponse",
-    "EntryView",
     "ErrorReply",
     "IssuedX509Svid",
     "ItemError",
+    "NodeEvent",
     "NonceGrant",
     "NonceRequest",
+    "PublicationPayload",
     "QuotedRequest",
     "ReplyPayload",
     "RequestBody",
+    "RevocationDocument",
+    "RevokedEntry",
+    "RevokedNode",
     "SignedReply",
     "TpmEvidence",
     "X509SvidRequest",
@@ -88,6 +96,7 @@ class AttestResult:
     tier: str
     nonce: bytes                        # single-use nonce for the next request
     nonce_expires_at: int
+    revocations: bytes | None = None    # the current signed RevocationDocument (a SignedReply)
 
 
 @message("nonce_request")
@@ -124,6 +133,7 @@ class RequestBody:
     sent_at: int
     x509_svids: tuple[X509SvidRequest, ...] = ()
     sync_entries: bool = False
+    revocations_version: int = 0        # the agent's document: a newer one comes with the reply
 
 
 @message("quoted_request")
@@ -149,28 +159,16 @@ class ItemError:
     message: str
 
 
-@dataclass(frozen=True)
-class EntryView:
-    """A registration entry as the agent sees it: what to match and what to ask for."""
-
-    id: str
-    revision: int
-    spiffe_id: str
-    selectors: tuple[str, ...]
-    x509_ttl: int                       # seconds
-    dns_names: tuple[str, ...] = ()
-    hint: str = ""
-
-
 @message("credential_response")
 @dataclass(frozen=True)
 class CredentialResponse:
     x509_svids: tuple[IssuedX509Svid, ...]
     errors: tuple[ItemError, ...]
-    entries: tuple[EntryView, ...] | None   # the node's complete entry set when sync was asked
+    entries: tuple[Entry, ...] | None   # the node's complete entry set when sync was asked
     bundle: bytes
     nonce: bytes
     nonce_expires_at: int
+    revocations: bytes | None = None    # a signed RevocationDocument newer than the request's
 
 
 @message("error")
@@ -197,3 +195,45 @@ class SignedReply:
     payload: bytes                      # an encoded ReplyPayload
     signature: bytes                    # ECDSA P-256 SHA-256 (DER) by the authority key
     signer_chain: bytes                 # DER certificates, leaf first, chaining to the trust bundle
+
+
+@message("publication_payload")
+@dataclass(frozen=True)
+class PublicationPayload:
+    """What the authority signs when it publishes to every agent rather than answering one."""
+
+    topic: str                          # the topic suffix it was published on: no replay on another
+    issued_at: int
+    body: bytes                         # an encoded RevocationDocument / NodeEvent
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    entry_id: str
+    below_revision: int                 # SVIDs of revisions below this one are void
+
+
+@dataclass(frozen=True)
+class RevokedNode:
+    node_id: str
+    reason: str
+    before: int                         # the node's SVIDs and attestation from before this time are void
+    banned: bool                        # true: the node gets nothing until an operator unbans it
+
+
+@message("revocation_document")
+@dataclass(frozen=True)
+class RevocationDocument:
+    version: int                        # grows with every document; an agent refuses an older one
+    issued_at: int
+    next_update: int                    # a node with no newer document after this is stale
+    entries: tuple[RevokedEntry, ...] = ()
+    nodes: tuple[RevokedNode, ...] = ()
+
+
+@message("node_event")
+@dataclass(frozen=True)
+class NodeEvent:
+    node_id: str
+    event: str                          # "entries_changed"
+    issued_at: int

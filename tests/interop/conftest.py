@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import swtpm as swtpm_mod
 
 VOUCHD = [sys.executable, "-m", "vouchd.cli"]
+WATCHER = Path(__file__).with_name("stream_watch.py")
+# Every wait in these tests is bounded by this.
+DEADLINE = 30.0
 
 
 @dataclass
@@ -80,6 +88,7 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
     swtpm_mod.provision(base / "swtpm")
     tpm = swtpm_mod.start(base / "swtpm")
     process = None
+    runtime: Path | None = None
     try:
         event_log = base / "eventlog.bin"
         subprocess.run([*VOUCHD, "dev", "simulate-boot", "--tcti", tpm.tcti, "--event-log", str(event_log)],
@@ -107,3 +116,72 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
         tpm.stop()
+        if runtime is not None:
+            shutil.rmtree(runtime, ignore_errors=True)  # nothing a test makes may outlive it
+
+
+class StreamWatch:
+    """The stream_watch.py process and what it reported, per stream."""
+
+    def __init__(self, socket: Path, streams: int, uid: int | None = None) -> None:
+        command = [sys.executable, str(WATCHER), str(socket), str(streams)]
+        if uid is not None:
+            command.append(str(uid))
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        self.streams = streams
+        self.latest: dict[int, list[str]] = {}
+        self.ended: dict[int, str] = {}
+        self.messages = 0
+        self._lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(json.loads(line))
+
+    def wait_until(self, condition: Callable[[StreamWatch], bool], what: str, timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                stderr = self.process.stderr.read() if self.process.poll() is not None and self.process.stderr else ""
+                pytest.fail(f"streams never reached: {what}; latest {self.latest}, ended {self.ended} {stderr}")
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if "stream" in line:
+                if "end" in line:
+                    self.ended[line["stream"]] = line["end"]
+                else:
+                    self.latest[line["stream"]] = line["spiffe_ids"]
+                    self.messages += 1
+
+    def all_hold(self, spiffe_ids: list[str]) -> bool:
+        return len(self.latest) == self.streams and all(ids == sorted(spiffe_ids) for ids in self.latest.values())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def watch(agent: RunningAgent) -> Iterator[Callable[..., StreamWatch]]:
+    opened: list[StreamWatch] = []
+
+    def open_watch(streams: int = 1, uid: int | None = None) -> StreamWatch:
+        watcher = StreamWatch(agent.socket, streams, uid)
+        opened.append(watcher)
+        return watcher
+
+    yield open_watch
+    for watcher in opened:
+        watcher.close()

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.swtpm import Swtpm
+from vouchd.authority.build import open_authority
 from vouchd.authority.server import Authority
 from vouchd.config import AuthorityConfig
+from vouchd.decisions import Decision, DecisionBus
 from vouchd.devtools import simulate_measured_boot
 from vouchd.spiffe import TrustDomain
 from vouchd.tpm import NodeKeys, TpmService
@@ -65,8 +67,30 @@ def authority_config(state_dir: Path, swtpm: Swtpm, **overrides: object) -> Auth
     return AuthorityConfig(**values)  # type: ignore[arg-type]
 
 
+class RecordingBus:
+    """A Publisher that keeps what the authority published, in order."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.published.append((topic, payload))
+
+
+class RecordedDecisions(DecisionBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Decision] = []
+        self.subscribe(self.seen.append)
+
+
+async def new_authority(config: AuthorityConfig, *, standalone: bool = False) -> Authority:
+    return await open_authority(config, TRUST_DOMAIN, publisher=RecordingBus(), decisions=RecordedDecisions(),
+                                standalone=standalone)
+
+
 @pytest.fixture
-def authority(tmp_path: Path, swtpm: Swtpm) -> Authority:
-    instance = Authority(authority_config(tmp_path / "authority", swtpm), TRUST_DOMAIN, standalone=True)
-    yield instance  # type: ignore[misc]
-    instance.close()
+async def authority(tmp_path: Path, swtpm: Swtpm) -> AsyncIterator[Authority]:
+    instance = await new_authority(authority_config(tmp_path / "authority", swtpm), standalone=True)
+    yield instance
+    await instance.close()

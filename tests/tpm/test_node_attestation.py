@@ -6,11 +6,15 @@ the authority's refusal code and that no node SVID was issued.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.tpm.conftest import TRUST_DOMAIN, BootedTpm, authority_config
+from tests.tpm.conftest import TRUST_DOMAIN, BootedTpm, authority_config, new_authority
 from vouchd.agent.node import NodeIdentity
 from vouchd.authority.server import Authority
 from vouchd.evidence import ObjectAttributes, TpmPublic, make_credential
@@ -100,13 +104,13 @@ class Exchange:
 
 
 @pytest.fixture
-def exchange(authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm) -> Exchange:
-    authority.enrol(ek_hash_of(tpm), "test")
+async def exchange(authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm) -> Exchange:
+    await authority.enrol(ek_hash_of(tpm), "test")
     return Exchange(authority, tpm, node_keys, booted_tpm.event_log)
 
 
-def no_node_record(authority: Authority, exchange: Exchange) -> bool:
-    return authority.store.node(exchange.node_id) is None
+async def no_node_record(authority: Authority, exchange: Exchange) -> bool:
+    return await authority.store.node(exchange.node_id) is None
 
 
 async def test_valid_attestation_issues_node_svid_for_the_tpm_resident_node_key(exchange: Exchange) -> None:
@@ -136,7 +140,7 @@ async def test_credential_made_for_another_ak_cannot_be_activated_and_no_svid_fo
     with pytest.raises(RemoteError) as refused:
         await exchange.answer(challenge, hashlib.sha256(challenge.server_nonce + os.urandom(32)).digest())
     assert refused.value.code == "bad_quote"
-    assert no_node_record(exchange.authority, exchange)
+    assert await no_node_record(exchange.authority, exchange)
 
 
 async def test_quote_with_wrong_nonce_is_refused(exchange: Exchange) -> None:
@@ -147,7 +151,7 @@ async def test_quote_with_wrong_nonce_is_refused(exchange: Exchange) -> None:
         await exchange.answer(challenge, hashlib.sha256(os.urandom(32) + secret).digest())
     assert refused.value.code == "bad_quote"
     assert "extraData" in refused.value.reason
-    assert no_node_record(exchange.authority, exchange)
+    assert await no_node_record(exchange.authority, exchange)
 
 
 async def test_challenge_session_is_single_use(exchange: Exchange) -> None:
@@ -166,17 +170,17 @@ async def test_ek_certificate_not_chaining_to_configured_roots_is_refused(
 ) -> None:
     stranger_root = tmp_path / "other-root.pem"
     stranger_root.write_bytes(_self_signed_ca_pem("Some Other TPM Vendor Root"))
-    authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm, ek_roots=(stranger_root,),
-                                           ek_intermediates=()), TRUST_DOMAIN, standalone=True)
+    authority = await new_authority(authority_config(tmp_path / "auth", booted_tpm.swtpm, ek_roots=(stranger_root,),
+                                           ek_intermediates=()), standalone=True)
     try:
-        authority.enrol(ek_hash_of(tpm), "test")
+        await authority.enrol(ek_hash_of(tpm), "test")
         exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
         with pytest.raises(RemoteError) as refused:
             await exchange.challenge()
         assert refused.value.code == "ek_untrusted"
-        assert no_node_record(authority, exchange)
+        assert await no_node_record(authority, exchange)
     finally:
-        authority.close()
+        await authority.close()
 
 
 async def test_ek_that_is_not_enrolled_is_refused_in_allowlist_mode(
@@ -227,7 +231,7 @@ async def test_event_log_that_does_not_replay_to_the_quote_is_refused(exchange: 
     with pytest.raises(RemoteError) as refused:
         await exchange.answer(challenge, hashlib.sha256(challenge.server_nonce + secret).digest())
     assert refused.value.code == "bad_quote"
-    assert no_node_record(exchange.authority, exchange)
+    assert await no_node_record(exchange.authority, exchange)
 
 
 async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
@@ -244,13 +248,13 @@ async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
         "     parent: 'spiffe://example.org/vouchd/node/tpm/" + "ab" * 32 + "'}\n",
         tmp_path / "c.yaml",
     )
-    authority = Authority(authority_config(tmp_path / "auth", booted_tpm.swtpm), TRUST_DOMAIN,
-                          standalone_entries(config.entries, ek_hash_of(tpm)), standalone=True)
+    authority = await new_authority(authority_config(tmp_path / "auth", booted_tpm.swtpm), standalone=True)
     try:
-        authority.enrol(ek_hash_of(tpm), "test")
+        await authority.enrol(ek_hash_of(tpm), "test")
+        await authority.registry.import_entries(standalone_entries(config.entries, ek_hash_of(tpm)))
         await _issue_and_replay(Exchange(authority, tpm, node_keys, booted_tpm.event_log))
     finally:
-        authority.close()
+        await authority.close()
 
 
 async def _issue_and_replay(exchange: Exchange) -> None:
@@ -299,12 +303,12 @@ async def test_credential_request_with_wrong_extra_data_is_refused(exchange: Exc
 async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
     authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path
 ) -> None:
-    authority.enrol(ek_hash_of(tpm), "test")
+    await authority.enrol(ek_hash_of(tpm), "test")
     node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
                         transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                         initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
     await node.attest()
-    first = authority.store.node(node.node_id)
+    first = await authority.store.node(node.node_id)
     assert first is not None
 
     # Reboot: resetCount goes up and PCRs start over; the same boot is measured again.
@@ -322,7 +326,7 @@ async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
                                  initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
         response = await restarted.request(sync_entries=True)
     assert response.entries == ()
-    second = authority.store.node(node.node_id)
+    second = await authority.store.node(node.node_id)
     assert second is not None and second.reset_count > first.reset_count
     assert second.attested_at > first.attested_at  # attested again, not merely served
 
@@ -347,28 +351,29 @@ def _self_signed_ca_pem(common_name: str, subject: x509.Name | None = None) -> b
 
 
 @pytest.fixture
-def fleet_authority(tmp_path: Path, booted_tpm: BootedTpm) -> Iterator[Authority]:
-    instance = Authority(authority_config(tmp_path / "fleet", booted_tpm.swtpm), TRUST_DOMAIN)
+async def fleet_authority(tmp_path: Path, booted_tpm: BootedTpm) -> AsyncIterator[Authority]:
+    instance = await new_authority(authority_config(tmp_path / "fleet", booted_tpm.swtpm))
     yield instance
-    instance.close()
+    await instance.close()
 
 
 async def test_fleet_authority_learns_no_event_log_profile_on_its_own(
     fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm
 ) -> None:
-    fleet_authority.enrol(ek_hash_of(tpm), "test")
+    await fleet_authority.enrol(ek_hash_of(tpm), "test")
     exchange = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
     with pytest.raises(RemoteError) as refused:
         await exchange.attest_and_expect_refusal()
     assert refused.value.code == "policy"
-    assert fleet_authority.store.profiles() == {}
+    assert await fleet_authority.store.profiles() == {}
 
 
 async def test_fleet_authority_refuses_a_second_ak_for_an_enrolled_node(
     fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path
 ) -> None:
-    fleet_authority.enrol(ek_hash_of(tpm), "test")
-    fleet_authority.store.save_profile("golden", _quoted_measurements(booted_tpm.event_log), learned_from="test")
+    await fleet_authority.enrol(ek_hash_of(tpm), "test")
+    await fleet_authority.store.save_profile("golden", _quoted_measurements(booted_tpm.event_log), learned_from="test",
+                                            now=time.time())
     first = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
     await first.attest()
     # Anyone who can reach the TPM can make another AK under the same EK.
@@ -380,7 +385,7 @@ async def test_fleet_authority_refuses_a_second_ak_for_an_enrolled_node(
         with pytest.raises(RemoteError) as refused:
             await intruder.challenge()
     assert refused.value.code == "ak_changed"
-    record = fleet_authority.store.node(first.node_id)
+    record = await fleet_authority.store.node(first.node_id)
     assert record is not None and record.ak_public == node_keys.ak.public
 
 
@@ -399,12 +404,13 @@ async def test_replayed_request_is_refused_without_demoting_the_node(exchange: E
     later = await exchange.call(REQUEST_TOPIC, await quoted(first.nonce, now + 1))  # the TPM clock moves on
     assert isinstance(later, CredentialResponse)
     # The reply cache has forgotten the captured request (a zero keep window purges older replies).
-    exchange.authority.store.remember_reply("spiffe://example.org/other", "x", b"", keep_seconds=0)
+    await exchange.authority.store.remember_reply("spiffe://example.org/other", "x", b"", now=time.time(),
+                                                  keep_seconds=0)
 
     with pytest.raises(RemoteError) as refused:
         await exchange.call(REQUEST_TOPIC, captured)
     assert refused.value.code == "nonce"
-    record = exchange.authority.store.node(exchange.node_id)
+    record = await exchange.authority.store.node(exchange.node_id)
     assert record is not None and record.state.value == "trusted"
 
 
@@ -417,11 +423,8 @@ def _quoted_measurements(event_log: Path) -> list[str]:
 
 async def test_node_learn_accepts_the_current_event_log_as_a_profile(
     fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from vouchd.cli import main
-
-    fleet_authority.enrol(ek_hash_of(tpm), "test")
+    await fleet_authority.enrol(ek_hash_of(tpm), "test")
     exchange = Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log)
     with pytest.raises(RemoteError):
         await exchange.attest_and_expect_refusal()
@@ -432,9 +435,12 @@ async def test_node_learn_accepts_the_current_event_log_as_a_profile(
         f"authority: {{state_dir: {tmp_path / 'fleet'}}}\n"
     )
 
-    assert main(["node", "learn", "--config", str(config), "--name", "after-kernel-update"]) == 0
+    learned = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "vouchd.cli", "node", "learn", "--config", str(config), "--name",
+                         "after-kernel-update"], capture_output=True, text=True, timeout=60, check=False)
 
-    assert "after-kernel-update" in capsys.readouterr().out
+    assert learned.returncode == 0, learned.stderr
+    assert "after-kernel-update" in learned.stdout
     result = await exchange.attest()
     assert "tpm:pcr_profile:after-kernel-update" in result.selectors
 
@@ -448,10 +454,10 @@ async def test_a_failed_node_svid_renewal_shows_in_the_node_status(
 
     event_log = tmp_path / "renewal-eventlog.bin"
     shutil.copy(booted_tpm.event_log, event_log)
-    authority = Authority(authority_config(tmp_path / "short", booted_tpm.swtpm, node_svid_ttl=timedelta(seconds=2)),
-                          TRUST_DOMAIN, standalone=True)
+    authority = await new_authority(authority_config(tmp_path / "short", booted_tpm.swtpm,
+                                                     node_svid_ttl=timedelta(seconds=2)), standalone=True)
     try:
-        authority.enrol(ek_hash_of(tpm), "test")
+        await authority.enrol(ek_hash_of(tpm), "test")
         node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
                             transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                             initial_bundle=authority.bundle, event_log_path=event_log)
@@ -468,7 +474,7 @@ async def test_a_failed_node_svid_renewal_shows_in_the_node_status(
         assert node.status.authority_error is not None
         assert node.status.authority_error.startswith("re-attestation:")
     finally:
-        authority.close()
+        await authority.close()
 
 
 async def test_an_ek_public_area_without_the_ek_attributes_is_refused(exchange: Exchange) -> None:
@@ -494,17 +500,17 @@ async def test_a_demanded_pcr_the_event_log_does_not_cover_is_refused(
     tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
 ) -> None:
     # PCR 9 stays all-zero: the log says nothing of it, so its quoted value proves nothing.
-    authority = Authority(authority_config(tmp_path / "pcr9", booted_tpm.swtpm, pcr_indices=(*range(8), 9)),
-                          TRUST_DOMAIN, standalone=True)
+    authority = await new_authority(authority_config(tmp_path / "pcr9", booted_tpm.swtpm,
+                                                     pcr_indices=(*range(8), 9)), standalone=True)
     try:
-        authority.enrol(ek_hash_of(tpm), "test")
+        await authority.enrol(ek_hash_of(tpm), "test")
         exchange = Exchange(authority, tpm, node_keys, booted_tpm.event_log)
         with pytest.raises(RemoteError) as refused:
             await exchange.attest_and_expect_refusal()
         assert refused.value.code == "policy"
         assert "all-zero" in refused.value.reason
     finally:
-        authority.close()
+        await authority.close()
 
 
 async def test_an_ek_certificate_for_another_key_is_refused(exchange: Exchange) -> None:
@@ -544,12 +550,12 @@ async def test_an_impostor_root_with_the_manufacturers_name_is_refused(
     issuer = x509.load_pem_x509_certificate(booted_tpm.swtpm.manufacturer_issuer.read_bytes())
     impostor = tmp_path / "impostor.pem"
     impostor.write_bytes(_self_signed_ca_pem("unused", subject=issuer.subject))
-    authority = Authority(authority_config(tmp_path / "impostor", booted_tpm.swtpm, ek_roots=(impostor,),
-                                           ek_intermediates=()), TRUST_DOMAIN, standalone=True)
+    authority = await new_authority(authority_config(tmp_path / "impostor", booted_tpm.swtpm, ek_roots=(impostor,),
+                                           ek_intermediates=()), standalone=True)
     try:
-        authority.enrol(ek_hash_of(tpm), "test")
+        await authority.enrol(ek_hash_of(tpm), "test")
         with pytest.raises(RemoteError) as refused:
             await Exchange(authority, tpm, node_keys, booted_tpm.event_log).challenge()
         assert refused.value.code == "ek_untrusted"
     finally:
-        authority.close()
+        await authority.close()

@@ -13,11 +13,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_der_private_key
 
+from tests.fakes import FakeClock
 from vouchd.agent.svids import CachedSvid, SvidManager
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.authority.ca import CertificateAuthority
+from vouchd.entries import Entry
 from vouchd.protocol.errors import TransportError
-from vouchd.protocol.messages import CredentialResponse, EntryView, IssuedX509Svid, ItemError, X509SvidRequest
+from vouchd.protocol.messages import (
+    CredentialResponse,
+    IssuedX509Svid,
+    ItemError,
+    RevocationDocument,
+    RevokedEntry,
+    RevokedNode,
+    X509SvidRequest,
+)
 from vouchd.selectors import selector_set
 from vouchd.spiffe import SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key, serial_hex
 
@@ -26,9 +36,12 @@ TD = TrustDomain("example.org")
 DEADLINE = 5.0
 
 
-def view(entry_id: str, *selectors: str, revision: int = 1, hint: str = "") -> EntryView:
-    return EntryView(id=entry_id, revision=revision, spiffe_id=f"spiffe://example.org/workload/{entry_id}",
-                     selectors=selectors, x509_ttl=3600, hint=hint)
+NODE_ID = "spiffe://example.org/vouchd/node/tpm/" + "ab" * 32
+
+
+def view(entry_id: str, *selectors: str, revision: int = 1, hint: str = "") -> Entry:
+    return Entry(id=entry_id, revision=revision, spiffe_id=SpiffeId.parse(f"spiffe://example.org/workload/{entry_id}"),
+                 selectors=selector_set(selectors), x509_ttl=timedelta(hours=1), hint=hint)
 
 
 class FakeCredentialSource:
@@ -38,7 +51,9 @@ class FakeCredentialSource:
     answer with a certificate for another key, to fail outright, or to hold requests at a gate.
     """
 
-    def __init__(self, ca: CertificateAuthority, entries: Sequence[EntryView] = (),
+    node_id = NODE_ID
+
+    def __init__(self, ca: CertificateAuthority, entries: Sequence[Entry] = (),
                  ttl: timedelta = timedelta(hours=1)) -> None:
         self.ca = ca
         self.entries = tuple(entries)
@@ -50,6 +65,7 @@ class FakeCredentialSource:
         self.failure: Exception | None = None
         self.gate = asyncio.Event()
         self.gate.set()
+        self.revocations: RevocationDocument | None = None
         self._requested = asyncio.Condition()
 
     async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
@@ -60,7 +76,7 @@ class FakeCredentialSource:
         await self.gate.wait()
         if self.failure is not None:
             raise self.failure
-        spiffe_ids = {e.id: e.spiffe_id for e in self.entries}
+        spiffe_ids = {e.id: str(e.spiffe_id) for e in self.entries}
         issued, errors = [], []
         for item in x509_svids:
             if item.entry_id in self.refused:
@@ -120,13 +136,13 @@ async def fetch(manager: SvidManager, *selectors: str) -> list[X509SvidMaterial]
         return await manager.x509_svids(selector_set(selectors))
 
 
-def assert_usable(material: X509SvidMaterial, ca: CertificateAuthority, entry: EntryView) -> x509.Certificate:
+def assert_usable(material: X509SvidMaterial, ca: CertificateAuthority, entry: Entry) -> x509.Certificate:
     """The material is an SVID for the entry's id, with the private key that matches it."""
     cert = x509.load_der_x509_certificate(material.cert_chain_der)
     key = load_der_private_key(material.private_key_der, password=None)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert material.spiffe_id == entry.spiffe_id
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [entry.spiffe_id]
+    assert material.spiffe_id == str(entry.spiffe_id)
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(entry.spiffe_id)]
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert key.public_key() == cert.public_key()
     assert material.bundle_der == ca.bundle().der()
@@ -219,7 +235,7 @@ async def test_concurrent_callers_for_different_entries_share_one_request(ca: Ce
         results = await asyncio.gather(*(manager.x509_svids(selector_set([f"unix:uid:{n}"])) for n in (1, 2, 3)))
 
     assert source.requests == [("a", "b", "c")]
-    assert [[m.spiffe_id for m in r] for r in results] == [[e.spiffe_id] for e in entries]
+    assert [[m.spiffe_id for m in r] for r in results] == [[str(e.spiffe_id)] for e in entries]
 
 
 async def test_callers_arriving_during_a_request_are_batched_into_the_next(ca: CertificateAuthority) -> None:
@@ -516,8 +532,153 @@ async def test_an_svid_is_reissued_before_it_expires(ca: CertificateAuthority) -
 def test_cached_svids_keep_their_private_key_out_of_repr(ca: CertificateAuthority) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.sign_x509_svid(key.public_key(), TD.spiffe_id("/web"), ttl=timedelta(hours=1), tier=TrustTier.HARDWARE)
-    cached = CachedSvid(entry_id="web", spiffe_id="spiffe://example.org/web", certificate=cert, chain_der=b"c",
-                        private_key_der=b"SECRET-KEY-BYTES", issued_at=0.0, expires_at=1.0, rotate_at=0.5)
+    cached = CachedSvid(entry_id="web", entry_revision=1, spiffe_id="spiffe://example.org/web", certificate=cert,
+                        chain_der=b"c", private_key_der=b"SECRET-KEY-BYTES", issued_at=0.0, expires_at=1.0,
+                        rotate_at=0.5)
 
     assert "SECRET-KEY-BYTES" not in repr(cached)
     assert cached.serial == serial_hex(cert)  # whole bytes, as openssl prints serials
+
+
+# --- revocation ---------------------------------------------------------------------------------
+
+
+def revocations(version: int, *, entries: Sequence[tuple[str, int]] = (),
+                nodes: Sequence[tuple[str, int, bool]] = (), next_update: float | None = None) -> RevocationDocument:
+    now = int(time.time())
+    return RevocationDocument(
+        version=version, issued_at=now, next_update=int(next_update if next_update is not None else now + 600),
+        entries=tuple(RevokedEntry(entry_id=e, below_revision=below) for e, below in entries),
+        nodes=tuple(RevokedNode(node_id=n, reason="test", before=before, banned=banned) for n, before, banned in nodes),
+    )
+
+
+async def test_a_revoked_entry_revision_leaves_the_cache_and_wakes_streams(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("a", "unix:uid:1000"), view("b", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        version = manager.version
+        source.revocations = revocations(1, entries=[("b", 2), ("unknown", 9)])
+
+        assert manager.affected_by(source.revocations)
+        assert await manager.apply_revocations()
+
+        assert manager.version > version
+        assert [s.entry_id for s in manager.svids] == ["a"]
+        assert [e.id for e in manager.entries] == ["a"]
+        assert [m.spiffe_id for m in await fetch(manager, "unix:uid:1000")] == ["spiffe://example.org/workload/a"]
+        assert not await manager.apply_revocations(), "a document is applied once"
+
+
+async def test_revoking_the_last_entry_leaves_the_caller_with_no_identity(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        source.revocations = revocations(1, entries=[("web", 2)])
+        await manager.apply_revocations()
+
+        with pytest.raises(NoIdentityError, match="no registration entry matches"):
+            await fetch(manager, "unix:uid:1000")
+
+
+async def test_a_newer_revision_of_the_entry_is_not_revoked(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000", revision=3)])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        source.revocations = revocations(1, entries=[("web", 3)])
+
+        assert not manager.affected_by(source.revocations)
+        assert not await manager.apply_revocations()
+        assert [s.entry_id for s in manager.svids] == ["web"]
+
+
+async def test_a_banned_node_drops_everything_and_issues_nothing(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        requests = len(source.requests)
+        source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), True)])
+        await manager.apply_revocations()
+
+        assert manager.svids == [] and manager.entries == []
+        assert manager.banned == "test"
+        await manager.set_entries([view("web", "unix:uid:1000")])  # even if a sync brought entries back
+        with pytest.raises(NoIdentityError, match="node is banned"):
+            await fetch(manager, "unix:uid:1000")
+        assert len(source.requests) == requests, "a banned node must not ask the authority for SVIDs"
+
+        source.revocations = revocations(2, nodes=[(NODE_ID, int(time.time()), False)])  # unbanned
+        await manager.apply_revocations()
+        assert manager.banned is None
+        assert [m.spiffe_id for m in await fetch(manager, "unix:uid:1000")] == ["spiffe://example.org/workload/web"]
+
+
+async def test_a_node_revocation_drops_the_svids_once_and_the_node_issues_again(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        first = (await fetch(manager, "unix:uid:1000"))[0]
+        source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), False), ("spiffe://other", 1, True)])
+        assert manager.affected_by(source.revocations)
+        await manager.apply_revocations()
+        assert manager.svids == []
+
+        second = (await fetch(manager, "unix:uid:1000"))[0]
+        assert second.cert_chain_der != first.cert_chain_der
+        # The same revocation, reissued in a later document, does not drop the new SVID.
+        source.revocations = revocations(2, nodes=[(NODE_ID, source.revocations.nodes[0].before, False)])
+        assert not manager.affected_by(source.revocations)
+        await manager.apply_revocations()
+        assert [s.entry_id for s in manager.svids] == ["web"]
+
+
+async def test_a_stale_node_serves_what_it_holds_and_issues_nothing_new(ca: CertificateAuthority) -> None:
+    clock = FakeClock(time.time())
+    source = FakeCredentialSource(ca, [view("a", "unix:uid:1000"), view("b", "unix:uid:2000")])
+    manager = SvidManager(source, clock=clock)
+    await manager.set_entries(source.entries)
+    source.revocations = revocations(1, next_update=clock.now() + 600)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        clock.advance(601)
+
+        assert manager.stale_since() == float(source.revocations.next_update)
+        assert [m.spiffe_id for m in await fetch(manager, "unix:uid:1000")] == ["spiffe://example.org/workload/a"]
+        with pytest.raises(NoIdentityError, match="node is stale"):
+            await fetch(manager, "unix:uid:2000")
+
+        source.revocations = revocations(2, next_update=clock.now() + 600)  # a fresh document arrives
+        assert manager.stale_since() is None
+        await manager.apply_revocations()
+        assert [m.spiffe_id for m in await fetch(manager, "unix:uid:2000")] == ["spiffe://example.org/workload/b"]
+
+
+async def test_a_sync_applies_entries_and_revocations_as_one_change(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("a", "unix:uid:1000"), view("b", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        version = manager.version
+        source.entries = (view("a", "unix:uid:1000"), view("c", "unix:uid:1000"))
+        source.revocations = revocations(1, entries=[("b", 2)])
+
+        await asyncio.wait_for(manager.sync_entries(), DEADLINE)
+
+        assert manager.version == version + 1
+        assert [e.id for e in manager.entries] == ["a", "c"]
+
+
+async def test_the_end_of_a_ban_is_news_that_calls_for_a_sync(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), True)])
+    await manager.apply_revocations()
+
+    lifted = revocations(2, nodes=[(NODE_ID, int(time.time()), False)])
+    assert manager.affected_by(lifted), "the agent must fetch the entries the ban took away"
+    await asyncio.wait_for(manager.sync_entries(), DEADLINE)
+    assert [e.id for e in manager.entries] == ["web"]

@@ -21,6 +21,7 @@ from vouchd.attestors import AttestorError, WorkloadProcess
 from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.attestors.workload.unix import (
     MIN_HASH_COST,
+    SELECTOR_KINDS,
     ExecutableFile,
     ExecutableHasher,
     HashBudget,
@@ -29,7 +30,7 @@ from vouchd.attestors.workload.unix import (
     inspect_executable,
 )
 from vouchd.errors import ConfigError
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, SelectorSchema
 
 SLEEP = Path(shutil.which("sleep") or "/bin/sleep").resolve()
 MIB = 1024 * 1024
@@ -192,6 +193,67 @@ async def test_an_exited_process_is_an_attestor_error() -> None:
 
     with pytest.raises(AttestorError, match=rf"^workloadattestor\(unix\): process {child.pid} has exited$"):
         await UnixAttestor().attest(gone)
+
+
+# -- what the attestor declares it produces ---------------------------------------------------------------------
+
+UNIX_SCHEMA = SelectorSchema({"unix": UnixAttestor.produces}, described_as="a unix selector")
+DECIMAL_ID = "a decimal number (no sign, spaces or leading zeros) below 4294967295"
+
+
+def test_the_declaration_lists_every_key_attest_emits() -> None:
+    assert UnixAttestor.produces is SELECTOR_KINDS
+    assert [(kind.type, kind.key) for kind in SELECTOR_KINDS] == [
+        ("unix", key) for key in
+        ("uid", "user", "gid", "group", "supplementary_gid", "supplementary_group", "path", "sha256")
+    ]
+
+
+async def test_what_attest_emits_passes_its_own_declaration(spawn: Spawn, tmp_path: Path) -> None:
+    process = spawn(copy_of_sleep(tmp_path, "my sleep (v2)"))
+
+    selectors = await UnixAttestor().attest(process)
+
+    assert {s.key for s in selectors} >= {"uid", "gid", "path", "sha256"}
+    assert [(str(s), UNIX_SCHEMA.problem(s)) for s in selectors] == [(str(s), None) for s in selectors]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["unix:uid:0", "unix:uid:4294967294", "unix:gid:65534", "unix:supplementary_gid:27", "unix:user:www-data",
+     "unix:user:AD\\domain user", "unix:group:domain users", "unix:supplementary_group:docker",
+     "unix:path:/usr/bin/python3.12", "unix:path:/opt/my app/bin/run (v2)", "unix:sha256:" + "0f" * 32],
+)
+def test_values_the_attestor_can_emit_are_accepted(text: str) -> None:
+    assert UNIX_SCHEMA.problem(Selector.parse(text)) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("unix:uid:abc", f"a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        ("unix:uid:-1", f"a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        ("unix:uid: 0", f"a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        ("unix:uid:01000", f"a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        ("unix:uid:4294967295", f"a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        ("unix:gid:root", f"a gid is {DECIMAL_ID}, e.g. unix:gid:1000"),
+        ("unix:supplementary_gid:1e3", f"a supplementary_gid is {DECIMAL_ID}, e.g. unix:supplementary_gid:1000"),
+        ("unix:user:", "a user is a name without spaces at either end, e.g. unix:user:www-data"),
+        ("unix:user: root", "a user is a name without spaces at either end, e.g. unix:user:www-data"),
+        ("unix:group:wheel ", "a group is a name without spaces at either end, e.g. unix:group:www-data"),
+        ("unix:supplementary_group:",
+         "a supplementary_group is a name without spaces at either end, e.g. unix:supplementary_group:docker"),
+        ("unix:path:python3", "a path is absolute and normalised, as the kernel reports it, "
+                              "e.g. unix:path:/usr/bin/python3.12"),
+        ("unix:path:/usr/bin/../bin/python3", "a path is absolute and normalised, as the kernel reports it, "
+                                              "e.g. unix:path:/usr/bin/python3.12"),
+        ("unix:sha256:XYZ", "a sha256 is 64 lowercase hex digits, as sha256sum prints it"),
+        ("unix:sha256:" + "0F" * 32, "a sha256 is 64 lowercase hex digits, as sha256sum prints it"),
+        ("unix:sha256:" + "0f" * 31, "a sha256 is 64 lowercase hex digits, as sha256sum prints it"),
+    ],
+)
+def test_values_the_attestor_never_emits_are_named(text: str, problem: str) -> None:
+    assert UNIX_SCHEMA.problem(Selector.parse(text)) == f"{text}: {problem}"
 
 
 # -- the hash cache and shared reads -----------------------------------------------------------------------------

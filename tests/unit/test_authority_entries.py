@@ -8,7 +8,8 @@ from datetime import timedelta
 
 import pytest
 
-from vouchd.authority.entries import Entry, EntryIndex, InvalidEntryError, tier_allows
+from vouchd.authority.entries import EntryIndex, tier_allows
+from vouchd.entries import Entry, InvalidEntryError
 from vouchd.selectors import Selector, selector_set
 from vouchd.spiffe import SpiffeId, TrustDomain, TrustTier
 
@@ -151,17 +152,16 @@ def test_is_authorized_applies_the_same_rules_to_one_entry(
     ("changes", "message"),
     [
         ({"parent": NODE},
-         "entry web: node_selectors: an entry has either a parent or node_selectors, not both"),
+         "node_selectors: an entry has either a parent or node_selectors, not both"),
         ({"node_selectors": selector_set(["tpm:ek_issuer_cn:Acme"])},
-         "entry web: node_selectors: must include tpm:ek_hash or a node:label selector"),
+         "node_selectors: must include tpm:ek_hash or a node:label selector"),
         ({"selectors": selector_set(["unix:path:/usr/bin/web"])},
-         "entry web: selectors: needs at least one kernel-anchored selector "
+         "selectors: needs at least one kernel-anchored selector "
          "(container:id, k8s:pod_uid, systemd:unit, unix:gid, unix:uid)"),
-        ({"selectors": frozenset()}, "entry web: selectors: an entry needs at least one selector"),
+        ({"selectors": frozenset()}, "selectors: an entry needs at least one selector"),
         ({"spiffe_id": TD.spiffe_id("/vouchd/authority")},
-         "entry web: spiffe_id: paths under /vouchd/ are reserved for vouchd itself"),
-        ({"spiffe_id": TD.id}, "entry web: spiffe_id: a workload's SPIFFE ID needs a path, e.g. "
-                               "spiffe://example.org/web"),
+         "spiffe_id: paths under /vouchd/ are reserved for vouchd itself"),
+        ({"spiffe_id": TD.id}, "spiffe_id: a workload's SPIFFE ID needs a path, e.g. spiffe://example.org/web"),
     ],
     ids=["parent-and-node-selectors", "unbinding-node-selectors", "no-kernel-anchor", "no-selectors",
          "reserved-path", "no-path"],

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from tests.fakes import FakeClock
+from vouchd.authority.build import open_authority
 from vouchd.authority.errors import AuthorityError
 from vouchd.authority.server import Authority
 from vouchd.config import AuthorityConfig
+from vouchd.decisions import DecisionBus
 from vouchd.protocol.codec import decode_as, encode
 from vouchd.protocol.messages import ErrorReply, NonceRequest, ReplyPayload, SignedReply
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC
@@ -29,11 +32,31 @@ def config(state_dir: Path) -> AuthorityConfig:
     )
 
 
+class RecordingBus:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.published.append((topic, payload))
+
+
+async def start(state_dir: Path, *, clock: FakeClock | None = None, bus: RecordingBus | None = None,
+                standalone: bool = False, **changes: object) -> Authority:
+    values = {**vars(config(state_dir)), **changes}
+    return await open_authority(AuthorityConfig(**values), TRUST_DOMAIN,  # type: ignore[arg-type]
+                                publisher=bus or RecordingBus(), decisions=DecisionBus(),
+                                clock=clock or FakeClock(), standalone=standalone)
+
+
+async def opened_and_closed(state_dir: Path) -> None:
+    await (await start(state_dir)).close()
+
+
 @pytest.fixture
-def authority(tmp_path: Path) -> Iterator[Authority]:
-    instance = Authority(config(tmp_path / "authority"), TRUST_DOMAIN)
+async def authority(tmp_path: Path) -> AsyncIterator[Authority]:
+    instance = await start(tmp_path / "authority")
     yield instance
-    instance.close()
+    await instance.close()
 
 
 def reply_of(data: bytes) -> object:
@@ -60,32 +83,32 @@ async def test_every_request_gets_a_signed_reply(authority: Authority, topic: st
     assert reply.code == code
 
 
-def test_reply_signing_key_is_private_and_stable(tmp_path: Path) -> None:
+async def test_reply_signing_key_is_private_and_stable(tmp_path: Path) -> None:
     state = tmp_path / "authority"
-    Authority(config(state), TRUST_DOMAIN).close()
+    await opened_and_closed(state)
     key = state / "reply-signing.key"
     first = key.read_bytes()
     assert key.stat().st_mode & 0o777 == 0o600
 
-    Authority(config(state), TRUST_DOMAIN).close()
+    await opened_and_closed(state)
     assert key.read_bytes() == first
 
 
-def test_a_reply_signing_key_others_can_read_is_refused(tmp_path: Path) -> None:
+async def test_a_reply_signing_key_others_can_read_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "authority"
-    Authority(config(state), TRUST_DOMAIN).close()
+    await opened_and_closed(state)
     (state / "reply-signing.key").chmod(0o644)
 
     with pytest.raises(AuthorityError, match=r"reply-signing\.key: authority signing key is accessible to group"):
-        Authority(config(state), TRUST_DOMAIN)
+        await start(state)
 
 
-def test_a_symlinked_reply_signing_key_is_refused(tmp_path: Path) -> None:
+async def test_a_symlinked_reply_signing_key_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "authority"
-    Authority(config(state), TRUST_DOMAIN).close()
+    await opened_and_closed(state)
     key = state / "reply-signing.key"
     os.replace(key, state / "elsewhere.key")
     key.symlink_to(state / "elsewhere.key")
 
     with pytest.raises(AuthorityError, match=r"reply-signing\.key: authority signing key cannot be read"):
-        Authority(config(state), TRUST_DOMAIN)
+        await start(state)

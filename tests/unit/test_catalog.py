@@ -16,9 +16,10 @@ from vouchd.attestors import (
     build_workload_attestors,
     workload_attestor_factories,
 )
+from vouchd.attestors.catalog import all_known_selector_schema, selector_schema
 from vouchd.attestors.workload.unix import UnixAttestor
 from vouchd.errors import ConfigError
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, SelectorKind, SelectorSchema, non_empty
 
 
 class SystemdAttestor:
@@ -157,3 +158,129 @@ def test_a_factory_must_build_an_attestor_of_its_own_name() -> None:
         build_workload_attestors({"systemd": {}}, factories=factories)
     with pytest.raises(CatalogError, match=r"^workload attestor 'thing': factory returned dict, not an attestor$"):
         build_workload_attestors({"thing": {}}, factories=factories)
+
+
+# -- which selectors the attestors produce -------------------------------------------------------
+
+
+ENABLED = "a selector any enabled attestor produces"
+INSTALLED = "a selector any installed attestor produces"
+UNIX_KEYS = "gid, group, path, sha256, supplementary_gid, supplementary_group, uid, user"
+
+
+class DeclaringSystemdAttestor(SystemdAttestor):
+    produces = (SelectorKind("systemd", "unit", non_empty("a unit is a name")),
+                SelectorKind("systemd", "slice", non_empty("a slice is a name")))
+
+
+def declaring_factory(**options: object) -> SystemdAttestor:
+    return DeclaringSystemdAttestor()
+
+
+declaring_factory.produces = (SelectorKind("k8s", "pod_uid", non_empty("a pod uid is not empty")),)  # type: ignore[attr-defined]
+
+
+def problem(schema: SelectorSchema, text: str) -> str | None:
+    return schema.problem(Selector.parse(text))
+
+
+def test_the_unix_attestor_declares_its_selectors() -> None:
+    schema = selector_schema(["unix"])
+
+    assert problem(schema, "unix:uid:1000") is None
+    assert problem(schema, "unix:pth:/x") == f"unix:pth is not {ENABLED} (unix produces: {UNIX_KEYS})"
+    assert problem(schema, "systemd:unit:web.service") == f"systemd:unit is not {ENABLED} (known types: unix)"
+
+
+def test_the_schema_of_enabled_attestors_reads_each_declaration_from_its_factory() -> None:
+    factories = workload_attestor_factories(entry_points=[
+        FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor),
+        FakeEntryPoint("container", "acme.container:build", declaring_factory),
+    ])
+
+    schema = selector_schema(["unix", "systemd", "container"], factories=factories)
+
+    assert problem(schema, "systemd:unit:web.service") is None
+    assert problem(schema, "k8s:pod_uid:8f1c") is None
+    assert problem(schema, "systemd:unit:") == "systemd:unit:: a unit is a name"
+    assert problem(schema, "systemd:units:x") == f"systemd:units is not {ENABLED} (systemd produces: slice, unit)"
+    assert problem(schema, "k8s:pod_id:x") == f"k8s:pod_id is not {ENABLED} (container produces: pod_uid)"
+    assert problem(schema, "container:id:x") == f"container:id is not {ENABLED} (known types: k8s, systemd, unix)"
+
+
+def test_only_the_enabled_attestors_count_and_only_they_are_imported() -> None:
+    systemd = FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor)
+    broken = FakeEntryPoint("broken", "gone.module:Thing", error=ImportError("no module named 'gone'"))
+    factories = workload_attestor_factories(entry_points=[systemd, broken])
+
+    schema = selector_schema({"unix": {}}, factories=factories)  # a configuration's mapping of name -> options
+
+    assert problem(schema, "systemd:unit:web.service") == f"systemd:unit is not {ENABLED} (known types: unix)"
+    assert (systemd.loads, broken.loads) == ([], [])
+
+
+def test_a_plugin_that_declares_nothing_may_produce_anything_of_its_own_type() -> None:
+    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("systemd", "a:B", SystemdAttestor)])
+
+    schema = selector_schema(["unix", "systemd"], factories=factories)
+
+    assert problem(schema, "systemd:anything:at all") is None
+    assert problem(schema, "unix:uid:abc") == (
+        "unix:uid:abc: a uid is a decimal number (no sign, spaces or leading zeros) below 4294967295, "
+        "e.g. unix:uid:1000"
+    )
+    assert problem(schema, "docker:id:x") == f"docker:id is not {ENABLED} (known types: systemd, unix)"
+
+
+def test_an_unknown_enabled_attestor_is_named() -> None:
+    with pytest.raises(CatalogError, match=r"^unknown workload attestor 'dockr'; known: unix$"):
+        selector_schema(["unix", "dockr"], factories=workload_attestor_factories(entry_points=[]))
+
+
+@pytest.mark.parametrize(
+    ("produces", "message"),
+    [
+        ("systemd:unit", "got str"),
+        (SelectorKind("systemd", "unit"), "got SelectorKind"),
+        ((SelectorKind("systemd", "unit"), ("systemd", "slice")), "got a tuple among them"),
+        (property(lambda self: ()), "got property"),
+    ],
+)
+def test_a_malformed_declaration_is_refused(produces: object, message: str) -> None:
+    malformed = type("Malformed", (SystemdAttestor,), {"produces": produces})
+    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("systemd", "a:B", malformed)])
+
+    with pytest.raises(CatalogError, match=rf"^workload attestor 'systemd': produces must be a class attribute "
+                                           rf"listing SelectorKinds, {message}$"):
+        selector_schema(["systemd"], factories=factories)
+
+
+def test_a_plugin_that_cannot_be_loaded_cannot_be_described() -> None:
+    broken = FakeEntryPoint("broken", "gone.module:Thing", error=ImportError("no module named 'gone'"))
+    factories = workload_attestor_factories(entry_points=[broken])
+
+    with pytest.raises(CatalogError, match=r"^cannot load workload attestor 'broken' from entry point "
+                                           r"'gone.module:Thing': no module named 'gone'$"):
+        all_known_selector_schema(factories=factories)
+
+
+def test_all_known_attestors_are_the_builtins_and_every_installed_plugin() -> None:
+    systemd = FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor)
+    mesh = FakeEntryPoint("mesh", "acme.mesh:Mesh", SystemdAttestor)
+    factories = workload_attestor_factories(entry_points=[systemd, mesh])
+
+    schema = all_known_selector_schema(factories=factories)
+
+    assert (systemd.loads, mesh.loads) == (["systemd"], ["mesh"])
+    assert problem(schema, "systemd:unit:web.service") is None
+    assert problem(schema, "unix:uid:0") is None
+    assert problem(schema, "mesh:whatever:x") is None
+    assert problem(schema, "unix:uidd:0") == f"unix:uidd is not {INSTALLED} (unix produces: {UNIX_KEYS})"
+    assert problem(schema, "docker:id:x") == f"docker:id is not {INSTALLED} (known types: mesh, systemd, unix)"
+
+
+def test_all_known_attestors_default_to_what_is_installed() -> None:
+    schema = all_known_selector_schema()
+
+    assert "unix" in schema.types
+    assert problem(schema, "unix:pth:/x") == f"unix:pth is not {INSTALLED} (unix produces: {UNIX_KEYS})"

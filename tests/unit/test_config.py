@@ -11,21 +11,61 @@ from pathlib import Path
 
 import pytest
 
+from vouchd.attestors import WorkloadProcess
+from vouchd.attestors.catalog import WorkloadAttestorFactory
+from vouchd.attestors.workload.unix import UnixAttestor
 from vouchd.cli import main
-from vouchd.config import Config, EntryConfig, load_config, parse_config, parse_duration
+from vouchd.config import Config, load_config, parse_config, parse_duration
+from vouchd.entries import Entry
 from vouchd.errors import ConfigError, VouchdError
-from vouchd.selectors import Selector
+from vouchd.selectors import Selector, SelectorKind, non_empty
 from vouchd.spiffe import SpiffeId, TrustDomain, TrustTier
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "standalone.yaml"
 EK_HASH = "ab" * 32
+SHA256 = "0f" * 32
 ANCHORED = "container:id, k8s:pod_uid, systemd:unit, unix:gid, unix:uid"
 DURATION_HINT = "is not a duration like 250ms, 90s, 5m, 1h or 30d"
 PCR_HINT = "expected BANK:INDICES such as sha256:0-7"
+ID_RULE = "expected 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def exactly(message: str) -> str:
     return f"^{re.escape(message)}$"
+
+
+class FakeAttestor:
+    """A third-party attestor that declares nothing: its type may have any key and value."""
+
+    name = "mesh"
+
+    def __init__(self, **options: object) -> None:
+        pass
+
+    async def attest(self, process: WorkloadProcess) -> list[Selector]:
+        return []
+
+
+class SystemdAttestor(FakeAttestor):
+    name = "systemd"
+    produces = (SelectorKind("systemd", "unit", non_empty("a unit is a name")), SelectorKind("systemd", "slice"))
+
+
+class ContainerAttestor(FakeAttestor):
+    name = "container"
+    produces = (SelectorKind("container", "id"), SelectorKind("container", "runtime"), SelectorKind("k8s", "pod_uid"))
+
+
+class InterpreterAttestor(FakeAttestor):
+    name = "interpreter"
+    produces = (SelectorKind("script", "path"), SelectorKind("script", "sha256"))
+
+
+# The attestors these tests know: not whatever plugins happen to be installed where they run.
+FACTORIES: dict[str, WorkloadAttestorFactory] = {
+    "unix": UnixAttestor, "systemd": SystemdAttestor, "container": ContainerAttestor,
+    "interpreter": InterpreterAttestor, "mesh": FakeAttestor,
+}
 
 
 @pytest.fixture
@@ -34,7 +74,8 @@ def source(tmp_path: Path) -> Path:
 
 
 def parse(text: str, source: Path, environ: Mapping[str, str] | None = None) -> Config:
-    return parse_config(textwrap.dedent(text), source, {} if environ is None else environ)
+    return parse_config(textwrap.dedent(text), source, {} if environ is None else environ,
+                        attestor_factories=FACTORIES)
 
 
 def refused(text: str, source: Path, environ: Mapping[str, str] | None = None) -> str:
@@ -51,7 +92,7 @@ def with_entry(body: str) -> str:
     return f"trust_domain: example.org\nentries:\n  - {body}\n"
 
 
-def only_entry(text: str, source: Path) -> EntryConfig:
+def only_entry(text: str, source: Path) -> Entry:
     config = parse(text, source)
     assert len(config.entries) == 1
     return config.entries[0]
@@ -477,13 +518,15 @@ def test_an_entry_with_every_field(source: Path) -> None:
             node_selectors: ["tpm:ek_hash:{EK_HASH}", "node:label:role:web"]
             min_tier: static-secret
             x509_ttl: 10m
+            jwt_ttl: 5m
             dns_names: [web.example.org, "*.web.example.org"]
             hint: frontend
+            labels: {{team: web, cost/centre: 42}}
         """,
         source,
     )
 
-    assert entry == EntryConfig(
+    assert entry == Entry(
         id="web.frontend_1",
         spiffe_id=SpiffeId.parse("spiffe://example.org/web"),
         selectors=frozenset({Selector("unix", "uid", "1000"), Selector("unix", "path", "/usr/bin/web"),
@@ -491,8 +534,11 @@ def test_an_entry_with_every_field(source: Path) -> None:
         node_selectors=frozenset({Selector("tpm", "ek_hash", EK_HASH), Selector("node", "label", "role:web")}),
         min_tier=TrustTier.STATIC_SECRET,
         x509_ttl=timedelta(minutes=10),
+        jwt_ttl=timedelta(minutes=5),
         dns_names=("web.example.org", "*.web.example.org"),
         hint="frontend",
+        labels=(("cost/centre", "42"), ("team", "web")),
+        revision=1,
     )
 
 
@@ -515,7 +561,7 @@ def test_the_default_entry_id_depends_on_id_and_selectors_not_their_order(source
 @pytest.mark.parametrize("anchor", ["unix:uid:0", "unix:gid:0", "systemd:unit:web.service",
                                     "container:id:0123abcd", "k8s:pod_uid:8f1c-22"])
 def test_each_kernel_anchored_selector_anchors_an_entry(anchor: str, source: Path) -> None:
-    body = f"{{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:sha256:ab', '{anchor}']}}"
+    body = f"{{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:sha256:{SHA256}', '{anchor}']}}"
 
     entry = only_entry(with_entry(body), source)
 
@@ -524,7 +570,7 @@ def test_each_kernel_anchored_selector_anchors_an_entry(anchor: str, source: Pat
 
 @pytest.mark.parametrize(
     "selectors",
-    [["unix:path:/usr/bin/python3"], ["unix:sha256:ab", "script:path:/opt/agent.py"], ["unix:user:root"],
+    [["unix:path:/usr/bin/python3"], [f"unix:sha256:{SHA256}", "script:path:/opt/agent.py"], ["unix:user:root"],
      ["systemd:slice:system.slice"], ["container:runtime:docker"]],
 )
 def test_an_entry_without_a_kernel_anchored_selector_is_refused(selectors: list[str], source: Path) -> None:
@@ -566,11 +612,11 @@ def test_an_entry_without_a_kernel_anchored_selector_is_refused(selectors: list[
         ("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], min_tier: gold}",
          "entries[0].min_tier: expected one of hardware, static-secret, got 'gold'"),
         ("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], id: '-leading-dash'}",
-         "entries[0].id: expected letters, digits, '.', '_' or '-' (at most 128)"),
+         f"entries[0].id: {ID_RULE}"),
         ("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], id: 'has space'}",
-         "entries[0].id: expected letters, digits, '.', '_' or '-' (at most 128)"),
+         f"entries[0].id: {ID_RULE}"),
         (f"{{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], id: {'a' * 129}}}",
-         "entries[0].id: expected letters, digits, '.', '_' or '-' (at most 128)"),
+         f"entries[0].id: {ID_RULE}"),
         ("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], x509_ttl: soon}",
          f"entries[0].x509_ttl: 'soon' {DURATION_HINT}"),
         ("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], dns_names: web.example.org}",
@@ -656,6 +702,244 @@ def test_same_id_and_selectors_with_other_settings_is_a_conflict_not_a_duplicate
     message = refused(text, source)
 
     assert re.fullmatch(r"entries\[1\]\.id: entry id 'e-[0-9a-f]{16}' is already used by a different entry", message)
+
+
+# --- entry ttls and labels ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("jwt_ttl: soon", f"entries[0].jwt_ttl: 'soon' {DURATION_HINT}"),
+        ("jwt_ttl: 0s", "entries[0].jwt_ttl: must be longer than zero"),
+        ("jwt_ttl: 500ms", "entries[0].jwt_ttl: must be whole seconds, at least 1s"),
+        ("x509_ttl: 1500ms", "entries[0].x509_ttl: must be whole seconds, at least 1s"),
+        ("labels: [team]", "entries[0].labels: expected a mapping of names to strings, got a list"),
+        ("labels: {team: [a]}", "entries[0].labels.team: expected a string, got a list"),
+        ("labels: {team: }", "entries[0].labels.team: expected a string, got nothing"),
+        ("labels: {team: true}", "entries[0].labels.team: expected a string, got a boolean"),
+        ("labels: {1: a}", "entries[0].labels: expected names (strings) as keys, got int"),
+        ("labels: {-team: a}", "entries[0].labels.-team: label keys are 1 to 63 letters, digits, '.', '_', '/' "
+                               "or '-', starting with a letter or digit"),
+        (f"labels: {{team: {'v' * 257}}}", "entries[0].labels.team: at most 256 characters"),
+        ("labels: {team: '${TEAM}'}",
+         "entries[0].labels.team: environment variable TEAM is not set and has no default"),
+    ],
+)
+def test_bad_ttls_and_labels_are_refused_naming_the_key(extra: str, message: str, source: Path) -> None:
+    assert refused(with_entry(f"{{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], {extra}}}"),
+                   source) == message
+
+
+def test_label_values_may_be_numbers_empty_or_from_the_environment(source: Path) -> None:
+    body = "{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], labels: {v: 2, e: '', t: '${T}'}}"
+
+    (entry,) = parse(with_entry(body), source, {"T": "web"}).entries
+
+    assert entry.label_map == {"v": "2", "e": "", "t": "web"}
+
+
+@pytest.mark.parametrize(
+    ("authority", "ttl", "message"),
+    [
+        ("{}", "2d", "entries[0].x509_ttl: must not exceed authority.x509_svid_max_ttl (2d > 24h)"),
+        ("{x509_svid_ttl: 1h, x509_svid_max_ttl: 2h}", "121m",
+         "entries[0].x509_ttl: must not exceed authority.x509_svid_max_ttl (121m > 2h)"),
+    ],
+)
+def test_an_entry_ttl_above_the_authority_cap_is_refused(authority: str, ttl: str, message: str,
+                                                          source: Path) -> None:
+    text = (f"trust_domain: example.org\nauthority: {authority}\nentries:\n"
+            f"  - {{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], x509_ttl: {ttl}}}\n")
+
+    assert refused(text, source) == message
+
+
+def test_an_entry_ttl_at_the_cap_or_without_an_authority_section_is_accepted(source: Path) -> None:
+    at_cap = parse("trust_domain: example.org\nauthority: {x509_svid_ttl: 1h, x509_svid_max_ttl: 2h}\nentries:\n"
+                   "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], x509_ttl: 2h}\n", source)
+    no_authority = only_entry(with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], "
+                                         "x509_ttl: 30d}"), source)
+
+    assert at_cap.entries[0].x509_ttl == timedelta(hours=2)
+    assert no_authority.x509_ttl == timedelta(days=30)
+
+
+# --- selectors that nothing produces ------------------------------------------------------------
+
+INSTALLED = "a selector any installed attestor produces"
+ENABLED = "a selector any enabled attestor produces"
+UNIX_KEYS = "gid, group, path, sha256, supplementary_gid, supplementary_group, uid, user"
+DECIMAL_ID = "a decimal number (no sign, spaces or leading zeros) below 4294967295"
+
+
+@pytest.mark.parametrize(
+    ("selectors", "message"),
+    [
+        (["unix:pth:/x", "unix:uid:0"], f"selectors[0]: unix:pth is not {INSTALLED} (unix produces: {UNIX_KEYS})"),
+        (["unix:uidd:0"], f"selectors[0]: unix:uidd is not {INSTALLED} (unix produces: {UNIX_KEYS})"),
+        (["unix:uid:abc"], f"selectors[0]: unix:uid:abc: a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        (["unix:uid:-1"], f"selectors[0]: unix:uid:-1: a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        (["unix:uid: 0"], f"selectors[0]: unix:uid: 0: a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        (["unix:uid:4294967295"], f"selectors[0]: unix:uid:4294967295: a uid is {DECIMAL_ID}, e.g. unix:uid:1000"),
+        (["unix:gid:0", "unix:sha256:XYZ"],
+         "selectors[1]: unix:sha256:XYZ: a sha256 is 64 lowercase hex digits, as sha256sum prints it"),
+        (["unix:uid:0", "unix:path:bin/web"], "selectors[1]: unix:path:bin/web: a path is absolute and normalised, "
+                                              "as the kernel reports it, e.g. unix:path:/usr/bin/python3.12"),
+        (["unix:uid:0", "systemd:unit:"], "selectors[1]: systemd:unit:: a unit is a name"),
+        (["unix:uid:0", "dockr:id:x"],
+         f"selectors[1]: dockr:id is not {INSTALLED} (known types: container, k8s, mesh, script, systemd, unix)"),
+        # a typo in the only anchor is named as the typo, not as a missing anchor
+        (["unix:path:/usr/bin/web", "unix:uidd:1000"],
+         f"selectors[1]: unix:uidd is not {INSTALLED} (unix produces: {UNIX_KEYS})"),
+        (["unix:uid:0", "uid=0", "unix:pth:/x"], "selectors[1]: selector 'uid=0' is not of the form type:key:value"),
+    ],
+)
+def test_workload_selectors_no_attestor_produces_are_refused(selectors: list[str], message: str,
+                                                             source: Path) -> None:
+    text = with_entry(f"{{spiffe_id: 'spiffe://example.org/a', selectors: {selectors}}}")
+
+    assert refused(text, source) == f"entries[0].{message}"
+
+
+@pytest.mark.parametrize(
+    ("node_selectors", "message"),
+    [
+        (["tpm:ek_hash:AB"], "node_selectors[0]: tpm:ek_hash:AB: an ek_hash is 64 lowercase hex digits, as at the "
+                             "end of the node's SPIFFE ID"),
+        ([f"tpm:ek_hash:{EK_HASH}", "tpm:ek_hsh:x"],
+         "node_selectors[1]: tpm:ek_hsh is not a node selector (tpm produces: ek_hash, ek_issuer_cn, pcr_profile)"),
+        (["node:label:role"], "node_selectors[0]: node:label:role: a node label is KEY:VALUE, "
+                              "e.g. node:label:role:web"),
+        (["node:label:role:web", "node:tier:gold"],
+         "node_selectors[1]: node:tier:gold: a tier is one of hardware, static-secret, e.g. node:tier:hardware"),
+        (["node:label:role:web", "unix:uid:0"], "node_selectors[1]: unix:uid is not a node selector "
+                                                "(known types: node, tpm)"),
+        # the node schema comes before the rule that a node be named
+        (["tpm:ek_issuer_cn:"], "node_selectors[0]: tpm:ek_issuer_cn:: an ek_issuer_cn is the common name of the "
+                                "EK certificate's issuer, e.g. tpm:ek_issuer_cn:Acme TPM CA"),
+    ],
+)
+def test_node_selectors_no_node_has_are_refused(node_selectors: list[str], message: str, source: Path) -> None:
+    text = with_entry(f"{{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], "
+                      f"node_selectors: {node_selectors}}}")
+
+    assert refused(text, source) == f"entries[0].{message}"
+
+
+def test_a_plugin_that_declares_nothing_may_be_given_any_selector_of_its_type(source: Path) -> None:
+    entry = only_entry(with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0', 'mesh:x:y z']}"),
+                       source)
+
+    assert Selector("mesh", "x", "y z") in entry.selectors
+
+
+def test_with_an_agent_section_only_its_enabled_attestors_count(source: Path) -> None:
+    entry = "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0', 'systemd:unit:web.service']}\n"
+    unix_only = f"trust_domain: example.org\nagent: {{}}\nentries:\n{entry}"
+    with_systemd = f"trust_domain: example.org\nagent: {{workload_attestors: {{unix: {{}}, systemd: {{}}}}}}\n" \
+                   f"entries:\n{entry}"
+
+    assert refused(unix_only, source) == (
+        f"entries[0].selectors[1]: systemd:unit is not {ENABLED} (known types: unix)"
+    )
+    assert Selector("systemd", "unit", "web.service") in parse(with_systemd, source).entries[0].selectors
+
+
+def test_an_unknown_enabled_attestor_is_named_when_entries_need_its_selectors(source: Path) -> None:
+    agent = "trust_domain: example.org\nagent: {workload_attestors: {dockr: {}}}\n"
+    entries = "entries:\n  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0']}\n"
+
+    assert refused(agent + entries, source) == (
+        "agent.workload_attestors: unknown workload attestor 'dockr'; known: container, interpreter, mesh, "
+        "systemd, unix"
+    )
+    assert parse(agent, source).entries == ()  # without entries, building the attestors reports it
+
+
+@dataclasses.dataclass
+class FakeEntryPoint:
+    name: str
+    value: str
+    target: object = None
+    error: Exception | None = None
+    loads: int = 0
+
+    def load(self) -> object:
+        self.loads += 1
+        if self.error is not None:
+            raise self.error
+        return self.target
+
+
+def test_plugins_are_imported_only_to_check_entries_that_need_them(source: Path) -> None:
+    from vouchd.attestors.catalog import workload_attestor_factories
+
+    broken = FakeEntryPoint("broken", "gone.module:Thing", error=ImportError("no module named 'gone'"))
+    factories = workload_attestor_factories(entry_points=[broken])
+    entries = "entries:\n  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0']}\n"
+
+    def check(text: str) -> Config:
+        return parse_config(text, source, {}, attestor_factories=factories)
+
+    check("trust_domain: example.org\n")
+    check(f"trust_domain: example.org\nagent: {{}}\n{entries}")
+    assert broken.loads == 0
+    with pytest.raises(ConfigError, match=exactly(f"{source}: entries: cannot load workload attestor 'broken' from "
+                                                  "entry point 'gone.module:Thing': no module named 'gone'")):
+        check(f"trust_domain: example.org\n{entries}")
+
+
+def test_the_installed_attestors_are_the_default(source: Path) -> None:
+    text = with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0', 'unix:pth:/x']}")
+
+    with pytest.raises(ConfigError, match=exactly(
+            f"{source}: entries[0].selectors[1]: unix:pth is not {INSTALLED} (unix produces: {UNIX_KEYS})")):
+        parse_config(text, source, {})
+
+
+# --- duplicate keys -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("trust_domain: example.org\nlog_level: info\ntrust_domain: other.org\n", "trust_domain", 3),
+        ("trust_domain: example.org\nagent:\n  tpm: {tcti: a}\n  socket_path: /x\n  tpm: {tcti: b}\n", "tpm", 5),
+        ("trust_domain: example.org\nagent: {tpm: {tcti: a, tcti: b}}\n", "tcti", 2),
+        ("trust_domain: example.org\nagent: {workload_attestors: {unix: {}, unix: {hash_executables: false}}}\n",
+         "unix", 2),
+        ("trust_domain: example.org\nentries:\n  - spiffe_id: spiffe://example.org/a\n    selectors: ['unix:uid:0']\n"
+         "    hint: a\n    hint: b\n", "hint", 6),
+        (with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], labels: {t: a, t: b}}"), "t", 3),
+        ("trust_domain: example.org\nyes: 1\ntrue: 2\n", "True", 3),  # two spellings of one key
+    ],
+)
+def test_a_key_given_twice_is_refused_not_overridden(text: str, key: str, line: int, source: Path) -> None:
+    assert refused(text, source) == f"duplicate key {key!r} at line {line}"
+
+
+def test_a_duplicate_key_message_does_not_repeat_the_values(source: Path) -> None:
+    message = refused('trust_domain: example.org\nagent: {tpm: {tcti: "s3cr3t-a", tcti: "s3cr3t-b"}}\n', source)
+
+    assert "s3cr3t" not in message
+
+
+def test_keys_merged_from_an_anchor_may_be_overridden(source: Path) -> None:
+    config = parse(
+        """
+        trust_domain: example.org
+        entries:
+          - &web {spiffe_id: 'spiffe://example.org/web', selectors: ['unix:uid:0'], hint: web}
+          - <<: *web
+            spiffe_id: spiffe://example.org/web2
+        """,
+        source,
+    )
+
+    assert [(str(e.spiffe_id), e.hint) for e in config.entries] == [
+        ("spiffe://example.org/web", "web"), ("spiffe://example.org/web2", "web"),
+    ]
 
 
 # --- the shipped example ------------------------------------------------------------------------
@@ -856,3 +1140,33 @@ def test_a_key_left_empty_takes_its_default_rather_than_being_called_unknown(sou
 
 def test_a_misspelt_top_level_key_is_named_before_the_key_it_stands_for_is_missed(source: Path) -> None:
     assert refused("trust_domian: example.org\n", source) == "trust_domian: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trust_domain: example.org\nagent: {}\nentries:\n"
+         "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0', 'unix:pth:/x']}\n",
+         f"entries[0].selectors[1]: unix:pth is not {ENABLED} (unix produces: {UNIX_KEYS})"),
+        ("trust_domain: example.org\nentries:\n"
+         "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], node_selectors: ['tpm:ek_hash:x']}\n",
+         "entries[0].node_selectors[0]: tpm:ek_hash:x: an ek_hash is 64 lowercase hex digits, as at the end of the "
+         "node's SPIFFE ID"),
+        ("trust_domain: example.org\nauthority: {}\nentries:\n"
+         "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], x509_ttl: 25h}\n",
+         "entries[0].x509_ttl: must not exceed authority.x509_svid_max_ttl (25h > 24h)"),
+        ("trust_domain: example.org\nagent: {}\nagent: {}\n", "duplicate key 'agent' at line 3"),
+    ],
+    ids=["workload-selector", "node-selector", "ttl-cap", "duplicate-key"],
+)
+def test_config_check_reports_entry_problems_as_the_daemon_would(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "vouchd.yaml"
+    path.write_text(text)
+
+    code = main(["config", "check", str(path)])
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "")
+    assert err == f"vouchd: {path.resolve()}: {message}\n"

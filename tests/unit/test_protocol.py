@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vouchd.authority.ca import CertificateAuthority
+from vouchd.entries import Entry
 from vouchd.errors import VouchdError
 from vouchd.protocol import messages
 from vouchd.protocol.codec import MAX_MESSAGE_BYTES, canonical_json, decode, decode_as, encode
@@ -31,20 +32,25 @@ from vouchd.protocol.messages import (
     Challenge,
     ChallengeResponse,
     CredentialResponse,
-    EntryView,
     ErrorReply,
     IssuedX509Svid,
     ItemError,
+    NodeEvent,
     NonceGrant,
     NonceRequest,
+    PublicationPayload,
     QuotedRequest,
     ReplyPayload,
     RequestBody,
+    RevocationDocument,
+    RevokedEntry,
+    RevokedNode,
     SignedReply,
     TpmEvidence,
     X509SvidRequest,
 )
 from vouchd.protocol.signing import REPLY_MAX_AGE, ReplySigner, ReplyVerifier, request_digest
+from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeId, TrustDomain, TrustTier, X509Bundle
 
 TD = TrustDomain("example.org")
@@ -78,16 +84,25 @@ SAMPLES: dict[str, object] = {
         x509_svids=(IssuedX509Svid(entry_id="web", spiffe_id="spiffe://example.org/web", cert_chain=b"\x30c",
                                    expires_at=1_780_003_600),),
         errors=(ItemError(entry_id="db", code="not_authorized", message="entry is not assigned to this node"),),
-        entries=(EntryView(id="web", revision=3, spiffe_id="spiffe://example.org/web", selectors=("unix:uid:0",),
-                           x509_ttl=3600, dns_names=("web.example.org",), hint="frontend"),),
-        bundle=b"\x30root", nonce=b"\x04" * 16, nonce_expires_at=1_780_000_060,
+        entries=(Entry(id="web", revision=3, spiffe_id=SpiffeId.parse("spiffe://example.org/web"),
+                       selectors=frozenset({Selector("unix", "uid", "0")}), x509_ttl=timedelta(hours=1),
+                       dns_names=("web.example.org",), hint="frontend", labels=(("team", "payments"),),
+                       created_at=1_780_000_000, updated_at=1_780_000_100),),
+        bundle=b"\x30root", nonce=b"\x04" * 16, nonce_expires_at=1_780_000_060, revocations=b"{}",
     ),
     "error": ErrorReply(code="reattest", message="node must attest again"),
     "reply_payload": ReplyPayload(node_id=NODE, in_reply_to="0" * 64, issued_at=1_780_000_000, reply=b"{}"),
     "signed_reply": SignedReply(payload=b"{}", signature=b"\x30\x45sig", signer_chain=b"\x30chain"),
+    "publication_payload": PublicationPayload(topic="revocations", issued_at=1_780_000_000, body=b"{}"),
+    "revocation_document": RevocationDocument(
+        version=7, issued_at=1_780_000_000, next_update=1_780_000_600,
+        entries=(RevokedEntry(entry_id="web", below_revision=4),),
+        nodes=(RevokedNode(node_id=NODE, reason="stolen", before=1_780_000_000, banned=True),),
+    ),
+    "node_event": NodeEvent(node_id=NODE, event="entries_changed", issued_at=1_780_000_000),
 }
 # Types that only ever travel inside a message.
-PARTS = {"TpmEvidence", "X509SvidRequest", "IssuedX509Svid", "ItemError", "EntryView"}
+PARTS = {"TpmEvidence", "X509SvidRequest", "IssuedX509Svid", "ItemError", "RevokedEntry", "RevokedNode"}
 
 
 def wire(msg: object) -> dict[str, object]:
@@ -263,7 +278,7 @@ def test_envelope_problems_are_refused(data: bytes, message: str) -> None:
         ("attest_request", {"ek_certificate": None}, "attest_request: missing field 'ek_certificate'"),
         ("attest_request", {"event_log": 5}, "attest_request.event_log: expected base64 text"),
         ("credential_response", {"entries": [{"id": "web"}]},
-         "credential_response.entries[0]: missing field 'revision'"),
+         "credential_response.entries[0]: spiffe_id: is missing"),
     ],
 )
 def test_field_problems_are_refused_naming_the_field(kind: str, changes: dict[str, object], message: str) -> None:
@@ -541,3 +556,49 @@ def test_the_bundle_is_read_at_every_open(authority: Authority, stranger: Certif
 
     with pytest.raises(SignatureError):
         verifier.open(data, node_id=NODE, request=REQUEST)
+
+
+# --- publications -------------------------------------------------------------------------------
+
+DOCUMENT = SAMPLES["revocation_document"]
+
+
+def test_a_publication_opens_on_its_own_topic(authority: Authority) -> None:
+    data = authority.signer().publish(DOCUMENT, topic="revocations")
+
+    assert verifier_for(authority).open_publication(data, topic="revocations") == DOCUMENT
+
+
+def test_a_publication_replayed_on_another_topic_is_refused(authority: Authority) -> None:
+    data = authority.signer().publish(DOCUMENT, topic=f"nodes/{OTHER_NODE}/events")
+
+    with pytest.raises(SignatureError, match="arrived on 'revocations'"):
+        verifier_for(authority).open_publication(data, topic="revocations")
+
+
+def test_a_publication_signed_by_another_ca_is_refused(authority: Authority, stranger: CertificateAuthority) -> None:
+    key, cert = svid_for(stranger, authority_spiffe_id(TD))
+    data = ReplySigner(key, [cert]).publish(DOCUMENT, topic="revocations")
+
+    with pytest.raises(SignatureError, match="does not chain to the trust bundle"):
+        verifier_for(authority).open_publication(data, topic="revocations")
+
+
+def test_a_reply_is_not_a_publication_nor_a_publication_a_reply(authority: Authority) -> None:
+    reply = authority.signer().sign(GRANT, node_id=NODE, request=REQUEST)
+    publication = authority.signer().publish(DOCUMENT, topic="revocations")
+
+    with pytest.raises(MessageError):
+        verifier_for(authority).open_publication(reply, topic="revocations")
+    with pytest.raises(MessageError):
+        verifier_for(authority).open(publication, node_id=NODE, request=REQUEST)
+
+
+def test_an_entry_in_a_message_is_checked_like_any_entry() -> None:
+    body = wire(SAMPLES["credential_response"])
+    entries = body["entries"]
+    assert isinstance(entries, list)
+    entries[0]["selectors"] = ["unix:path:/bin/sh"]  # no kernel-anchored selector
+
+    with pytest.raises(MessageError, match=r"^credential_response\.entries\[0\]: selectors: needs at least one"):
+        decode(canonical_json(body))

@@ -1,4 +1,8 @@
-"""The Workload API over a real Unix socket, with a fake agent behind it and grpclib stubs in front."""
+"""The Workload API over a real Unix socket, with a fake agent behind it and grpclib stubs in front.
+
+Decisions go through a real DecisionBus with LogDecisions subscribed, as in the agent, so the log
+lines operators read are checked here too.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import os
 import socket
 import stat
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +27,23 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from vouchd.agent.workload_api import NoIdentityError, RequestOutcome, WorkloadApiError, X509SvidMaterial
+from tests.fakes import FakeClock
+from vouchd.agent.workload_api import NoIdentityError, X509SvidMaterial
 from vouchd.agent.workload_api import server as server_module
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.attestors import AttestorError, WorkloadProcess
 from vouchd.attestors.workload.procfs import read_process_stat
+from vouchd.decisions import CallerEvidence, Decision, DecisionBus, DecisionKind, LogDecisions, Outcome
 from vouchd.proto import workload_pb2 as pb
 from vouchd.proto.workload_grpc import SpiffeWorkloadAPIStub
 from vouchd.selectors import Selector
+from vouchd.unixsockets import SocketPathError
 
 TRUST_DOMAIN = "spiffe://example.org"
 HEADER = {"workload.spiffe.io": "true"}
 SELECTORS = frozenset({Selector("unix", "uid", str(os.getuid()))})
+DEADLINE = 5.0  # bound on waiting for something the server does after the client returned
+DECISION_LOGGER = "vouchd.decisions.workload_api"
 
 
 class TestCa:
@@ -164,18 +173,11 @@ class FakeIdentities:
 
 
 class RecordingObserver:
-    """A WorkloadApiObserver that remembers what it was told, in order."""
+    """A WorkloadApiObserver that remembers which streams opened and closed, in order."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
+        self.events: list[tuple[str, tuple[str, int, int]]] = []
         self.closed = asyncio.Event()
-
-    @property
-    def outcomes(self) -> list[RequestOutcome]:
-        return [event for kind, event in self.events if kind == "finished" and isinstance(event, RequestOutcome)]
-
-    def request_finished(self, outcome: RequestOutcome) -> None:
-        self.events.append(("finished", outcome))
 
     def stream_opened(self, method: str, pid: int, uid: int) -> None:
         self.events.append(("opened", (method, pid, uid)))
@@ -184,13 +186,13 @@ class RecordingObserver:
         self.events.append(("closed", (method, pid, uid)))
         self.closed.set()
 
+    async def wait_closed(self) -> None:
+        async with asyncio.timeout(DEADLINE):
+            await self.closed.wait()
+
 
 class BrokenObserver(RecordingObserver):
     """Records, then fails: the Workload API must not care."""
-
-    def request_finished(self, outcome: RequestOutcome) -> None:
-        super().request_finished(outcome)
-        raise RuntimeError("observer is broken")
 
     def stream_opened(self, method: str, pid: int, uid: int) -> None:
         super().stream_opened(method, pid, uid)
@@ -199,6 +201,35 @@ class BrokenObserver(RecordingObserver):
     def stream_closed(self, method: str, pid: int, uid: int) -> None:
         super().stream_closed(method, pid, uid)
         raise RuntimeError("observer is broken")
+
+
+class RecordingDecisions:
+    """A DecisionSink: a real DecisionBus that logs (LogDecisions) and remembers every decision."""
+
+    def __init__(self) -> None:
+        self.all: list[Decision] = []
+        self.bus = DecisionBus()
+        self.bus.subscribe(LogDecisions())
+        self.bus.subscribe(self.all.append)
+
+    def emit(self, decision: Decision) -> None:
+        self.bus.emit(decision)
+
+
+class BrokenSink:
+    """A DecisionSink that breaks its promise not to raise."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def emit(self, decision: Decision) -> None:
+        self.calls += 1
+        raise RuntimeError("sink is broken")
+
+
+def service(identities: FakeIdentities, *, attest_deadline: float = 5.0) -> WorkloadApiService:
+    """A service whose decisions nobody looks at, for tests about something else."""
+    return WorkloadApiService(identities, decisions=RecordingDecisions(), attest_deadline=attest_deadline)
 
 
 @dataclass
@@ -210,6 +241,8 @@ class Api:
     stub: SpiffeWorkloadAPIStub
     socket_path: Path
     observer: RecordingObserver
+    decisions: RecordingDecisions
+    clock: FakeClock
 
 
 @pytest.fixture
@@ -229,11 +262,16 @@ async def api(socket_dir: Path, observer: RecordingObserver) -> AsyncIterator[Ap
     ca = TestCa()
     identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
     socket_path = socket_dir / "run" / "agent.sock"
-    server = WorkloadApiServer(WorkloadApiService(identities, attest_deadline=2.0, observer=observer), socket_path)
+    decisions, clock = RecordingDecisions(), FakeClock()
+    server = WorkloadApiServer(
+        WorkloadApiService(identities, decisions=decisions, attest_deadline=2.0, observer=observer, clock=clock),
+        socket_path,
+    )
     await server.start()
     channel = Channel(path=str(socket_path))
     try:
-        yield Api(server, identities, ca, channel, SpiffeWorkloadAPIStub(channel), socket_path, observer)
+        yield Api(server, identities, ca, channel, SpiffeWorkloadAPIStub(channel), socket_path, observer, decisions,
+                  clock)
     finally:
         channel.close()
         await server.close()
@@ -325,13 +363,15 @@ async def test_failed_attestation_is_permission_denied_with_a_generic_message(
 ) -> None:
     api.identities.attest_error = AttestorError("unix", "process 12 has exited")
 
-    with caplog.at_level(logging.INFO, logger="vouchd.workload_api"), pytest.raises(GRPCError) as caught:
+    with caplog.at_level(logging.INFO, logger=DECISION_LOGGER), pytest.raises(GRPCError) as caught:
         await api.stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER)
 
     assert caught.value.status is Status.PERMISSION_DENIED
     assert caught.value.message == "workload attestation failed"
-    (record,) = [r for r in caplog.records if r.name == "vouchd.workload_api"]
-    assert record.__dict__["outcome"] == "attestation_failed"
+    (record,) = [r for r in caplog.records if r.name == DECISION_LOGGER]
+    assert (record.getMessage(), record.levelno) == ("deny denied", logging.INFO)
+    assert record.__dict__["outcome"] == "denied"
+    assert record.__dict__["code"] == "attestation_failed"
     assert record.__dict__["reason"] == "workloadattestor(unix): process 12 has exited"
     assert record.__dict__["pid"] == os.getpid()
 
@@ -339,7 +379,7 @@ async def test_failed_attestation_is_permission_denied_with_a_generic_message(
 async def test_attestation_that_takes_too_long_is_permission_denied(socket_dir: Path) -> None:
     identities = FakeIdentities({})
     identities.attest_hangs = True
-    server = WorkloadApiServer(WorkloadApiService(identities, attest_deadline=0.05), socket_dir / "agent.sock")
+    server = WorkloadApiServer(service(identities, attest_deadline=0.05), socket_dir / "agent.sock")
     await server.start()
     channel = Channel(path=str(socket_dir / "agent.sock"))
     try:
@@ -456,15 +496,17 @@ async def test_key_material_is_never_logged(api: Api, caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.DEBUG):
         await first_x509_response(api)
+        await api.observer.wait_closed()
 
-    (line,) = [
-        r for r in caplog.records if r.name == "vouchd.workload_api" and r.getMessage() == "workload api request"
-    ]
+    (line,) = [r for r in caplog.records if r.name == DECISION_LOGGER]
+    assert (line.getMessage(), line.levelno) == ("issue ok", logging.INFO)
     assert line.__dict__["method"] == "FetchX509SVID"
     assert line.__dict__["outcome"] == "ok"
-    assert line.__dict__["uid"] == os.getuid()
+    assert (line.__dict__["pid"], line.__dict__["uid"]) == (os.getpid(), os.getuid())
     assert line.__dict__["spiffe_ids"] == [svid.spiffe_id]
-    assert isinstance(line.__dict__["duration_ms"], float)
+    assert line.__dict__["selectors"] == [str(selector) for selector in SELECTORS]
+    assert line.__dict__["duration_ms"] == "0.000", "timed on the service's clock"
+    assert "reason" not in line.__dict__ and "code" not in line.__dict__
     key_hex = svid.private_key_der.hex()
     for record in caplog.records:
         dumped = repr(record.__dict__) + record.getMessage()
@@ -506,8 +548,10 @@ async def test_bundles_are_denied_to_a_caller_entitled_to_no_identity(api: Api) 
     assert caught.value.status is Status.PERMISSION_DENIED
     assert caught.value.message == "no identity issued"
     assert len(api.identities.attested) == 1
-    (outcome,) = api.observer.outcomes
-    assert (outcome.outcome, outcome.reason) == ("denied", "no registration entry matches the caller's selectors")
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.outcome) == (DecisionKind.DENY, Outcome.DENIED)
+    assert decision.reason == "no registration entry matches the caller's selectors"
+    assert dict(decision.details)["code"] == "no_identity"
 
 
 async def test_the_bundle_stream_ends_permission_denied_when_the_entitlement_goes_away(api: Api) -> None:
@@ -573,7 +617,7 @@ async def test_a_stale_socket_is_replaced(socket_dir: Path) -> None:
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(path))
     leftover.close()  # the file stays, nobody listens
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), path)
+    server = WorkloadApiServer(service(FakeIdentities({})), path)
 
     await server.start()
     try:
@@ -588,8 +632,8 @@ async def test_a_socket_in_use_is_not_taken_over(socket_dir: Path) -> None:
     other.bind(str(path))
     other.listen()
     try:
-        with pytest.raises(WorkloadApiError, match=f"^another process is serving on {path}$"):
-            await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), path).start()
+        with pytest.raises(SocketPathError, match=f"^another process is serving on {path}$"):
+            await WorkloadApiServer(service(FakeIdentities({})), path).start()
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
     finally:
         other.close()
@@ -599,15 +643,15 @@ async def test_a_file_that_is_not_a_socket_is_left_alone(socket_dir: Path) -> No
     path = socket_dir / "agent.sock"
     path.write_text("precious")
 
-    with pytest.raises(WorkloadApiError, match=f"^{path} exists and is not a socket$"):
-        await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), path).start()
+    with pytest.raises(SocketPathError, match=f"^{path} exists and is not a socket$"):
+        await WorkloadApiServer(service(FakeIdentities({})), path).start()
 
     assert path.read_text() == "precious"
 
 
 async def test_run_serves_until_cancelled(socket_dir: Path) -> None:
     path = socket_dir / "agent.sock"
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), path)
+    server = WorkloadApiServer(service(FakeIdentities({})), path)
     running = asyncio.create_task(server.run())
     channel = Channel(path=str(path))
     try:
@@ -626,117 +670,159 @@ async def test_run_serves_until_cancelled(socket_dir: Path) -> None:
     assert not path.exists()
 
 
-# -- the decision observer (vouchd status) ---------------------------------------------------------------------
+# -- decisions (the log line, vouchd status) and the stream observer --------------------------------------------
 
 
-async def test_the_observer_sees_an_answered_stream_open_and_close(api: Api) -> None:
+def me(start_time: int | None = None, selectors: tuple[str, ...] = ()) -> CallerEvidence:
+    return CallerEvidence(pid=os.getpid(), uid=os.getuid(), start_time=start_time, selectors=selectors)
+
+
+MY_START_TIME = read_process_stat(os.getpid()).start_time
+MY_SELECTORS = tuple(sorted(str(selector) for selector in SELECTORS))
+
+
+async def test_an_answered_stream_is_one_issue_decision_with_the_callers_evidence(api: Api) -> None:
     svid = api.ca.issue(f"{TRUST_DOMAIN}/web")
     api.identities.svids = [svid]
-    before = time.time()
 
     await first_x509_response(api)
-    await api.observer.closed.wait()
+    await api.observer.wait_closed()
 
-    me = ("FetchX509SVID", os.getpid(), os.getuid())
-    assert [kind for kind, _ in api.observer.events] == ["finished", "opened", "closed"]
-    assert api.observer.events[1:] == [("opened", me), ("closed", me)]
-    (outcome,) = api.observer.outcomes
-    assert (outcome.method, outcome.pid, outcome.uid) == me
-    assert (outcome.outcome, outcome.reason, outcome.spiffe_ids) == ("ok", "", (svid.spiffe_id,))
-    assert before <= outcome.at <= time.time()
+    assert api.decisions.all == [
+        Decision(
+            kind=DecisionKind.ISSUE,
+            outcome=Outcome.OK,
+            at=api.clock.now(),
+            source="workload_api",
+            method="FetchX509SVID",
+            caller=me(MY_START_TIME, MY_SELECTORS),
+            spiffe_ids=(svid.spiffe_id,),
+            details=(("duration_ms", "0.000"),),
+        )
+    ], "one decision: a cancelled stream is not another"
+    stream = ("FetchX509SVID", os.getpid(), os.getuid())
+    assert api.observer.events == [("opened", stream), ("closed", stream)]
 
 
-async def test_the_observer_sees_a_denial_with_its_detailed_reason(api: Api) -> None:
+async def test_bundles_handed_out_are_an_issue_decision_without_spiffe_ids(api: Api) -> None:
+    async with api.stub.FetchX509Bundles.open(metadata=HEADER) as stream:
+        await stream.send_message(pb.X509BundlesRequest(), end=True)
+        assert await stream.recv_message() is not None
+        await stream.cancel()
+
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.outcome, decision.method) == (DecisionKind.ISSUE, Outcome.OK, "FetchX509Bundles")
+    assert decision.spiffe_ids == ()
+    assert decision.caller == me(MY_START_TIME, MY_SELECTORS)
+
+
+async def test_a_failed_attestation_is_a_denial_with_its_detailed_reason(api: Api) -> None:
     api.identities.attest_error = AttestorError("unix", "process 12 has exited")
 
     with pytest.raises(GRPCError):
         await api.stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER)
 
-    (outcome,) = api.observer.outcomes
-    assert (outcome.method, outcome.pid, outcome.uid) == ("FetchX509SVID", os.getpid(), os.getuid())
-    assert (outcome.outcome, outcome.reason) == ("denied", "workloadattestor(unix): process 12 has exited")
-    assert [kind for kind, _ in api.observer.events] == ["finished"], "a refused request opens no stream"
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.outcome) == (DecisionKind.DENY, Outcome.DENIED)
+    assert decision.reason == "workloadattestor(unix): process 12 has exited"
+    assert decision.caller == me(MY_START_TIME), "identified by the kernel, but no selectors: attestation failed"
+    assert dict(decision.details) == {"duration_ms": "0.000", "code": "attestation_failed"}
+    assert api.observer.events == [], "a refused request opens no stream"
 
 
-async def test_the_observer_sees_a_withdrawn_identity_as_a_denial_after_ok(api: Api) -> None:
+async def test_no_identity_is_a_denial_that_names_the_selectors_it_was_refused_for(api: Api) -> None:
+    with pytest.raises(GRPCError):
+        await api.stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER)
+
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.outcome, decision.reason) == (
+        DecisionKind.DENY, Outcome.DENIED, "no x509 svid for the caller's selectors")
+    assert decision.caller == me(MY_START_TIME, MY_SELECTORS)
+    assert dict(decision.details)["code"] == "no_identity"
+
+
+async def test_a_withdrawn_identity_ends_the_stream_with_a_denial_after_the_issue(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
     svid = api.ca.issue(f"{TRUST_DOMAIN}/web")
     api.identities.svids = [svid]
 
-    async with api.stub.FetchX509SVID.open(metadata=HEADER) as stream:
-        await stream.send_message(pb.X509SVIDRequest(), end=True)
-        assert await stream.recv_message() is not None
-        await api.identities.change(svids=[])
-        with pytest.raises(GRPCError):
-            await stream.recv_message()
-            await stream.recv_trailing_metadata()
+    with caplog.at_level(logging.INFO, logger=DECISION_LOGGER):
+        async with api.stub.FetchX509SVID.open(metadata=HEADER) as stream:
+            await stream.send_message(pb.X509SVIDRequest(), end=True)
+            assert await stream.recv_message() is not None
+            await api.identities.change(svids=[])
+            with pytest.raises(GRPCError):
+                await stream.recv_message()
+                await stream.recv_trailing_metadata()
 
-    assert [kind for kind, _ in api.observer.events] == ["finished", "opened", "closed", "finished"]
-    ok, denied = api.observer.outcomes
-    assert ok.outcome == "ok"
-    assert (denied.outcome, denied.reason) == ("denied", "no x509 svid for the caller's selectors")
+    ok, denied = api.decisions.all
+    assert (ok.kind, ok.outcome) == (DecisionKind.ISSUE, Outcome.OK)
+    assert (denied.kind, denied.outcome) == (DecisionKind.DENY, Outcome.DENIED)
+    assert denied.reason == "no x509 svid for the caller's selectors"
     assert denied.spiffe_ids == (svid.spiffe_id,), "the denial names what the stream had"
+    assert dict(denied.details) == {"duration_ms": "0.000", "code": "no_identity", "stream": "ended"}
+    assert [r.getMessage() for r in caplog.records if r.name == DECISION_LOGGER] == ["issue ok", "deny denied"]
+    assert [kind for kind, _ in api.observer.events] == ["opened", "closed"]
 
 
-async def test_the_observer_sees_invalid_requests_with_the_callers_pid(api: Api) -> None:
-    with pytest.raises(GRPCError):
-        await api.stub.FetchX509SVID(pb.X509SVIDRequest())
-    with pytest.raises(GRPCError):
-        await api.stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+async def test_invalid_requests_are_decisions_with_the_callers_pid_from_the_kernel(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger=DECISION_LOGGER):
+        with pytest.raises(GRPCError):
+            await api.stub.FetchX509SVID(pb.X509SVIDRequest())
+        with pytest.raises(GRPCError):
+            await api.stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
 
-    missing_header, unimplemented = api.observer.outcomes
-    assert (missing_header.outcome, missing_header.pid, missing_header.uid) == ("invalid", os.getpid(), os.getuid())
+    missing_header, unimplemented = api.decisions.all
+    assert (missing_header.kind, missing_header.outcome) == (DecisionKind.DENY, Outcome.INVALID)
+    assert missing_header.caller == me(), "SO_PEERCRED only: no start time, no selectors"
     assert missing_header.reason == "no workload.spiffe.io: true metadata"
-    assert (unimplemented.method, unimplemented.outcome) == ("FetchJWTSVID", "invalid")
+    assert dict(missing_header.details)["code"] == "invalid_argument"
+    assert (unimplemented.method, unimplemented.outcome) == ("FetchJWTSVID", Outcome.INVALID)
     assert unimplemented.reason == "FetchJWTSVID is not implemented"
+    assert dict(unimplemented.details)["code"] == "unimplemented"
     assert api.identities.attested == [], "identifying a caller for the record is not attesting it"
+    lines = [r for r in caplog.records if r.name == DECISION_LOGGER]
+    assert [(r.getMessage(), r.levelno) for r in lines] == [("deny invalid", logging.WARNING)] * 2
 
 
-async def test_the_observer_sees_internal_errors(api: Api) -> None:
+async def test_an_internal_error_is_an_error_decision_and_a_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
     api.identities.svid_error = RuntimeError("database is on fire")
 
-    with pytest.raises(GRPCError) as caught:
+    with caplog.at_level(logging.INFO), pytest.raises(GRPCError) as caught:
         await api.stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER)
 
-    assert caught.value.status is Status.UNAVAILABLE
-    (outcome,) = api.observer.outcomes
-    assert (outcome.outcome, outcome.reason) == ("error", "RuntimeError")
+    assert (caught.value.status, caught.value.message) == (Status.UNAVAILABLE, "workload api unavailable")
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.outcome, decision.reason) == (DecisionKind.ISSUE, Outcome.ERROR, "RuntimeError")
+    assert dict(decision.details)["code"] == "error"
+    (failed,) = [r for r in caplog.records if r.getMessage() == "workload api request failed"]
+    assert failed.exc_info is not None and "database is on fire" in str(failed.exc_info[1])
+    (line,) = [r for r in caplog.records if r.name == DECISION_LOGGER]
+    assert (line.getMessage(), line.levelno) == ("issue error", logging.ERROR)
 
 
-async def test_a_failing_observer_changes_nothing_for_the_workload(
-    socket_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    ca = TestCa()
-    identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
-    identities.svids = [ca.issue(f"{TRUST_DOMAIN}/web")]
-    observer = BrokenObserver()
-    server = WorkloadApiServer(WorkloadApiService(identities, observer=observer), socket_dir / "agent.sock")
-    await server.start()
-    channel = Channel(path=str(socket_dir / "agent.sock"))
-    try:
-        with caplog.at_level(logging.ERROR, logger="vouchd.workload_api"):
-            async with SpiffeWorkloadAPIStub(channel).FetchX509SVID.open(metadata=HEADER) as stream:
-                await stream.send_message(pb.X509SVIDRequest(), end=True)
-                first = await stream.recv_message()
-                await identities.change(svids=[ca.issue(f"{TRUST_DOMAIN}/web")])
-                second = await stream.recv_message()
-                await stream.cancel()
-            await observer.closed.wait()
-    finally:
-        channel.close()
-        await server.close()
+async def test_a_missing_bundle_is_an_error_decision(api: Api) -> None:
+    api.identities.bundles = {}
 
-    assert first is not None and second is not None, "the stream kept serving despite the observer"
-    assert [kind for kind, _ in observer.events] == ["finished", "opened", "closed"]
-    failures = [r for r in caplog.records if r.getMessage() == "workload api observer failed"]
-    assert [r.__dict__["observer_event"] for r in failures] == ["request_finished", "stream_opened", "stream_closed"]
+    with pytest.raises(GRPCError):
+        await api.stub.FetchX509Bundles(pb.X509BundlesRequest(), metadata=HEADER)
+
+    (decision,) = api.decisions.all
+    assert (decision.outcome, decision.reason, dict(decision.details)["code"]) == (
+        Outcome.ERROR, "no x509 bundles", "unavailable")
 
 
 async def test_the_attestation_deadline_is_the_services_and_named_in_the_reason(socket_dir: Path) -> None:
     identities = FakeIdentities({})
     identities.attest_hangs = True
-    observer = RecordingObserver()
-    service = WorkloadApiService(identities, attest_deadline=0.05, observer=observer)
-    server = WorkloadApiServer(service, socket_dir / "agent.sock")
+    decisions = RecordingDecisions()
+    server = WorkloadApiServer(WorkloadApiService(identities, decisions=decisions, attest_deadline=0.05),
+                               socket_dir / "agent.sock")
     await server.start()
     channel = Channel(path=str(socket_dir / "agent.sock"))
     try:
@@ -746,104 +832,114 @@ async def test_the_attestation_deadline_is_the_services_and_named_in_the_reason(
         channel.close()
         await server.close()
 
-    (outcome,) = observer.outcomes
-    assert (outcome.outcome, outcome.reason) == ("denied", "no attestation within 0.05s")
+    (decision,) = decisions.all
+    assert (decision.outcome, decision.reason) == (Outcome.DENIED, "no attestation within 0.05s")
 
 
-def test_request_outcomes_are_checked() -> None:
-    with pytest.raises(ValueError, match="request outcome must be one of denied, error, invalid, ok, not 'maybe'"):
-        RequestOutcome("FetchX509SVID", 1, 0, "maybe", "", (), 0.0)
+@asynccontextmanager
+async def serving(service: WorkloadApiService, path: Path) -> AsyncIterator[SpiffeWorkloadAPIStub]:
+    server = WorkloadApiServer(service, path)
+    await server.start()
+    channel = Channel(path=str(path))
+    try:
+        yield SpiffeWorkloadAPIStub(channel)
+    finally:
+        channel.close()
+        await server.close()
 
 
-# -- the socket's folder ---------------------------------------------------------------------------------------
+async def test_a_failing_observer_changes_nothing_for_the_workload(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = TestCa()
+    identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
+    identities.svids = [ca.issue(f"{TRUST_DOMAIN}/web")]
+    observer = BrokenObserver()
+    observed = WorkloadApiService(identities, decisions=RecordingDecisions(), observer=observer)
+
+    with caplog.at_level(logging.ERROR, logger="vouchd.workload_api"):
+        async with serving(observed, socket_dir / "agent.sock") as stub:
+            async with stub.FetchX509SVID.open(metadata=HEADER) as stream:
+                await stream.send_message(pb.X509SVIDRequest(), end=True)
+                first = await stream.recv_message()
+                await identities.change(svids=[ca.issue(f"{TRUST_DOMAIN}/web")])
+                second = await stream.recv_message()
+                await stream.cancel()
+            await observer.wait_closed()
+
+    assert first is not None and second is not None, "the stream kept serving despite the observer"
+    assert [kind for kind, _ in observer.events] == ["opened", "closed"]
+    failures = [r for r in caplog.records if r.getMessage() == "workload api observer failed"]
+    assert [r.__dict__["observer_event"] for r in failures] == ["stream_opened", "stream_closed"]
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o770, 0o1777, 0o1770])
-async def test_a_socket_folder_others_may_write_to_is_refused(socket_dir: Path, mode: int) -> None:
-    # Even sticky: another user could bind the socket's name while the agent is down.
+async def test_a_failing_decision_sink_changes_nothing_for_the_workload(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = TestCa()
+    identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
+    identities.svids = [ca.issue(f"{TRUST_DOMAIN}/web")]
+    sink = BrokenSink()
+
+    with caplog.at_level(logging.ERROR, logger="vouchd.workload_api"):
+        async with serving(WorkloadApiService(identities, decisions=sink), socket_dir / "agent.sock") as stub:
+            async with stub.FetchX509SVID.open(metadata=HEADER) as stream:
+                await stream.send_message(pb.X509SVIDRequest(), end=True)
+                served = await stream.recv_message()
+                await stream.cancel()
+            with pytest.raises(GRPCError) as refused:
+                await stub.FetchX509SVID(pb.X509SVIDRequest())
+
+    assert served is not None and served.svids[0].spiffe_id == f"{TRUST_DOMAIN}/web"
+    assert (refused.value.status, refused.value.message) == (
+        Status.INVALID_ARGUMENT, "security header missing from request")
+    assert sink.calls == 2
+    assert [r.getMessage() for r in caplog.records].count("decision sink failed") == 2
+
+
+# -- the socket's folder (the checks themselves: test_unixsockets.py) ----------------------------------------------
+
+
+async def test_a_socket_folder_others_may_write_to_is_refused(socket_dir: Path) -> None:
     folder = socket_dir / "run"
     folder.mkdir()
-    folder.chmod(mode)
+    folder.chmod(0o1777)  # even sticky: another user could bind the socket's name while the agent is down
 
     with pytest.raises(
-        WorkloadApiError,
+        SocketPathError,
         match=f"^workload api socket folder {folder} is writable by group or others: "
         "another user could replace the socket$",
     ):
-        await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock").start()
+        await WorkloadApiServer(service(FakeIdentities({})), folder / "agent.sock").start()
 
     assert list(folder.iterdir()) == []
 
 
-async def test_a_sticky_world_writable_folder_above_the_socket_is_accepted(socket_dir: Path) -> None:
-    shared = socket_dir / "tmp"
-    shared.mkdir()
-    shared.chmod(0o1777)  # like /tmp: others may add entries, but not rename or remove ours
-    folder = shared / "run"
-    folder.mkdir(mode=0o755)
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock")
+async def test_check_socket_path_refuses_a_live_socket_without_binding(socket_dir: Path) -> None:
+    path = socket_dir / "agent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        other.listen()
+        inode = os.lstat(path).st_ino
 
-    await server.start()
-    try:
-        assert stat.S_ISSOCK(os.lstat(folder / "agent.sock").st_mode)
-    finally:
-        await server.close()
+        with pytest.raises(SocketPathError, match=f"^another process is serving on {path}$"):
+            server_module.check_socket_path(path)
 
-
-async def test_a_folder_above_the_socket_that_others_may_write_to_is_refused(socket_dir: Path) -> None:
-    # Whoever may rename `shared/run` can put a folder of their own in its place.
-    shared = socket_dir / "shared"
-    (shared / "run").mkdir(parents=True)
-    shared.chmod(0o777)
-
-    with pytest.raises(WorkloadApiError, match=f"^workload api socket folder {shared} \\(above {shared / 'run'}\\) is"):
-        await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), shared / "run" / "agent.sock").start()
-
-
-async def test_a_socket_folder_owned_by_another_user_is_refused(socket_dir: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("only root can give a folder to another user")
-    folder = socket_dir / "run"
-    folder.mkdir(mode=0o755)
-    os.chown(folder, 4242, 4242)
-
-    with pytest.raises(
-        WorkloadApiError,
-        match=f"^workload api socket folder {folder} is owned by uid 4242, not by root or the agent \\(uid 0\\): "
-        "its owner could replace the socket$",
-    ):
-        await WorkloadApiServer(WorkloadApiService(FakeIdentities({})), folder / "agent.sock").start()
-
-
-async def test_an_ancestor_owned_by_another_user_is_only_warned_about(
-    socket_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A checkout in a user's home, started with sudo: the user chose to put the agent there.
-    if os.geteuid() != 0:
-        pytest.skip("only root can give a folder to another user")
-    home = socket_dir / "home"
-    (home / "run").mkdir(parents=True, mode=0o755)
-    home.chmod(0o755)
-    os.chown(home, 4242, 4242)
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), home / "run" / "agent.sock")
-
-    await server.start()
-    await server.close()
-
-    assert f"workload api socket folder {home} (above {home / 'run'}) is owned by uid 4242" in caplog.text
+        assert os.lstat(path).st_ino == inode
 
 
 async def test_missing_socket_folders_are_made_0755_whatever_the_umask(socket_dir: Path) -> None:
     path = socket_dir / "a" / "b" / "agent.sock"
     previous = os.umask(0o002)  # would leave mkdir's folders group-writable, which bind then refuses
     try:
-        server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), path)
+        server = WorkloadApiServer(service(FakeIdentities({})), path)
         await server.start()
     finally:
         os.umask(previous)
     try:
         assert stat.S_IMODE(os.stat(socket_dir / "a").st_mode) == 0o755
         assert stat.S_IMODE(os.stat(socket_dir / "a" / "b").st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o777
     finally:
         await server.close()
 
@@ -852,7 +948,7 @@ async def test_a_kernel_without_peer_pidfd_is_warned_about_at_start(
     socket_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server_module, "kernel_has_peer_pidfd", lambda: False)
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), socket_dir / "agent.sock")
+    server = WorkloadApiServer(service(FakeIdentities({})), socket_dir / "agent.sock")
 
     with caplog.at_level(logging.WARNING, logger="vouchd.workload_api"):
         await server.start()
@@ -866,7 +962,7 @@ async def test_a_kernel_without_peer_pidfd_is_warned_about_at_start(
 async def test_a_kernel_with_peer_pidfd_is_not_warned_about(socket_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     if not kernel_has_peer_pidfd():
         pytest.skip("kernel has no SO_PEERPIDFD")
-    server = WorkloadApiServer(WorkloadApiService(FakeIdentities({})), socket_dir / "agent.sock")
+    server = WorkloadApiServer(service(FakeIdentities({})), socket_dir / "agent.sock")
 
     with caplog.at_level(logging.WARNING, logger="vouchd.workload_api"):
         await server.start()

@@ -1,8 +1,9 @@
 """The narrow interfaces between the Workload API and the agent, and the values they carry.
 
-The agent implements WorkloadIdentities; the server knows nothing else about the agent. The agent
-may give the server a WorkloadApiObserver to learn what was decided (`vouchd status`: recent
-denials, connected workloads). Nothing here imports gRPC: the agent core imports this module.
+The agent implements WorkloadIdentities; the server knows nothing else about the agent. What the
+server decides goes to a vouchd.decisions.DecisionSink; the agent may also give it a
+WorkloadApiObserver to learn which streams are open. Nothing here imports gRPC: the agent core
+imports this module.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from vouchd.attestors.base import WorkloadProcess
 from vouchd.selectors import Selector
 
 __all__ = [
-    "REQUEST_OUTCOMES",
+    "WORKLOAD_API_SOURCE",
     "NoIdentityError",
-    "RequestOutcome",
     "WorkloadApiObserver",
     "WorkloadIdentities",
     "X509SvidMaterial",
 ]
+
+WORKLOAD_API_SOURCE = "workload_api"  # the `source` of every Decision the Workload API emits
 
 _SPIFFE_SCHEME = "spiffe://"
 
@@ -55,41 +57,13 @@ class X509SvidMaterial:
         return _SPIFFE_SCHEME + authority
 
 
-# ok; denied: attestation failed or no identity; invalid: a request this agent does not accept; error: ours
-REQUEST_OUTCOMES = frozenset({"ok", "denied", "invalid", "error"})
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutcome:
-    """How one Workload API request ended, for operators; never key material.
-
-    A stream reports "ok" once it has sent its first message, and again when it ends with a refusal
-    (an identity withdrawn: "denied") or an error. `pid` and `uid` come from SO_PEERCRED, also for
-    requests refused before attestation; they are -1 when the kernel could not say who asked.
-    """
-
-    method: str
-    pid: int
-    uid: int
-    outcome: str  # one of REQUEST_OUTCOMES
-    reason: str  # the detail withheld from the workload; empty for "ok"
-    spiffe_ids: tuple[str, ...]
-    at: float  # time.time() when the outcome was decided
-
-    def __post_init__(self) -> None:
-        if self.outcome not in REQUEST_OUTCOMES:
-            known = ", ".join(sorted(REQUEST_OUTCOMES))
-            raise ValueError(f"request outcome must be one of {known}, not {self.outcome!r}")
-
-
 class WorkloadApiObserver(Protocol):
-    """Told about every decision of the Workload API; must return quickly and should not raise.
+    """Told when a Workload API stream opens and closes (`vouchd status`: connected workloads).
 
-    Called on the event loop. An exception is logged and otherwise ignored: observing never changes
-    what a workload gets.
+    Not a decision: how each request ended goes to the service's DecisionSink. Called on the event
+    loop; must return quickly. An exception is logged and otherwise ignored: observing never
+    changes what a workload gets.
     """
-
-    def request_finished(self, outcome: RequestOutcome) -> None: ...
 
     def stream_opened(self, method: str, pid: int, uid: int) -> None: ...
 

@@ -1,0 +1,290 @@
+"""The SpiffeWorkloadAPI service: what each RPC hands out, and to whom.
+
+Every RPC first checks the security header, then identifies the caller from the kernel (peer.py),
+has the agent attest it, and re-checks that the attested process is still the caller. Workloads get
+generic status messages; the detail goes into the request's `Decision`, one per request (a stream
+that had answered gets a second one if a refusal or an error ends it), emitted into the agent's
+DecisionSink: that is where the log line and `vouchd status` come from.
+
+FetchX509Bundles is answered only to a caller entitled to an identity (some registration entry
+matches it), as SPIRE's agent does unless `allow_unauthenticated_verifiers` is set: otherwise
+PermissionDenied "no identity issued", also when the entitlement goes away while the stream is open.
+vouchd has no such switch: a verify-only workload gets an entry like any other.
+FetchX509SVID's federated_bundles carries the bundles of every trust domain other than those of
+the SVIDs in the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.server import Stream
+
+from vouchd.agent.workload_api.calls import UNIDENTIFIED, Call, RefusedError
+from vouchd.agent.workload_api.errors import NoIdentityError, PeerError
+from vouchd.agent.workload_api.identities import WorkloadApiObserver, WorkloadIdentities, X509SvidMaterial
+from vouchd.agent.workload_api.peer import peer_process, process_unchanged
+from vouchd.attestors.base import WorkloadProcess
+from vouchd.attestors.errors import AttestorError
+from vouchd.clock import SYSTEM_CLOCK, Clock
+from vouchd.decisions import Decision, DecisionSink
+from vouchd.proto import workload_pb2 as pb
+from vouchd.proto.workload_grpc import SpiffeWorkloadAPIBase
+from vouchd.selectors import Selector
+
+__all__ = ["SECURITY_HEADER", "WorkloadApiService"]
+
+SECURITY_HEADER = "workload.spiffe.io"
+
+
+@dataclass(frozen=True)
+class _X509SvidSet:
+    """Everything one FetchX509SVID message carries; equal sets are not sent twice."""
+
+    svids: tuple[X509SvidMaterial, ...]
+    federated_bundles: tuple[tuple[str, bytes], ...]
+
+    def message(self) -> pb.X509SVIDResponse:
+        return pb.X509SVIDResponse(
+            svids=[
+                pb.X509SVID(
+                    spiffe_id=svid.spiffe_id,
+                    x509_svid=svid.cert_chain_der,
+                    x509_svid_key=svid.private_key_der,
+                    bundle=svid.bundle_der,
+                    hint=svid.hint,
+                )
+                for svid in self.svids
+            ],
+            federated_bundles=dict(self.federated_bundles),
+        )
+
+
+class WorkloadApiService(SpiffeWorkloadAPIBase):
+    """The SpiffeWorkloadAPI service, answering from a WorkloadIdentities.
+
+    `decisions` receives one Decision per request outcome. `attest_deadline` (seconds) is the one
+    bound on attesting a caller: identities.attest() has no deadline of its own and is cancelled
+    when this one passes; the caller gets PermissionDenied. `observer`, if any, is told when a
+    stream opens and closes (connected workloads). `clock` dates decisions and times requests.
+    """
+
+    def __init__(
+        self,
+        identities: WorkloadIdentities,
+        *,
+        decisions: DecisionSink,
+        attest_deadline: float = 5.0,
+        logger: logging.Logger | None = None,
+        observer: WorkloadApiObserver | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if attest_deadline <= 0:
+            raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
+        self._identities = identities
+        self._decisions = decisions
+        self._attest_deadline = attest_deadline
+        self._log = logger or logging.getLogger("vouchd.workload_api")
+        self._observer = observer
+        self._clock = clock
+
+    # -- X.509-SVID profile -------------------------------------------------------------------------
+
+    async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest, pb.X509SVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        async with self._request(stream, "FetchX509SVID") as call:
+            await stream.recv_message()
+            process, selectors = await self._attest(stream, call)
+            version = self._identities.version
+            current = await self._x509_svid_set(selectors)
+            await stream.send_message(current.message())
+            self._answered(call, tuple(svid.spiffe_id for svid in current.svids))
+            with self._open_stream(call):
+                while True:
+                    version = await self._identities.wait_for_change(version)
+                    self._recheck(process)
+                    latest = await self._x509_svid_set(selectors)
+                    if latest != current:
+                        await stream.send_message(latest.message())
+                        current = latest
+                        call.spiffe_ids = tuple(svid.spiffe_id for svid in current.svids)
+                        self._log.debug("x509 svid update sent",
+                                        extra={**call.log_fields(), "spiffe_ids": list(call.spiffe_ids)})
+
+    async def FetchX509Bundles(self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        async with self._request(stream, "FetchX509Bundles") as call:
+            await stream.recv_message()
+            process, selectors = await self._attest(stream, call)
+            version = self._identities.version
+            self._require_entitlement(selectors)
+            current = self._x509_bundles()
+            await stream.send_message(pb.X509BundlesResponse(bundles=dict(current)))
+            self._answered(call)
+            with self._open_stream(call):
+                while True:
+                    version = await self._identities.wait_for_change(version)
+                    self._recheck(process)
+                    self._require_entitlement(selectors)
+                    latest = self._x509_bundles()
+                    if latest != current:
+                        await stream.send_message(pb.X509BundlesResponse(bundles=dict(latest)))
+                        current = latest
+                        self._log.debug("x509 bundles update sent", extra=call.log_fields())
+
+    # -- not served yet (a later change adds JWT): answered at once, without header check or
+    # attestation, because nothing is handed out; SO_PEERCRED is read only to say who asked -------------
+
+    async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented(stream, "FetchJWTSVID")
+
+    async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented(stream, "FetchJWTBundles")
+
+    async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
+        self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
+    ) -> None:
+        self._unimplemented(stream, "ValidateJWTSVID")
+
+    async def FetchWITSVID(self, stream: Stream[pb.WITSVIDRequest, pb.WITSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented(stream, "FetchWITSVID")
+
+    async def FetchWITBundles(self, stream: Stream[pb.WITBundlesRequest, pb.WITBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
+        self._unimplemented(stream, "FetchWITBundles")
+
+    def _unimplemented(self, stream: Stream[Any, Any], method: str) -> None:
+        call = Call(method, self._clock)
+        call.identify(stream)
+        reason = f"{method} is not implemented"
+        self._decide(call.decision("unimplemented", reason))
+        raise GRPCError(Status.UNIMPLEMENTED, reason)
+
+    # -- shared steps ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _request(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[Call]:
+        """Header check, error mapping and the request's decision, around one RPC."""
+        call = Call(method, self._clock)
+        try:
+            if stream.metadata is None or stream.metadata.get(SECURITY_HEADER) != "true":
+                call.identify(stream)
+                raise RefusedError(
+                    Status.INVALID_ARGUMENT,
+                    "invalid_argument",
+                    "security header missing from request",
+                    f"no {SECURITY_HEADER}: true metadata",
+                )
+            yield call
+        except RefusedError as refusal:
+            self._decide(call.decision(refusal.code, refusal.detail))
+            raise GRPCError(refusal.status, refusal.public) from None
+        except (asyncio.CancelledError, StreamTerminatedError):
+            # The client went away (or the server is closing): routine for long-lived streams, and
+            # no decision: nothing was refused.
+            level = logging.DEBUG if call.answered else logging.INFO
+            self._log.log(level, "workload api request cancelled", extra=call.log_fields())
+            raise
+        except Exception as err:
+            # The decision says that it failed; this line carries the traceback.
+            self._log.error("workload api request failed", exc_info=err, extra=call.log_fields())
+            self._decide(call.decision("error", type(err).__name__))
+            raise GRPCError(Status.UNAVAILABLE, "workload api unavailable") from None
+
+    def _decide(self, decision: Decision) -> None:
+        try:
+            self._decisions.emit(decision)
+        except Exception as err:
+            # A sink must not raise; if one does, what the workload gets must not change.
+            self._log.error("decision sink failed", exc_info=err, extra={"method": decision.method})
+
+    @contextmanager
+    def _open_stream(self, call: Call) -> Iterator[None]:
+        """Tell the observer a stream is open for as long as the body runs (connected workloads)."""
+        pid = UNIDENTIFIED if call.pid is None else call.pid
+        uid = UNIDENTIFIED if call.uid is None else call.uid
+        self._observe("stream_opened", lambda observer: observer.stream_opened(call.method, pid, uid))
+        try:
+            yield
+        finally:
+            self._observe("stream_closed", lambda observer: observer.stream_closed(call.method, pid, uid))
+
+    def _observe(self, event: str, notify: Callable[[WorkloadApiObserver], None]) -> None:
+        if self._observer is None:
+            return
+        try:
+            notify(self._observer)
+        except Exception as err:
+            # Observing must never change what a workload gets, nor end its stream.
+            self._log.error("workload api observer failed", exc_info=err, extra={"observer_event": event})
+
+    async def _attest(self, stream: Stream[Any, Any], call: Call) -> tuple[WorkloadProcess, frozenset[Selector]]:
+        try:
+            process = peer_process(stream)
+        except PeerError as err:
+            call.identify(stream)  # the decision still names who was refused
+            raise RefusedError.attestation_failed(str(err)) from err
+        call.attested(process)
+        try:
+            async with asyncio.timeout(self._attest_deadline):
+                selectors = await self._identities.attest(process)
+        except AttestorError as err:
+            raise RefusedError.attestation_failed(str(err)) from err
+        except TimeoutError as err:
+            raise RefusedError.attestation_failed(f"no attestation within {self._attest_deadline:g}s") from err
+        call.attested(process, selectors)
+        self._recheck(process)
+        return process, selectors
+
+    def _require_entitlement(self, selectors: frozenset[Selector]) -> None:
+        if not self._identities.entitled(selectors):
+            raise RefusedError.no_identity("no registration entry matches the caller's selectors")
+
+    @staticmethod
+    def _recheck(process: WorkloadProcess) -> None:
+        # The caller can exit (or be replaced at its pid) while it is being attested or while its
+        # stream is open: what was attested must still be what is connected.
+        if not process_unchanged(process):
+            raise RefusedError.attestation_failed(f"process {process.pid} exited or changed after attestation")
+
+    async def _x509_svid_set(self, selectors: frozenset[Selector]) -> _X509SvidSet:
+        try:
+            svids = _with_unique_hints(await self._identities.x509_svids(selectors), self._log)
+        except NoIdentityError as err:
+            raise RefusedError.no_identity(str(err)) from err
+        if not svids:
+            raise RefusedError.no_identity("no x509 svid for the caller's selectors")
+        own_trust_domains = {svid.trust_domain_id for svid in svids}
+        federated = tuple(
+            sorted((td, der) for td, der in self._identities.x509_bundles().items() if td not in own_trust_domains)
+        )
+        return _X509SvidSet(svids, federated)
+
+    def _x509_bundles(self) -> tuple[tuple[str, bytes], ...]:
+        bundles = tuple(sorted(self._identities.x509_bundles().items()))
+        if not bundles:
+            raise RefusedError(Status.UNAVAILABLE, "unavailable", "trust bundle not available", "no x509 bundles")
+        return bundles
+
+    def _answered(self, call: Call, spiffe_ids: tuple[str, ...] = ()) -> None:
+        call.spiffe_ids = spiffe_ids
+        self._decide(call.decision())
+        call.answered = True
+
+
+def _with_unique_hints(svids: Sequence[X509SvidMaterial], log: logging.Logger) -> tuple[X509SvidMaterial, ...]:
+    # The spec makes the server responsible for unique hints; like SPIRE, keep the first SVID that
+    # carries a hint and drop later ones, so clients picking "the one with hint X" stay unambiguous.
+    seen: set[str] = set()
+    kept: list[X509SvidMaterial] = []
+    for svid in svids:
+        if svid.hint and svid.hint in seen:
+            log.warning("dropping x509 svid %s: hint %r is already used", svid.spiffe_id, svid.hint)
+            continue
+        seen.add(svid.hint)
+        kept.append(svid)
+    return tuple(kept)

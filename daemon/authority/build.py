@@ -1,0 +1,38 @@
+"""Building an Authority from its configuration: the one place that opens its store and keys."""
+
+from __future__ import annotations
+
+from vouchd.authority.keys import CaKeeper, load_certificates, load_or_create_signing_key
+from vouchd.authority.server import Authority
+from vouchd.authority.store import SqliteStore
+from vouchd.authority.verifier import EkTrust
+from vouchd.clock import SYSTEM_CLOCK, Clock
+from vouchd.config import AuthorityConfig
+from vouchd.decisions import DecisionSink
+from vouchd.protocol.transport import Publisher
+from vouchd.spiffe import TrustDomain
+
+__all__ = ["AUTHORITY_DATABASE", "open_authority"]
+
+AUTHORITY_DATABASE = "authority.db"
+
+
+async def open_authority(config: AuthorityConfig, trust_domain: TrustDomain, *, publisher: Publisher,
+                         decisions: DecisionSink, clock: Clock = SYSTEM_CLOCK,
+                         standalone: bool = False) -> Authority:
+    """An Authority on the store, CA and keys under `config.state_dir`, loaded and ready to answer."""
+    trust = EkTrust(load_certificates(config.ek_roots, "EK root certificate"),
+                    load_certificates(config.ek_intermediates, "EK intermediate certificate"))
+    store = await SqliteStore.open(config.state_dir / AUTHORITY_DATABASE)
+    try:
+        authority = Authority(
+            config, trust_domain, store=store,
+            ca=CaKeeper(config.state_dir, trust_domain, ca_ttl=config.ca_ttl, clock=clock),
+            ek_trust=trust, signing_key=load_or_create_signing_key(config.state_dir / "reply-signing.key"),
+            clock=clock, publisher=publisher, decisions=decisions, standalone=standalone,
+        )
+        await authority.start()
+    except BaseException:
+        await store.close()
+        raise
+    return authority
