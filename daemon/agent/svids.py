@@ -237,13 +237,15 @@ class SvidManager:
         return changed or bool(revoked_svids or revoked_entries)
 
     def _decide(self, reason: str, entry_ids: list[str]) -> None:
-        if self._decisions is None:
-            return
         svids = [self._svids[e] for e in entry_ids if e in self._svids]
-        self._decisions.emit(Decision(kind=DecisionKind.REVOKE, outcome=Outcome.OK, at=self._clock.now(),
-                                      source="svid_cache", method="revocation", reason=reason,
-                                      entry_ids=tuple(entry_ids), spiffe_ids=tuple(s.spiffe_id for s in svids),
-                                      svid_serials=tuple(s.serial for s in svids)))
+        self._emit(Decision(kind=DecisionKind.REVOKE, outcome=Outcome.OK, at=self._clock.now(),
+                            source="svid_cache", method="revocation", reason=reason,
+                            entry_ids=tuple(entry_ids), spiffe_ids=tuple(s.spiffe_id for s in svids),
+                            svid_serials=tuple(s.serial for s in svids)))
+
+    def _emit(self, decision: Decision) -> None:
+        if self._decisions is not None:
+            self._decisions.emit(decision)
 
     def match(self, selectors: frozenset[Selector]) -> list[Entry]:
         candidates: set[str] = set()
@@ -411,6 +413,7 @@ class SvidManager:
         failed = {e: "entry is no longer assigned to this node" for e in entry_ids if e not in keys}
         if not requests:
             return failed
+        replaced = {e: self._svids[e].serial for e in keys if e in self._svids}
         response = await self._source.request(x509_svids=requests)
         now = self._clock.now()
         for item in response.errors:
@@ -439,8 +442,12 @@ class SvidManager:
                 rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
             )
             cached_now.add(issued.entry_id)
-            log.info("x509-svid cached", extra={"entry_id": issued.entry_id, "spiffe_id": issued.spiffe_id,
-                                                "svid_serial": serial_hex(certificate)})
+            self._emit(Decision(
+                kind=DecisionKind.ROTATE if issued.entry_id in replaced else DecisionKind.ISSUE,
+                outcome=Outcome.OK, at=now, source="svid_cache", method="x509-svid",
+                entry_ids=(issued.entry_id,), spiffe_ids=(issued.spiffe_id,), svid_serials=(serial_hex(certificate),),
+                details=(("previous_serial", replaced[issued.entry_id]),) if issued.entry_id in replaced else (),
+            ))
         for request in requests:
             if request.entry_id not in cached_now:
                 failed.setdefault(request.entry_id, "authority did not issue an SVID")

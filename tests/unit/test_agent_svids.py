@@ -17,6 +17,7 @@ from tests.fakes import FakeClock
 from vouchd.agent.svids import CachedSvid, SvidManager
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.authority.ca import CertificateAuthority
+from vouchd.decisions import Decision, DecisionBus, DecisionKind
 from vouchd.entries import Entry
 from vouchd.protocol.errors import TransportError
 from vouchd.protocol.messages import (
@@ -682,3 +683,26 @@ async def test_the_end_of_a_ban_is_news_that_calls_for_a_sync(ca: CertificateAut
     assert manager.affected_by(lifted), "the agent must fetch the entries the ban took away"
     await asyncio.wait_for(manager.sync_entries(), DEADLINE)
     assert [e.id for e in manager.entries] == ["web"]
+
+
+async def test_issuance_rotation_and_revocation_are_decisions(ca: CertificateAuthority) -> None:
+    bus = DecisionBus()
+    seen: list[Decision] = []
+    bus.subscribe(seen.append)
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")], ttl=timedelta(seconds=2))
+    manager = SvidManager(source, decisions=bus)
+    await manager.set_entries(source.entries)
+    async with running(manager):
+        first = (await fetch(manager, "unix:uid:1000"))[0]
+        async with asyncio.timeout(DEADLINE):
+            while not any(d.kind is DecisionKind.ROTATE for d in seen):
+                await manager.wait_for_change(manager.version)
+        source.revocations = revocations(1, entries=[("web", 2)])
+        await manager.apply_revocations()
+
+    assert [d.kind for d in seen] == [DecisionKind.ISSUE, DecisionKind.ROTATE, DecisionKind.REVOKE]
+    issued, rotated, revoked = seen
+    assert issued.spiffe_ids == ("spiffe://example.org/workload/web",) and issued.entry_ids == ("web",)
+    assert issued.svid_serials[0] == serial_hex(x509.load_der_x509_certificate(first.cert_chain_der))
+    assert dict(rotated.details)["previous_serial"] == issued.svid_serials[0]
+    assert revoked.svid_serials == rotated.svid_serials and revoked.reason == "entry revision revoked"
