@@ -110,6 +110,12 @@ def _print_status(status: dict[str, Any]) -> None:
           f"expires in {node.get('svid_expires_in_seconds', '-')} s")
     print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
     print(f"  authority    {node.get('authority_link', '-')}")
+    tpm = status.get("tpm") or {}
+    if tpm.get("state") == "unreachable":
+        print(f"  tpm          {tpm['reason']} (for {tpm['unreachable_for_seconds']} s; the agent exits after "
+              f"{tpm['exit_after_seconds']:g} s)")
+    else:
+        print(f"  tpm          {tpm.get('state', '-')} ({tpm.get('tcti', '-')})")
     for selector in node.get("selectors", []):
         print(f"  selector     {selector}")
     print(f"workload api   {status['workload_api_socket']}  ({'ready' if status['ready'] else 'starting'})")
@@ -145,6 +151,9 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     problems = []
     if not status.get("ready"):
         problems.append("workload api is not serving yet")
+    tpm = status.get("tpm") or {}
+    if tpm.get("state") not in (None, "ok"):
+        problems.append(str(tpm.get("reason") or f"tpm is {tpm.get('state')}"))
     if not node:
         problems.append("node is not attested")
     else:

@@ -59,6 +59,9 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 class TpmConfig:
     tcti: str
     ek: EkType = "rsa2048"
+    # How long the TPM may stay unreachable before the agent exits non-zero (so that systemd's
+    # Restart=on-failure takes over); meanwhile it serves what it holds and issues nothing.
+    unreachable_limit: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def parse_duration(text: str) -> timedelta:
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
 _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_log", "workload_attestors",
                "attestation_deadline", "attestation_interval")
-_TPM_KEYS = ("tcti", "ek")
+_TPM_KEYS = ("tcti", "ek", "unreachable_limit")
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
                    "x509_svid_ttl", "x509_svid_max_ttl")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
@@ -315,7 +318,7 @@ def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[i
 def _parse_tpm(section: _Section) -> TpmConfig:
     tcti = section.string("tcti", "device:/dev/tpmrm0")
     ek = cast(EkType, section.choice("ek", get_args(EkType), "rsa2048"))
-    return TpmConfig(tcti=tcti, ek=ek)
+    return TpmConfig(tcti=tcti, ek=ek, unreachable_limit=section.duration("unreachable_limit", "60s"))
 
 
 def _parse_agent(section: _Section) -> AgentConfig:

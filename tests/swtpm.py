@@ -51,6 +51,19 @@ class Swtpm:
         subprocess.run(["tpm2_startup", "--clear", "-T", self.tcti], check=True, capture_output=True,
                        env={**os.environ, "TSS2_LOG": "all+NONE"})
 
+    def kill(self) -> None:
+        """kill -9: the TPM goes away mid-whatever, as a crashed simulator or a pulled device would."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """After kill(): the same TPM state on the same socket path, freshly powered on."""
+        if self.process.poll() is None:
+            raise RuntimeError("swtpm is still running")
+        for stale in (self.socket_path, self.ctrl_path):
+            stale.unlink(missing_ok=True)
+        self.process = _spawn(self.state_dir, self.socket_path)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             subprocess.run(["swtpm_ioctl", "--unix", str(self.ctrl_path), "-s"], capture_output=True,
@@ -71,6 +84,10 @@ def start(state_dir: Path) -> Swtpm:
     """Start swtpm on a fresh random socket path; returns once it answers."""
     sock_dir = Path(tempfile.mkdtemp(prefix="vouchd-swtpm-"))
     sock = sock_dir / "tpm.sock"
+    return Swtpm(state_dir=state_dir, socket_path=sock, process=_spawn(state_dir, sock))
+
+
+def _spawn(state_dir: Path, sock: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([str(SWTPM_SCRIPT), "start", str(state_dir), str(sock)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -82,4 +99,4 @@ def start(state_dir: Path) -> Swtpm:
             raise RuntimeError("swtpm did not listen within 10 s")
         time.sleep(0.01)
     os.environ.setdefault("TSS2_LOG", "all+NONE")
-    return Swtpm(state_dir=state_dir, socket_path=sock, process=proc)
+    return proc

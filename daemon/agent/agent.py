@@ -31,7 +31,7 @@ from vouchd.decisions import DecisionBus
 from vouchd.errors import ConfigError
 from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
 from vouchd.spiffe import X509Bundle
-from vouchd.tpm import EkInfo, TpmService
+from vouchd.tpm import EkInfo, TpmService, TpmUnavailableError
 
 __all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "workload_attestors_from"]
 
@@ -40,6 +40,10 @@ log = logging.getLogger("vouchd.agent")
 # A hardware TPM answers a quote in well under a second and creates an RSA EK in a few; a minute
 # without an answer means it is stuck.
 TPM_STALL_LIMIT = 60.0
+# While the TPM answers, the agent asks it something cheap this often, so that status and health
+# say the truth between heartbeats; once it is lost, it tries to reopen it this often, at most.
+TPM_PROBE_INTERVAL = 5.0
+TPM_RECONNECT_MAX_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Agent:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(svids.run(), name="svid-issuance")
                     tasks.create_task(self._heartbeat(node, svids), name="heartbeat")
+                    tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
                     interval = watchdog_interval()
                     if interval is not None:
                         tasks.create_task(self._watchdog(interval), name="watchdog")
@@ -159,19 +164,65 @@ class Agent:
             await workload_api.close()
 
     async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 while the event loop turns and the TPM answers: systemd restarts a wedged agent.
-
-        Every credential needs a quote, so an agent whose TPM stopped answering can serve nothing new
-        (cached SVIDs run out); going silent lets systemd restart it and reopen the device.
-        """
+        """WATCHDOG=1 only while the agent can do its job: the event loop turns, the TPM answers and no
+        TPM operation hangs. Every credential needs a quote, so an agent without its TPM serves only
+        what it holds until that runs out; going silent lets systemd restart it."""
         while True:
-            stalled = self._tpm.stalled_for() if self._tpm is not None else 0.0
-            if stalled < TPM_STALL_LIMIT:
+            problem = self._tpm_problem()
+            if problem is None:
                 notify("WATCHDOG=1")
             else:
-                log.error("tpm operation has not returned; no longer telling systemd the agent is alive",
-                          extra={"stalled_seconds": round(stalled, 1)})
+                log.error("no longer telling systemd the agent is alive", extra={"reason": problem})
             await asyncio.sleep(interval)
+
+    def _tpm_problem(self) -> str | None:
+        """Why the TPM cannot be used now, or None."""
+        if self._tpm is None:
+            return None
+        stalled = self._tpm.stalled_for()
+        if stalled >= TPM_STALL_LIMIT:
+            return f"a TPM operation at {self._tpm.tcti} has not returned for {stalled:.0f} s"
+        return self._tpm.unavailable
+
+    async def _tpm_monitor(self, svids: SvidManager) -> None:
+        """Notice a TPM that went away, reopen it when it is back, give up past the configured limit.
+
+        While it is away, cached SVIDs are served and nothing is issued (every issuance needs a quote).
+        Back with the same EK and keys, the node goes on; the authority demands a full attestation if
+        the TPM was reset meanwhile. Away longer than `tpm.unreachable_limit`: the agent exits non-zero,
+        so that systemd's Restart=on-failure starts it afresh.
+        """
+        tpm = self._tpm
+        assert tpm is not None
+        limit = self._agent_config.tpm.unreachable_limit.total_seconds()
+        retry = 1.0
+        while True:
+            if tpm.unavailable is None:
+                await asyncio.sleep(TPM_PROBE_INTERVAL)
+                with contextlib.suppress(TpmUnavailableError):
+                    await tpm.probe()
+                if tpm.unavailable is not None:
+                    log.error("tpm unreachable", extra={"reason": tpm.unavailable})
+                    notify(f"STATUS={tpm.unavailable}")
+                retry = 1.0
+                continue
+            if tpm.unavailable_for() > limit:
+                raise TpmUnavailableError(f"{tpm.unavailable}; unreachable for more than {limit:g} s "
+                                          "(agent.tpm.unreachable_limit), exiting")
+            await asyncio.sleep(min(retry, max(0.1, limit - tpm.unavailable_for() + 0.1)))
+            retry = min(retry * 2, TPM_RECONNECT_MAX_INTERVAL)
+            try:
+                await tpm.reconnect()
+            except TpmUnavailableError:
+                continue
+            log.info("tpm reachable again", extra={"tcti": tpm.tcti})
+            notify(f"STATUS=serving on {self._agent_config.socket_path}")
+            svids.retry_now()
+            # What was published while the TPM was away could not be fetched (every sync is quoted).
+            try:
+                await svids.sync_entries()
+            except Exception as err:  # the heartbeat tries again
+                log.warning("entry sync after the tpm came back failed", extra={"reason": str(err)})
 
     async def _heartbeat(self, node: NodeIdentity, svids: SvidManager) -> None:
         """Continuous attestation (DESIGN §4.5): a quote-bound entry sync every interval, and a full
@@ -179,6 +230,10 @@ class Agent:
         interval = self._agent_config.attestation_interval.total_seconds()
         while True:
             await asyncio.sleep(interval)
+            tpm_problem = self._tpm_problem()
+            if tpm_problem is not None:  # nothing can be quoted; the TPM monitor reports and recovers
+                notify(f"STATUS={tpm_problem}")
+                continue
             failures = []
             try:
                 if await node.renew_if_due():
@@ -213,6 +268,7 @@ class Agent:
             "node": None,
             "entries": [],
             "svids": [],
+            "tpm": self._tpm_status(),
             "tpm_latency_ms": self._tpm_latency(),
             "workloads": self._activity.snapshot(),
         }
@@ -251,6 +307,16 @@ class Agent:
             return None
         return {"version": document.version, "next_update_in_seconds": round(document.next_update - now),
                 "revoked_entries": len(document.entries), "revoked_nodes": len(document.nodes)}
+
+    def _tpm_status(self) -> dict[str, Any]:
+        if self._tpm is None:
+            return {"state": "starting", "tcti": self._agent_config.tpm.tcti}
+        problem = self._tpm_problem()
+        if problem is None:
+            return {"state": "ok", "tcti": self._tpm.tcti}
+        return {"state": "unreachable", "tcti": self._tpm.tcti, "reason": problem,
+                "unreachable_for_seconds": round(self._tpm.unavailable_for(), 1),
+                "exit_after_seconds": self._agent_config.tpm.unreachable_limit.total_seconds()}
 
     def _tpm_latency(self) -> dict[str, dict[str, float]]:
         """Per TPM operation: count and milliseconds (every TPM call queues on one device)."""

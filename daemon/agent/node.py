@@ -48,7 +48,7 @@ from vouchd.protocol.transport import (
     node_events_topic,
 )
 from vouchd.spiffe import TrustDomain, X509Bundle, serial_hex
-from vouchd.tpm import EkInfo, TpmQuote
+from vouchd.tpm import EkInfo, TpmError, TpmQuote
 
 __all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm", "OlderRevocationsError"]
 
@@ -250,6 +250,8 @@ class NodeIdentity:
         async with self._in_flight:
             try:
                 response = await self._request_locked(tuple(x509_svids), sync_entries)
+            except TpmError:
+                raise  # the local TPM's failure says nothing about the authority
             except Exception as err:
                 self._note_outcome(str(err))
                 raise
@@ -263,6 +265,8 @@ class NodeIdentity:
                 return False
             try:
                 await self.attest()
+            except TpmError:
+                raise
             except Exception as err:
                 self._note_outcome(f"re-attestation: {err}")
                 raise

@@ -288,6 +288,11 @@ class SvidManager:
             raise NoIdentityError(failures[0] if failures else "no SVID could be issued for the caller")
         return materials
 
+    def retry_now(self) -> None:
+        """Forget the backoff of failed entries and let the loop try again (what failed is back)."""
+        self._backoff.clear()
+        self._wake.set()
+
     def _issuance_refusal(self) -> str | None:
         """Why nothing new may be issued now, or None."""
         if self._banned is not None:

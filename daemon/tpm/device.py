@@ -58,7 +58,7 @@ from vouchd.tpm.keystore import AUTH_VALUE_SIZE, StoredKey
 from vouchd.tpm.templates import KeyRole, describe_mismatch, public_template
 from vouchd.tpm.values import EkInfo, KeyBlob, TpmQuote
 
-__all__ = ["PCR_COUNT", "TpmDevice"]
+__all__ = ["PCR_COUNT", "TpmDevice", "connection_lost"]
 
 _log = logging.getLogger(__name__)
 
@@ -70,6 +70,31 @@ _TPM_CC_FLUSH_CONTEXT = 0x165
 _TPM_ST_NO_SESSIONS = 0x8001
 
 _Marshaled = TypeVar("_Marshaled")
+
+# Response codes of the TCTI layer (TSS2_TCTI_RC_LAYER, 10 << 16) say the transport to the TPM failed:
+# the device, tpm2-abrmd or the simulator went away. Once that happened in the middle of a command,
+# ESAPI answers every later call with BAD_SEQUENCE (0x70007), even after the TPM is back: the
+# context must be opened again.
+_RC_LAYER_MASK = 0xFF << 16
+_TCTI_LAYER = 10 << 16
+_ESYS_RC_BAD_SEQUENCE = (7 << 16) | 7
+
+
+def connection_lost(err: BaseException) -> TSS2_Exception | None:
+    """The TSS2 error in `err`'s chain that says the connection to the TPM is gone, or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, TSS2_Exception):
+            rc = int(seen.rc)
+            if rc & _RC_LAYER_MASK == _TCTI_LAYER or rc == _ESYS_RC_BAD_SEQUENCE:
+                return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _raise_if_lost(err: TSS2_Exception) -> None:
+    if connection_lost(err) is not None:
+        raise TpmUnavailableError(f"lost the connection to the tpm: {_describe(err)}") from err
 
 
 def _describe(err: TSS2_Exception) -> str:
@@ -140,15 +165,22 @@ class TpmDevice:
         self._key_contexts: dict[bytes, object] = {}
 
     @classmethod
-    def open(cls, tcti: str, profile: EkProfile) -> TpmDevice:
-        """Connect, clean up after earlier clients, check capabilities and create the EK."""
+    def open(cls, tcti: str, profile: EkProfile, *, pcrs_only: bool = False) -> TpmDevice:
+        """Connect, clean up after earlier clients, check capabilities and create the EK.
+
+        `pcrs_only`: connect for PCR reads and extends alone, touching nothing else, as firmware
+        measuring a boot would: no flush of what other clients have loaded, no EK.
+        """
         try:
             esapi = ESAPI(tcti)
         except TSS2_Exception as err:
             raise TpmUnavailableError(f"cannot connect to the tpm at tcti {tcti!r}: {err}") from err
         device = cls(esapi, tcti, profile)
         try:
-            device._prepare()
+            if pcrs_only:
+                device._start_up_if_needed()
+            else:
+                device._prepare()
         except BaseException:
             device.close()
             raise
@@ -161,7 +193,10 @@ class TpmDevice:
         return self._ek_info
 
     def close(self) -> None:
-        self._esapi.close()
+        try:
+            self._esapi.close()
+        except TSS2_Exception as err:  # a connection already gone has nothing left to close
+            _log.debug("closing the tpm context failed", extra={"rc": _describe(err)})
 
     # ------------------------------------------------------------------ start-up
 
@@ -305,6 +340,7 @@ class TpmDevice:
         try:
             handle = self._esapi.context_load(self._ek_context)
         except TSS2_Exception as err:
+            _raise_if_lost(err)
             # A TPM Reset or Restart invalidates saved object contexts; the EK itself is derived from
             # the endorsement seed and comes back identical unless the TPM was cleared.
             _log.warning("saved ek context no longer loads, deriving the ek again", extra={"rc": _describe(err)})
@@ -365,7 +401,8 @@ class TpmDevice:
             return None
         try:
             handle: ESYS_TR = self._esapi.context_load(context)
-        except TSS2_Exception:
+        except TSS2_Exception as err:
+            _raise_if_lost(err)
             # A TPM Reset or Restart invalidates saved contexts: load the key from its blob again.
             del self._key_contexts[key.blob.public]
             return None
@@ -458,6 +495,11 @@ class TpmDevice:
         digests = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=sha256_digest))])
         with _command("PCR_Extend"):
             self._esapi.pcr_extend(ESYS_TR.PCR0 + index, digests)
+
+    def probe(self) -> None:
+        """One cheap command, to learn whether the TPM still answers."""
+        with _command("GetCapability"):
+            self._esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, 0, 1)
 
     def read_pcrs(self, bank: TPM2_ALG, pcrs: Sequence[int]) -> dict[int, bytes]:
         values: dict[int, bytes] = {}

@@ -3,6 +3,11 @@
 Every TPM operation is awaited from asyncio and queued on a single worker thread that owns the ESAPI
 context, so commands never interleave and a slow hardware TPM never blocks the event loop. Each
 operation's time on that thread is recorded for the agent's status and latency budget.
+
+A TPM can go away (the device, tpm2-abrmd or a simulator restarts). The first operation that finds
+the connection gone closes the ESAPI context and fails with TpmUnavailableError, as does every
+operation after it, at once, until `reconnect()` opens a new context: one that has the same EK and
+in which the node's keys still load. The service never retries on its own; its owner decides when.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Self, TypeVar, TypeVarTuple
 
 from tpm2_pytss import TPM2_ALG
 
-from vouchd.tpm.device import PCR_COUNT, TpmDevice
+from vouchd.tpm.device import PCR_COUNT, TpmDevice, connection_lost
 from vouchd.tpm.ek import EK_PROFILES, EkType, parse_ek_type
-from vouchd.tpm.errors import TpmArgumentError, TpmError
+from vouchd.tpm.errors import TpmArgumentError, TpmError, TpmUnavailableError
 from vouchd.tpm.keystore import KeyFiles, StoredKey, ensure_state_dir, read_key, write_key
 from vouchd.tpm.latency import LatencyRecorder
 from vouchd.tpm.templates import KeyRole
@@ -30,6 +35,7 @@ __all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "TpmQuote", "TpmService"]
 
 _Result = TypeVar("_Result")
 _Args = TypeVarTuple("_Args")
+_KeyPair = tuple[StoredKey, StoredKey]
 
 _PCR_BANKS: dict[str, TPM2_ALG] = {
     "sha1": TPM2_ALG.SHA1,
@@ -48,10 +54,13 @@ class TpmService:
     swtpm), run one TpmService per TPM: at start it flushes whatever other clients left loaded.
     """
 
-    def __init__(self, tcti: str, *, ek_type: EkType = "rsa2048") -> None:
+    def __init__(self, tcti: str, *, ek_type: EkType = "rsa2048", pcrs_only: bool = False) -> None:
+        """`pcrs_only`: a client that only reads and extends PCRs (vouchd dev simulate-boot), which
+        must not flush the objects of the agent sharing a TPM that has no resource manager."""
         if not tcti.strip():
             raise TpmArgumentError("tcti must not be empty")
         self._tcti = tcti
+        self._pcrs_only = pcrs_only
         self._profile = EK_PROFILES[parse_ek_type(ek_type)]
         self._latency = LatencyRecorder()
         self._executor: ThreadPoolExecutor | None = None
@@ -63,6 +72,9 @@ class TpmService:
         self._closed = False
         # monotonic start time of the operation the worker is running now (None when idle)
         self._busy_since: float | None = None
+        # Why the TPM cannot be used, and since when (monotonic); None while it answers.
+        self._unavailable: str | None = None
+        self._unavailable_since: float | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._device else "new"
@@ -103,16 +115,76 @@ class TpmService:
             # The worker is idle now, so this joins it at once.
             executor.shutdown(wait=True)
 
-    def _open_on_worker(self) -> EkInfo:
+    def _open_on_worker(self) -> EkInfo | None:
         # The device is created, used and closed on the worker thread only.
-        device = TpmDevice.open(self._tcti, self._profile)
+        device = TpmDevice.open(self._tcti, self._profile, pcrs_only=self._pcrs_only)
         self._device = device
-        return device.ek_info
+        return None if self._pcrs_only else device.ek_info
 
     def _close_on_worker(self) -> None:
         device, self._device = self._device, None
         if device is not None:
             device.close()
+
+    # ------------------------------------------------------------------ losing and finding the TPM
+
+    @property
+    def tcti(self) -> str:
+        return self._tcti
+
+    @property
+    def unavailable(self) -> str | None:
+        """`TPM unreachable at <tcti>: <reason>` while the TPM cannot be used, else None."""
+        return self._unavailable
+
+    def unavailable_for(self) -> float:
+        """Seconds since the TPM was found unreachable (0 while it answers)."""
+        since = self._unavailable_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    async def probe(self) -> None:
+        """Ask the TPM something cheap; TpmUnavailableError if it no longer answers."""
+        await self._on_device("probe", TpmDevice.probe)
+
+    async def reconnect(self) -> None:
+        """Open the TPM again after it was lost; a no-op while it answers.
+
+        TpmUnavailableError: still unreachable, try again later. TpmError (not unavailable): the TPM
+        answers but is not the one the node attested (another EK) or the node's keys no longer load
+        in it: the agent cannot go on as this node.
+        """
+        if self._unavailable is None:
+            return
+        await self._on_worker("reconnect", self._reconnect_on_worker)
+
+    def _reconnect_on_worker(self) -> None:
+        try:
+            device = TpmDevice.open(self._tcti, self._profile)
+        except TpmUnavailableError as err:
+            self._unavailable = f"TPM unreachable at {self._tcti}: {err}"
+            raise TpmUnavailableError(self._unavailable) from err
+        try:
+            if self._ek is not None and device.ek_info.public != self._ek.public:
+                raise TpmError(f"the TPM at {self._tcti} came back with another endorsement key: it was cleared "
+                               "or replaced, so this is no longer the node that attested; restart the agent")
+            for key, role in ((self._ak, KeyRole.ATTESTATION_KEY), (self._node_key, KeyRole.NODE_KEY)):
+                if key is not None:
+                    device.check_key_loads(key, role)
+        except BaseException:
+            device.close()
+            raise
+        self._device = device
+        self._unavailable = self._unavailable_since = None
+
+    def _lose(self, reason: str) -> str:
+        """On the worker: forget a context whose connection is gone; returns the status line."""
+        device, self._device = self._device, None
+        if device is not None:
+            device.close()
+        if self._unavailable is None:
+            self._unavailable_since = time.monotonic()
+        self._unavailable = f"TPM unreachable at {self._tcti}: {reason}"
+        return self._unavailable
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -144,8 +216,7 @@ class TpmService:
         A key that exists but does not load raises TpmKeyError naming its file: replacing it silently
         would change what the authority knows of this node.
         """
-        device = self._require_device()
-        ak, node_key = await self._on_worker("ensure_node_keys", _ensure_keys, device, Path(state_dir))
+        ak, node_key = await self._on_device("ensure_node_keys", _ensure_keys, Path(state_dir))
         self._ak, self._node_key = ak, node_key
         return NodeKeys(ak=ak.blob, node_key=node_key.blob)
 
@@ -153,57 +224,72 @@ class TpmService:
 
     async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         """The secret of a MakeCredential(EK, AK name, secret); inputs are size-prefixed TPM2Bs."""
-        device, ak, _ = self._require_keys()
+        ak, _ = self._require_keys()
         blob, secret = bytes(credential_blob), bytes(encrypted_secret)
-        return await self._on_worker("activate_credential", device.activate_credential, ak, blob, secret)
+        return await self._on_device("activate_credential", TpmDevice.activate_credential, ak, blob, secret)
 
     async def quote(self, bank: str, pcrs: Sequence[int], qualifying_data: bytes) -> TpmQuote:
         """A quote by the AK over `pcrs` of `bank`, with `qualifying_data` as extraData."""
         bank_alg = _pcr_bank(bank)
         indices = _pcr_indices(pcrs)
         data = _qualifying_data(qualifying_data)
-        device, ak, _ = self._require_keys()
-        return await self._on_worker("quote", device.quote, ak, bank_alg, indices, data)
+        ak, _ = self._require_keys()
+        return await self._on_device("quote", TpmDevice.quote, ak, bank_alg, indices, data)
 
     async def certify_node_key(self, qualifying_data: bytes) -> TpmQuote:
         """TPM2_Certify of the node key, signed by the AK with its own scheme."""
         data = _qualifying_data(qualifying_data)
-        device, ak, node_key = self._require_keys()
-        return await self._on_worker("certify_node_key", device.certify, node_key, ak, data)
+        ak, node_key = self._require_keys()
+        return await self._on_device("certify_node_key", TpmDevice.certify, node_key, ak, data)
 
     async def sign_with_node_key(self, message: bytes) -> bytes:
         """A DER ECDSA signature over sha256(message) by the node key."""
-        device, _, node_key = self._require_keys()
-        return await self._on_worker("sign_with_node_key", device.sign, node_key, bytes(message))
+        _, node_key = self._require_keys()
+        return await self._on_device("sign_with_node_key", TpmDevice.sign, node_key, bytes(message))
 
     async def extend_pcr(self, index: int, sha256_digest: bytes) -> None:
         (pcr,) = _pcr_indices([index])
         if len(sha256_digest) != _SHA256_SIZE:
             raise TpmArgumentError(f"a sha256 digest has {_SHA256_SIZE} bytes, got {len(sha256_digest)}")
-        device = self._require_device()
-        await self._on_worker("extend_pcr", device.extend_pcr, pcr, bytes(sha256_digest))
+        await self._on_device("extend_pcr", TpmDevice.extend_pcr, pcr, bytes(sha256_digest))
 
     async def read_pcrs(self, bank: str, pcrs: Sequence[int]) -> dict[int, bytes]:
         """PCR values by index, in the order asked for."""
         bank_alg = _pcr_bank(bank)
         indices = _pcr_indices(pcrs)
-        device = self._require_device()
-        return await self._on_worker("read_pcrs", device.read_pcrs, bank_alg, indices)
+        return await self._on_device("read_pcrs", TpmDevice.read_pcrs, bank_alg, indices)
 
     # ------------------------------------------------------------------ plumbing
 
-    def _require_device(self) -> TpmDevice:
-        if self._closed:
-            raise TpmError("tpm service is closed")
-        if self._device is None:
-            raise TpmError("tpm service is not started")
-        return self._device
-
-    def _require_keys(self) -> tuple[TpmDevice, StoredKey, StoredKey]:
-        device = self._require_device()
+    def _require_keys(self) -> _KeyPair:
         if self._ak is None or self._node_key is None:
             raise TpmError("node keys are not loaded: call ensure_node_keys first")
-        return device, self._ak, self._node_key
+        return self._ak, self._node_key
+
+    async def _on_device(self, operation: str, call: Callable[[TpmDevice, *_Args], _Result],
+                         *args: *_Args) -> _Result:
+        """Run `call(device, *args)` on the worker with the device as it is when the call gets its turn:
+        an operation queued behind the one that lost the TPM must not touch the closed context."""
+        if self._closed:
+            raise TpmError("tpm service is closed")
+        return await self._on_worker(operation, self._with_device, call, *args)
+
+    def _with_device(self, call: Callable[[TpmDevice, *_Args], _Result], *args: *_Args) -> _Result:
+        device = self._device
+        if device is None:
+            if self._unavailable is not None:
+                raise TpmUnavailableError(self._unavailable)
+            raise TpmError("tpm service is not started")
+        try:
+            return call(device, *args)
+        except TpmUnavailableError as err:
+            raise TpmUnavailableError(self._lose(str(err))) from err
+        except Exception as err:
+            lost = connection_lost(err)
+            if lost is None:
+                raise
+            reason = f"lost the connection to the tpm: rc {int(lost.rc):#x} ({lost})"
+            raise TpmUnavailableError(self._lose(reason)) from err
 
     async def _on_worker(self, operation: str, call: Callable[[*_Args], _Result], *args: *_Args) -> _Result:
         if self._executor is None:

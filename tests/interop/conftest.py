@@ -36,6 +36,17 @@ class RunningAgent:
     admin_socket: Path
     log: Path
     config: Path
+    tpm: swtpm_mod.Swtpm
+    event_log: Path
+
+    def healthcheck(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(self.admin_socket)],
+                              capture_output=True, text=True, timeout=DEADLINE, check=False)
+
+    def simulate_boot(self) -> None:
+        """After the swtpm restarted (a reboot): measure the same boot again into its fresh PCRs."""
+        subprocess.run([*VOUCHD, "dev", "simulate-boot", "--tcti", self.tpm.tcti, "--event-log",
+                        str(self.event_log)], check=True, capture_output=True, timeout=DEADLINE)
 
     def client_env(self) -> dict[str, str]:
         return {**os.environ, "SPIFFE_ENDPOINT_SOCKET": f"unix:{self.socket}"}
@@ -51,7 +62,7 @@ class RunningAgent:
 
 def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_log: Path, *,
                   x509_svid_ttl: str, node_svid_ttl: str, attestation_interval: str,
-                  entries: Sequence[tuple[str, str]]) -> Path:
+                  tpm_unreachable_limit: str, entries: Sequence[tuple[str, str]]) -> Path:
     config = directory / "standalone.yaml"
     entry_lines = "".join(f"""
           - spiffe_id: {spiffe_id}
@@ -62,7 +73,7 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
           state_dir: {directory}/agent
           socket_path: {runtime}/agent.sock
           admin_socket_path: {runtime}/admin.sock
-          tpm: {{tcti: "{tpm.tcti}", ek: rsa2048}}
+          tpm: {{tcti: "{tpm.tcti}", ek: rsa2048, unreachable_limit: {tpm_unreachable_limit}}}
           event_log: {event_log}
           attestation_interval: {attestation_interval}
         authority:
@@ -79,8 +90,9 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
 
 @contextlib.contextmanager
 def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str = "1h",
-                  attestation_interval: str = "60s",
-                  extra_entries: Sequence[tuple[str, str]] = ()) -> Iterator[RunningAgent]:
+                  attestation_interval: str = "60s", tpm_unreachable_limit: str = "60s",
+                  extra_entries: Sequence[tuple[str, str]] = (),
+                  environment: dict[str, str] | None = None) -> Iterator[RunningAgent]:
     """Provision a swtpm, simulate a measured boot, start the agent and wait until it is healthy.
 
     The agent's entries always include spiffe://example.org/user/root for uid 0 (the tests' uid).
@@ -98,12 +110,13 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
         runtime.chmod(0o755)
         config = _write_config(base, runtime, tpm, event_log, x509_svid_ttl=x509_svid_ttl,
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
-                               entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
+                               tpm_unreachable_limit=tpm_unreachable_limit, entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
         log = base / "agent.log"
         with log.open("wb") as sink:
             process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(config)],
-                                       stdout=sink, stderr=subprocess.STDOUT)
-        running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log, config)
+                                       stdout=sink, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(environment or {})})
+        running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log, config, tpm, event_log)
         deadline = time.monotonic() + 60
         while subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(running.admin_socket)],
                              capture_output=True, check=False).returncode != 0:
