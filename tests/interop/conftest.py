@@ -110,7 +110,8 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
         runtime.chmod(0o755)
         config = _write_config(base, runtime, tpm, event_log, x509_svid_ttl=x509_svid_ttl,
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
-                               tpm_unreachable_limit=tpm_unreachable_limit, entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
+                               tpm_unreachable_limit=tpm_unreachable_limit,
+                               entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
         log = base / "agent.log"
         with log.open("wb") as sink:
             process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(config)],
