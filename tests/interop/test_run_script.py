@@ -67,7 +67,7 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie is dead for our purpose; it goes once its parent (gone) is reaped by init.
-    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture
