@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,31 @@ DEADLINE = 30.0
 
 @dataclass
 class RunningAgent:
-    process: subprocess.Popen[bytes]
     socket: Path
     admin_socket: Path
     log: Path
     config: Path
     tpm: swtpm_mod.Swtpm
     event_log: Path
+    environment: dict[str, str]
+    process: subprocess.Popen[bytes] = field(init=False)  # set by start()
+
+    def start(self) -> None:
+        """Start the agent process (again, after it stopped) and wait until it is healthy."""
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(self.config)],
+                                            stdout=sink, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.environment})
+        deadline = time.monotonic() + 60
+        while self.healthcheck().returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"agent did not become healthy:\n{self.log.read_text()}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no cleanup; sockets and files stay as they were."""
+        self.process.kill()
+        self.process.wait(timeout=DEADLINE)
 
     def healthcheck(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(self.admin_socket)],
@@ -99,7 +117,7 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
     """
     swtpm_mod.provision(base / "swtpm")
     tpm = swtpm_mod.start(base / "swtpm")
-    process = None
+    running: RunningAgent | None = None
     runtime: Path | None = None
     try:
         event_log = base / "eventlog.bin"
@@ -112,20 +130,12 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
                                tpm_unreachable_limit=tpm_unreachable_limit,
                                entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
-        log = base / "agent.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen([*VOUCHD, "agent", "--standalone", "--config", str(config)],
-                                       stdout=sink, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **(environment or {})})
-        running = RunningAgent(process, runtime / "agent.sock", runtime / "admin.sock", log, config, tpm, event_log)
-        deadline = time.monotonic() + 60
-        while subprocess.run([*VOUCHD, "healthcheck", "--admin-socket", str(running.admin_socket)],
-                             capture_output=True, check=False).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"agent did not become healthy:\n{log.read_text()}")
-            time.sleep(0.1)
+        running = RunningAgent(runtime / "agent.sock", runtime / "admin.sock", base / "agent.log", config, tpm,
+                               event_log, dict(environment or {}))
+        running.start()
         yield running
     finally:
+        process = getattr(running, "process", None)
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)

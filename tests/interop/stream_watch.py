@@ -52,7 +52,10 @@ def _watch(index: int, stub: workload_pb2_grpc.SpiffeWorkloadAPIStub) -> None:
 
 def main() -> None:
     socket_path, count = sys.argv[1], int(sys.argv[2])
-    channels = [grpc.insecure_channel(f"unix:{socket_path}") for _ in range(count)]
+    # A connection of its own per stream, as separate workloads have: grpc would otherwise share one
+    # connection among channels to the same target, and HTTP/2 allows 100 streams per connection.
+    channels = [grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(count)]
     stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(channel) for channel in channels]
     if len(sys.argv) > 3:
         uid = int(sys.argv[3])

@@ -27,6 +27,10 @@ SOCKET_NAME = "workload api socket"  # how errors about the socket and its folde
 _log = logging.getLogger("vouchd.workload_api")
 
 
+# After an agent restart every workload reconnects at once; asyncio's default backlog of 100 would
+# refuse the rest with EAGAIN. The kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 class WorkloadApiServer:
     """Serves a WorkloadApiService on a Unix socket that any local process may connect to.
 
@@ -63,7 +67,7 @@ class WorkloadApiServer:
         try:
             server = Server([self._service])
             listen(server, RecvRequest, self._track_connection)
-            await server.start(sock=bound.socket)
+            await server.start(sock=bound.socket, backlog=LISTEN_BACKLOG)
         except BaseException:
             bound.socket.close()
             bound.remove_file()
