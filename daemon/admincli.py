@@ -32,7 +32,9 @@ def call_admin(args: argparse.Namespace, command: str, arguments: dict[str, Any]
 
     path = admin_socket(args)
     try:
-        return asyncio.run(admin_request(path, command, arguments))
+        # Longer than the standalone bus waits for the local agent (10 s): a slow agent must not make a
+        # stored change look like a failed one.
+        return asyncio.run(admin_request(path, command, arguments, timeout=30.0))
     except AdminClientError as err:
         raise VouchdError(str(err)) from None
     except (OSError, TimeoutError, ValueError) as err:

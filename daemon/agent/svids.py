@@ -145,10 +145,13 @@ class SvidManager:
         new = {e.id: e for e in entries}
         if new == self._entries:
             return False
-        for entry_id, svid in list(self._svids.items()):
-            entry = new.get(entry_id)
-            if entry is None or entry != self._entries.get(entry_id) or str(entry.spiffe_id) != svid.spiffe_id:
-                del self._svids[entry_id]
+        withdrawn = [entry_id for entry_id, svid in self._svids.items()
+                     if (entry := new.get(entry_id)) is None or entry != self._entries.get(entry_id)
+                     or str(entry.spiffe_id) != svid.spiffe_id]
+        if withdrawn:
+            self._decide("entry deleted or changed at the authority", withdrawn)
+        for entry_id in withdrawn:
+            del self._svids[entry_id]
         # A changed entry starts afresh: whatever made it fail may be what changed.
         self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
         self._entries = new
@@ -237,10 +240,13 @@ class SvidManager:
         return changed or bool(revoked_svids or revoked_entries)
 
     def _decide(self, reason: str, entry_ids: list[str]) -> None:
+        """A revoke decision for the SVIDs of these entries this cache holds (none: nothing to say)."""
         svids = [self._svids[e] for e in entry_ids if e in self._svids]
+        if not svids:
+            return
         self._emit(Decision(kind=DecisionKind.REVOKE, outcome=Outcome.OK, at=self._clock.now(),
                             source="svid_cache", method="revocation", reason=reason,
-                            entry_ids=tuple(entry_ids), spiffe_ids=tuple(s.spiffe_id for s in svids),
+                            entry_ids=tuple(s.entry_id for s in svids), spiffe_ids=tuple(s.spiffe_id for s in svids),
                             svid_serials=tuple(s.serial for s in svids)))
 
     def _emit(self, decision: Decision) -> None:
@@ -267,6 +273,8 @@ class SvidManager:
         An entry that cannot be issued right now does not take the caller's other identities away:
         NoIdentityError only when not a single SVID is valid.
         """
+        if self._banned is not None:
+            raise NoIdentityError(f"node is banned: {self._banned}")
         entries = self.match(selectors)
         if not entries:
             raise NoIdentityError("no registration entry matches the caller")

@@ -35,6 +35,9 @@ _ENTRY_FIELDS = ("spiffe_id", "selectors", "parent", "node_selectors", "min_tier
                  "dns_names", "hint", "labels")
 
 
+_RESERVED_LABEL_PREFIX = "vouchd/"
+
+
 class AdminRequestError(AuthorityError):
     """An admin command's arguments are wrong, or name something that does not exist."""
 
@@ -175,7 +178,14 @@ class AuthorityAdmin:
         if "hint" in args:
             values["hint"] = _string(args, "hint", "", allow_empty=True)
         if "labels" in args:
-            values["labels"] = Entry.label_pairs(_labels(args, "labels"))
+            labels = _labels(args, "labels")
+            reserved = sorted(k for k in labels if k.startswith(_RESERVED_LABEL_PREFIX))
+            if reserved:
+                raise AdminRequestError(f"labels: {reserved[0][:64]!r}: keys under {_RESERVED_LABEL_PREFIX} are "
+                                        "vouchd's own")
+            # vouchd's own labels (where a file entry came from) stay whatever the operator sets.
+            kept = {k: v for k, v in (base.labels if base is not None else ()) if k.startswith(_RESERVED_LABEL_PREFIX)}
+            values["labels"] = Entry.label_pairs({**labels, **kept})
         try:
             if base is not None:
                 return replace(base, **values)

@@ -56,6 +56,7 @@ class RevocationPublisher:
             now = self._clock.now()
             document = self._current
             if document is None or now >= document.document.issued_at + self._lifetime / 2:
+                await self._store.prune_revocations(older_than=now - self._keep_seconds)
                 await self._store.bump_revocation_version()
                 document = self._current = await self._build(now)
             return document

@@ -706,3 +706,31 @@ async def test_issuance_rotation_and_revocation_are_decisions(ca: CertificateAut
     assert issued.svid_serials[0] == serial_hex(x509.load_der_x509_certificate(first.cert_chain_der))
     assert dict(rotated.details)["previous_serial"] == issued.svid_serials[0]
     assert revoked.svid_serials == rotated.svid_serials and revoked.reason == "entry revision revoked"
+
+
+async def test_a_banned_node_says_so_to_callers(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), True)])
+    await manager.apply_revocations()
+
+    with pytest.raises(NoIdentityError, match="^node is banned: test$"):
+        await fetch(manager, "unix:uid:1000")
+
+
+async def test_an_entry_withdrawn_by_a_sync_is_a_revoke_decision_and_nothing_held_is_none(
+        ca: CertificateAuthority) -> None:
+    bus = DecisionBus()
+    seen: list[Decision] = []
+    bus.subscribe(seen.append)
+    source = FakeCredentialSource(ca, [view("a", "unix:uid:1000"), view("b", "unix:uid:2000")])
+    manager = SvidManager(source, decisions=bus)
+    await manager.set_entries(source.entries)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        await manager.set_entries([view("b", "unix:uid:2000")])  # a deleted; b never issued
+        source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), False)])
+        await manager.apply_revocations()  # a node revocation when nothing is held: no decision
+
+    assert [(d.kind, d.entry_ids) for d in seen] == [(DecisionKind.ISSUE, ("a",)), (DecisionKind.REVOKE, ("a",))]
+    assert seen[1].reason == "entry deleted or changed at the authority"

@@ -327,3 +327,14 @@ async def test_importing_the_file_creates_updates_and_removes_only_its_own_entri
     summary = await registry.import_entries([file_entry("b", hint="changed")])
     assert (summary.created, summary.updated, summary.deleted, summary.unchanged) == (0, 0, 1, 1)
     assert [e.id for e in registry.index.all()] == sorted(["b", runtime["id"]]), "run-time entries stay"
+
+
+async def test_vouchds_own_labels_cannot_be_set_and_survive_a_label_update(admin: AuthorityAdmin,
+                                                                          authority: Authority) -> None:
+    with pytest.raises(AdminRequestError, match="keys under vouchd/ are vouchd's own"):
+        await run(admin, "entry.create", **WEB, labels={"vouchd/source": "config"})
+    await authority.registry.import_entries([file_entry("a")])
+
+    updated = await run(admin, "entry.update", id="a", labels={"team": "payments"})
+
+    assert updated["labels"] == {"team": "payments", CONFIG_SOURCE_LABEL[0]: CONFIG_SOURCE_LABEL[1]}
