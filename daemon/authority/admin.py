@@ -132,67 +132,57 @@ class AuthorityAdmin:
     def _entry_from(self, args: Mapping[str, Any], *, base: Entry | None) -> Entry:
         """Build and check an entry from arguments, over `base` when updating; checks run in the
         order that names a mistake best: a misspelt selector is named as such, not as a missing one."""
-        trust_domain = self._authority.trust_domain
-        spiffe_id = base.spiffe_id if base is not None else None
+        values: dict[str, Any] = {}
         if "spiffe_id" in args or base is None:
-            try:
-                spiffe_id = SpiffeId.parse(_string(args, "spiffe_id"))
-            except SpiffeError as err:
-                raise AdminRequestError(f"spiffe_id: {err}") from None
-            if not spiffe_id.is_member_of(trust_domain):
-                raise AdminRequestError(f"spiffe_id: must be in the trust domain {trust_domain}")
-        assert spiffe_id is not None
-        selectors = base.selectors if base is not None else frozenset()
+            values["spiffe_id"] = self._spiffe_id(args)
         if "selectors" in args or base is None:
-            selectors = _selectors(args, "selectors", self._workload_schema)
+            values["selectors"] = _selectors(args, "selectors", self._workload_schema)
+        values.update(self._binding(args, base))
+        cap = self._authority.config.x509_svid_max_ttl
+        values["x509_ttl"] = _ttl(args, "x509_ttl", base.x509_ttl if base is not None else None, cap=cap)
+        values["jwt_ttl"] = _ttl(args, "jwt_ttl", base.jwt_ttl if base is not None else None, cap=None)
+        if "min_tier" in args or base is None:
+            values["min_tier"] = _tier(args)
+        if "dns_names" in args:
+            values["dns_names"] = tuple(_strings(args, "dns_names"))
+        if "hint" in args:
+            values["hint"] = _string(args, "hint", "", allow_empty=True)
+        if "labels" in args:
+            values["labels"] = _operator_labels(args, base)
+        try:
+            if base is not None:
+                return replace(base, **values)
+            entry_id = _string(args, "id", "") or default_entry_id(values["spiffe_id"], values["selectors"])
+            return Entry(id=entry_id, **values)
+        except InvalidEntryError as err:
+            raise AdminRequestError(str(err)) from None
+
+    def _spiffe_id(self, args: Mapping[str, Any]) -> SpiffeId:
+        trust_domain = self._authority.trust_domain
+        try:
+            spiffe_id = SpiffeId.parse(_string(args, "spiffe_id"))
+        except SpiffeError as err:
+            raise AdminRequestError(f"spiffe_id: {err}") from None
+        if not spiffe_id.is_member_of(trust_domain):
+            raise AdminRequestError(f"spiffe_id: must be in the trust domain {trust_domain}")
+        return spiffe_id
+
+    def _binding(self, args: Mapping[str, Any], base: Entry | None) -> dict[str, Any]:
+        """`parent` and `node_selectors`: which nodes may issue the entry."""
         node_selectors = base.node_selectors if base is not None else frozenset()
         parent = base.parent if base is not None else None
         if "node_selectors" in args:
             node_selectors = _selectors(args, "node_selectors", NODE_SELECTOR_SCHEMA)
         if "parent" in args:
-            text = args["parent"]
             try:
-                parent = SpiffeId.parse(_string(args, "parent")) if text is not None else None
+                parent = SpiffeId.parse(_string(args, "parent")) if args["parent"] is not None else None
             except SpiffeError as err:
                 raise AdminRequestError(f"parent: {err}") from None
         if base is None and parent is None and not node_selectors:
             if not self._default_node_selectors:
                 raise AdminRequestError("an entry needs --parent or --node-selector: which nodes may issue it")
             node_selectors = self._default_node_selectors
-        cap = self._authority.config.x509_svid_max_ttl
-        x509_ttl = _ttl(args, "x509_ttl", base.x509_ttl if base is not None else None, cap=cap)
-        jwt_ttl = _ttl(args, "jwt_ttl", base.jwt_ttl if base is not None else None, cap=None)
-        values: dict[str, Any] = {
-            "spiffe_id": spiffe_id, "selectors": selectors, "parent": parent, "node_selectors": node_selectors,
-            "x509_ttl": x509_ttl, "jwt_ttl": jwt_ttl,
-        }
-        if "min_tier" in args or base is None:
-            text = _string(args, "min_tier", TrustTier.HARDWARE.value)
-            try:
-                values["min_tier"] = TrustTier(text)
-            except ValueError:
-                known = ", ".join(t.value for t in TrustTier)
-                raise AdminRequestError(f"min_tier: expected one of {known}, got {text[:40]!r}") from None
-        if "dns_names" in args:
-            values["dns_names"] = tuple(_strings(args, "dns_names"))
-        if "hint" in args:
-            values["hint"] = _string(args, "hint", "", allow_empty=True)
-        if "labels" in args:
-            labels = _labels(args, "labels")
-            reserved = sorted(k for k in labels if k.startswith(_RESERVED_LABEL_PREFIX))
-            if reserved:
-                raise AdminRequestError(f"labels: {reserved[0][:64]!r}: keys under {_RESERVED_LABEL_PREFIX} are "
-                                        "vouchd's own")
-            # vouchd's own labels (where a file entry came from) stay whatever the operator sets.
-            kept = {k: v for k, v in (base.labels if base is not None else ()) if k.startswith(_RESERVED_LABEL_PREFIX)}
-            values["labels"] = Entry.label_pairs({**labels, **kept})
-        try:
-            if base is not None:
-                return replace(base, **values)
-            entry_id = _string(args, "id", "") or default_entry_id(spiffe_id, selectors)
-            return Entry(id=entry_id, **values)
-        except InvalidEntryError as err:
-            raise AdminRequestError(str(err)) from None
+        return {"parent": parent, "node_selectors": node_selectors}
 
     # -- nodes ---------------------------------------------------------------------------------
     async def node_list(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,6 +327,25 @@ def _selectors(args: Mapping[str, Any], key: str, schema: SelectorSchema) -> fro
     if violation is not None:
         raise AdminRequestError(f"{violation.field}: {violation.message}")
     return frozenset(parsed)
+
+
+def _tier(args: Mapping[str, Any]) -> TrustTier:
+    text = _string(args, "min_tier", TrustTier.HARDWARE.value)
+    try:
+        return TrustTier(text)
+    except ValueError:
+        known = ", ".join(t.value for t in TrustTier)
+        raise AdminRequestError(f"min_tier: expected one of {known}, got {text[:40]!r}") from None
+
+
+def _operator_labels(args: Mapping[str, Any], base: Entry | None) -> tuple[tuple[str, str], ...]:
+    labels = _labels(args, "labels")
+    reserved = sorted(k for k in labels if k.startswith(_RESERVED_LABEL_PREFIX))
+    if reserved:
+        raise AdminRequestError(f"labels: {reserved[0][:64]!r}: keys under {_RESERVED_LABEL_PREFIX} are vouchd's own")
+    # vouchd's own labels (where a file entry came from) stay whatever the operator sets.
+    kept = {k: v for k, v in (base.labels if base is not None else ()) if k.startswith(_RESERVED_LABEL_PREFIX)}
+    return Entry.label_pairs({**labels, **kept})
 
 
 def _ttl(args: Mapping[str, Any], key: str, default: timedelta | None, *, cap: timedelta | None) -> timedelta | None:

@@ -714,7 +714,7 @@ async def test_a_banned_node_says_so_to_callers(ca: CertificateAuthority) -> Non
     source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), True)])
     await manager.apply_revocations()
 
-    with pytest.raises(NoIdentityError, match="^node is banned: test$"):
+    with pytest.raises(NoIdentityError, match=r"^node is banned: test$"):
         await fetch(manager, "unix:uid:1000")
 
 
