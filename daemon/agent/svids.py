@@ -49,6 +49,9 @@ log = logging.getLogger("vouchd.agent.svids")
 _RETRY_AFTER_FAILURE = 5.0
 _MAX_BACKOFF = 300.0
 _IDLE_WAKE = 3600.0
+# Timers run on the monotonic clock, deadlines (rotation, expiry) on the wall clock: the loop looks
+# again at least this often, so that a wall-clock step (NTP, a resumed VM) is noticed soon.
+CLOCK_RECHECK = 30.0
 
 
 class CredentialSource(Protocol):
@@ -95,9 +98,10 @@ class _Backoff:
 
 class SvidManager:
     def __init__(self, source: CredentialSource, *, clock: Clock = SYSTEM_CLOCK,
-                 decisions: DecisionSink | None = None) -> None:
+                 decisions: DecisionSink | None = None, clock_recheck: float = CLOCK_RECHECK) -> None:
         self._source = source
         self._clock = clock
+        self._clock_recheck = clock_recheck
         self._decisions = decisions
         self._entries: dict[str, Entry] = {}
         self._index: dict[Selector, set[str]] = defaultdict(set)
@@ -363,7 +367,7 @@ class SvidManager:
 
     async def run(self) -> None:
         while True:
-            wait = max(0.0, self._next_wake(self._clock.now()) - self._clock.now())
+            wait = min(max(0.0, self._next_wake(self._clock.now()) - self._clock.now()), self._clock_recheck)
             if not self._pending:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 
 import pytest
@@ -734,3 +734,59 @@ async def test_an_entry_withdrawn_by_a_sync_is_a_revoke_decision_and_nothing_hel
 
     assert [(d.kind, d.entry_ids) for d in seen] == [(DecisionKind.ISSUE, ("a",)), (DecisionKind.REVOKE, ("a",))]
     assert seen[1].reason == "entry deleted or changed at the authority"
+
+
+# --- the wall clock stepping --------------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(DEADLINE):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_clock_step_forward_past_the_rotation_time_rotates(ca: CertificateAuthority) -> None:
+    clock = FakeClock(time.time())
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")], ttl=timedelta(hours=1))
+    manager = SvidManager(source, clock=clock, clock_recheck=0.02)
+    await manager.set_entries(source.entries)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        first = manager.svids[0]
+
+        clock.jump(first.rotate_at - clock.now() + 1)  # NTP steps the wall clock past the rotation time
+
+        await wait_until(lambda: manager.svids[0].serial != first.serial)
+    assert len(source.requests) == 2
+
+
+async def test_a_clock_step_past_expiry_never_serves_what_has_expired(ca: CertificateAuthority) -> None:
+    clock = FakeClock(time.time())
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")], ttl=timedelta(hours=1))
+    manager = SvidManager(source, clock=clock, clock_recheck=3600)  # the loop sleeps through the step
+    await manager.set_entries(source.entries)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        expired = manager.svids[0]
+        source.failure = TransportError("authority did not answer")
+
+        clock.jump(2 * 3600)
+
+        with pytest.raises(NoIdentityError, match="authority did not answer"):
+            await fetch(manager, "unix:uid:1000")
+        assert expired.expires_at < clock.now()
+
+
+async def test_a_clock_step_backwards_keeps_serving_and_does_not_rotate_early(ca: CertificateAuthority) -> None:
+    clock = FakeClock(time.time())
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")], ttl=timedelta(hours=1))
+    manager = SvidManager(source, clock=clock, clock_recheck=0.02)
+    await manager.set_entries(source.entries)
+    async with running(manager):
+        served = (await fetch(manager, "unix:uid:1000"))[0]
+
+        clock.jump(-2 * 3600)
+        await asyncio.sleep(0.1)  # several loop rounds
+
+        assert (await fetch(manager, "unix:uid:1000"))[0] == served
+    assert len(source.requests) == 1
