@@ -21,7 +21,7 @@ from vouchd.authority.errors import CaError, RefusalError
 from vouchd.authority.keys import CaKeeper
 from vouchd.authority.registry import Registry
 from vouchd.authority.revocations import RevocationPublisher
-from vouchd.authority.store import NodeRecord, NodeState, Store
+from vouchd.authority.store import NodeRecord, NodeState, Store, StoreError
 from vouchd.authority.verifier import (
     AttestationSession,
     EkTrust,
@@ -201,6 +201,14 @@ class Authority:
             self._decide(DecisionKind.DENY, Outcome.DENIED, method=method, reason=f"{refusal.code}: {refusal}",
                          node=NodeEvidence(node_id) if node_id else None)
             return self._sign(ErrorReply(refusal.code, str(refusal)), node_id=node_id, request=request)
+        except StoreError as err:
+            # Every request writes (a nonce at least): a full disk or a read-only file system stops
+            # issuance. Say so, by the store's words (path and what failed, never a value), so that
+            # the node's status names the cause rather than "internal error".
+            self._decide(DecisionKind.DENY, Outcome.ERROR, method=method, reason=str(err),
+                         node=NodeEvidence(node_id) if node_id else None)
+            return self._sign(ErrorReply("storage", f"the authority cannot write its state: {err}"),
+                              node_id=node_id, request=request)
         except Exception:
             # Input that reached a bug must still get an answer, and must not take the authority down.
             log.exception("request failed", extra={"topic": topic, "node_id": node_id})

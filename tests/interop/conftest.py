@@ -80,7 +80,7 @@ class RunningAgent:
 
 def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_log: Path, *,
                   x509_svid_ttl: str, node_svid_ttl: str, attestation_interval: str,
-                  tpm_unreachable_limit: str, entries: Sequence[tuple[str, str]]) -> Path:
+                  tpm_unreachable_limit: str, entries: Sequence[tuple[str, str]], state: Path) -> Path:
     config = directory / "standalone.yaml"
     entry_lines = "".join(f"""
           - spiffe_id: {spiffe_id}
@@ -88,14 +88,14 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
     config.write_text(textwrap.dedent(f"""\
         trust_domain: example.org
         agent:
-          state_dir: {directory}/agent
+          state_dir: {state}/agent
           socket_path: {runtime}/agent.sock
           admin_socket_path: {runtime}/admin.sock
           tpm: {{tcti: "{tpm.tcti}", ek: rsa2048, unreachable_limit: {tpm_unreachable_limit}}}
           event_log: {event_log}
           attestation_interval: {attestation_interval}
         authority:
-          state_dir: {directory}/authority
+          state_dir: {state}/authority
           ek_trust:
             roots: [{tpm.manufacturer_root}]
             intermediates: [{tpm.manufacturer_issuer}]
@@ -110,10 +110,11 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
 def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str = "1h",
                   attestation_interval: str = "60s", tpm_unreachable_limit: str = "60s",
                   extra_entries: Sequence[tuple[str, str]] = (),
-                  environment: dict[str, str] | None = None) -> Iterator[RunningAgent]:
+                  environment: dict[str, str] | None = None, state: Path | None = None) -> Iterator[RunningAgent]:
     """Provision a swtpm, simulate a measured boot, start the agent and wait until it is healthy.
 
     The agent's entries always include spiffe://example.org/user/root for uid 0 (the tests' uid).
+    `state`: where the agent's and the authority's state folders go (default: `base`).
     """
     swtpm_mod.provision(base / "swtpm")
     tpm = swtpm_mod.start(base / "swtpm")
@@ -128,7 +129,7 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
         runtime.chmod(0o755)
         config = _write_config(base, runtime, tpm, event_log, x509_svid_ttl=x509_svid_ttl,
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
-                               tpm_unreachable_limit=tpm_unreachable_limit,
+                               tpm_unreachable_limit=tpm_unreachable_limit, state=state or base,
                                entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
         running = RunningAgent(runtime / "agent.sock", runtime / "admin.sock", base / "agent.log", config, tpm,
                                event_log, dict(environment or {}))
