@@ -183,7 +183,7 @@ def _cmd_node_learn(args: argparse.Namespace) -> int:
     operator records the measurements of a boot they trust, from the log the agent would send.
     """
     from vouchd.authority.build import AUTHORITY_DATABASE
-    from vouchd.authority.store import SqliteStore
+    from vouchd.authority.sqlite import SqliteStore
     from vouchd.authority.verifier import quoted_measurements, selection_for
     from vouchd.config import load_config
     from vouchd.evidence import EvidenceError, parse_event_log

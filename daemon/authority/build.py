@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vouchd.authority.keys import CaKeeper, load_certificates, load_or_create_signing_key
 from vouchd.authority.server import Authority
-from vouchd.authority.store import SqliteStore
+from vouchd.authority.sqlite import SqliteStore
 from vouchd.authority.verifier import EkTrust
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AuthorityConfig

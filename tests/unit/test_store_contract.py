@@ -20,6 +20,7 @@ from typing import Protocol
 import pytest
 
 from vouchd.authority.errors import AuthorityError
+from vouchd.authority.sqlite import SqliteStore
 from vouchd.authority.store import (
     Ban,
     EntryConflictError,
@@ -33,7 +34,6 @@ from vouchd.authority.store import (
     RevokedEntry,
     RevokedNode,
     SessionRecord,
-    SqliteStore,
     Store,
     StoreError,
 )
