@@ -90,6 +90,8 @@ class AuthorityConfig:
     node_svid_ttl: timedelta
     x509_svid_ttl: timedelta
     x509_svid_max_ttl: timedelta
+    jwt_svid_ttl: timedelta = timedelta(minutes=5)
+    jwt_svid_max_ttl: timedelta = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_lo
                "attestation_deadline", "attestation_interval")
 _TPM_KEYS = ("tcti", "ek", "unreachable_limit")
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
-                   "x509_svid_ttl", "x509_svid_max_ttl")
+                   "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
 _ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "jwt_ttl",
                "dns_names", "hint", "labels")
@@ -360,10 +362,14 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
         node_svid_ttl=section.duration("node_svid_ttl", "1h"),
         x509_svid_ttl=section.duration("x509_svid_ttl", "1h"),
         x509_svid_max_ttl=section.duration("x509_svid_max_ttl", "24h"),
+        jwt_svid_ttl=section.duration("jwt_svid_ttl", "5m"),
+        jwt_svid_max_ttl=section.duration("jwt_svid_max_ttl", "1h"),
     )
-    if authority.x509_svid_ttl > authority.x509_svid_max_ttl:
-        ttl, cap = format_duration(authority.x509_svid_ttl), format_duration(authority.x509_svid_max_ttl)
-        raise section.error("x509_svid_ttl", f"must not exceed x509_svid_max_ttl ({ttl} > {cap})")
+    for kind in ("x509", "jwt"):
+        ttl, cap = getattr(authority, f"{kind}_svid_ttl"), getattr(authority, f"{kind}_svid_max_ttl")
+        if ttl > cap:
+            raise section.error(f"{kind}_svid_ttl", f"must not exceed {kind}_svid_max_ttl "
+                                                    f"({format_duration(ttl)} > {format_duration(cap)})")
     return authority
 
 
@@ -415,9 +421,12 @@ def _parse_entry(section: _Section, trust_domain: TrustDomain, workload_schema: 
         )
     except InvalidEntryError as err:
         raise section.error(err.field, err.reason) from None
-    if authority is not None and entry.x509_ttl is not None and entry.x509_ttl > authority.x509_svid_max_ttl:
-        ttl, cap = format_duration(entry.x509_ttl), format_duration(authority.x509_svid_max_ttl)
-        raise section.error("x509_ttl", f"must not exceed authority.x509_svid_max_ttl ({ttl} > {cap})")
+    for kind in ("x509", "jwt"):
+        ttl = getattr(entry, f"{kind}_ttl")
+        cap = getattr(authority, f"{kind}_svid_max_ttl") if authority is not None else None
+        if ttl is not None and cap is not None and ttl > cap:
+            raise section.error(f"{kind}_ttl", f"must not exceed authority.{kind}_svid_max_ttl "
+                                               f"({format_duration(ttl)} > {format_duration(cap)})")
     return entry
 
 

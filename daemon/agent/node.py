@@ -30,6 +30,7 @@ from vouchd.protocol.messages import (
     Challenge,
     ChallengeResponse,
     CredentialResponse,
+    JwtSvidRequest,
     NodeEvent,
     NonceGrant,
     NonceRequest,
@@ -118,6 +119,7 @@ class NodeIdentity:
         self._bundle_source = initial_bundle
         self._bundle: X509Bundle | None = None
         self._bundle_der = b""  # as the authority sent it: what workloads get, not re-encoded per request
+        self._jwt_bundle = b""  # the JWKS as the authority sent it
         self._verifier = ReplyVerifier(trust_domain, self.bundle, clock)
         self._event_log_path = event_log_path
         self.node_id = str(node_spiffe_id(trust_domain, ek_hash(TpmPublic.from_tpm2b(tpm.ek.public))))
@@ -135,6 +137,10 @@ class NodeIdentity:
 
     def bundle_der(self) -> bytes:
         return self._bundle_der if self._bundle is not None else self._bundle_source().der()
+
+    def jwt_bundle(self) -> bytes:
+        """The trust domain's JWT bundle (JWKS) as the authority last sent it; empty before."""
+        return self._jwt_bundle
 
     def _accept_bundle(self, der: bytes) -> None:
         self._bundle = X509Bundle.from_der(self._trust_domain, der)
@@ -221,6 +227,7 @@ class NodeIdentity:
             raise SignatureError(f"authority answered a challenge response with {type(result).__name__}")
         self._pcr_bank, self._pcr_indices = challenge.pcr_bank, tuple(challenge.pcr_indices)
         self._accept_bundle(result.bundle)
+        self._jwt_bundle = result.jwt_bundle or self._jwt_bundle
         self._nonce, self._nonce_expires = result.nonce, float(result.nonce_expires_at)
         if result.revocations is not None:
             self.accept_revocations(result.revocations)
@@ -244,12 +251,12 @@ class NodeIdentity:
         self._pcr_bank, self._pcr_indices = grant.pcr_bank, tuple(grant.pcr_indices)
         return grant.nonce
 
-    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
-                      sync_entries: bool = False) -> CredentialResponse:
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (), sync_entries: bool = False,
+                      jwt_svids: Sequence[JwtSvidRequest] = ()) -> CredentialResponse:
         """One quote-bound request; re-attests once when the authority asks for it."""
         async with self._in_flight:
             try:
-                response = await self._request_locked(tuple(x509_svids), sync_entries)
+                response = await self._request_locked(tuple(x509_svids), sync_entries, tuple(jwt_svids))
             except TpmError:
                 raise  # the local TPM's failure says nothing about the authority
             except Exception as err:
@@ -279,11 +286,11 @@ class NodeIdentity:
                 changes["last_quote_at"] = self._clock.now()
             self._status = replace(self._status, **changes)  # type: ignore[arg-type]
 
-    async def _request_locked(self, x509_svids: tuple[X509SvidRequest, ...],
-                              sync_entries: bool) -> CredentialResponse:
+    async def _request_locked(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool,
+                              jwt_svids: tuple[JwtSvidRequest, ...]) -> CredentialResponse:
         for attempt in range(3):
             try:
-                return await self._quoted_request(x509_svids, sync_entries)
+                return await self._quoted_request(x509_svids, sync_entries, jwt_svids)
             except RemoteError as err:
                 if attempt == 2:
                     raise
@@ -294,10 +301,11 @@ class NodeIdentity:
                     raise
         raise AssertionError("unreachable")
 
-    async def _quoted_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool) -> CredentialResponse:
+    async def _quoted_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool,
+                              jwt_svids: tuple[JwtSvidRequest, ...]) -> CredentialResponse:
         nonce = await self._fresh_nonce()
         body = encode(RequestBody(node_id=self.node_id, nonce=nonce, sent_at=int(self._clock.now()),
-                                  x509_svids=x509_svids, sync_entries=sync_entries,
+                                  x509_svids=x509_svids, sync_entries=sync_entries, jwt_svids=jwt_svids,
                                   revocations_version=self._revocations.version if self._revocations else 0))
         quote = await self._tpm.quote(self._pcr_bank, self._pcr_indices, hashlib.sha256(body).digest())
         response = await self._call(REQUEST_TOPIC, QuotedRequest(
@@ -306,6 +314,7 @@ class NodeIdentity:
             raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
         self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)
         self._accept_bundle(response.bundle)
+        self._jwt_bundle = response.jwt_bundle or self._jwt_bundle
         if response.revocations is not None:
             self.accept_revocations(response.revocations)
         return response

@@ -36,6 +36,7 @@ from vouchd.entries import Entry
 from vouchd.protocol.messages import (
     MAX_X509_SVIDS_PER_REQUEST,
     CredentialResponse,
+    JwtSvidRequest,
     RevocationDocument,
     X509SvidRequest,
 )
@@ -59,11 +60,15 @@ class CredentialSource(Protocol):
 
     node_id: str
 
-    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
-                      sync_entries: bool = False) -> CredentialResponse: ...
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (), sync_entries: bool = False,
+                      jwt_svids: Sequence[JwtSvidRequest] = ()) -> CredentialResponse: ...
 
     def bundle_der(self) -> bytes:
         """The trust domain's bundle as concatenated DER certificates."""
+        ...
+
+    def jwt_bundle(self) -> bytes:
+        """The trust domain's JWT bundle (JWKS); empty before the authority sent one."""
         ...
 
     @property
@@ -112,6 +117,7 @@ class SvidManager:
         self._changed = asyncio.Condition()
         self._version = 0
         self._bundle_der = b""
+        self._jwt_bundle = b""
         self._revocations_applied = 0           # version of the last document applied
         self._node_revoked_before = 0           # the latest own-node revocation applied
         self._banned: str | None = None         # the reason, while the authority bans this node
@@ -305,6 +311,10 @@ class SvidManager:
         self._backoff.clear()
         self._wake.set()
 
+    def issuance_refusal(self) -> str | None:
+        """Why nothing new may be issued now (banned, stale), or None."""
+        return self._issuance_refusal()
+
     def _issuance_refusal(self) -> str | None:
         """Why nothing new may be issued now, or None."""
         if self._banned is not None:
@@ -480,6 +490,10 @@ class SvidManager:
         bundle = self._source.bundle_der()
         if bundle != self._bundle_der:
             self._bundle_der = bundle
+            changed = True
+        jwt_bundle = self._source.jwt_bundle()
+        if jwt_bundle != self._jwt_bundle:  # a JWT key rotation: open FetchJWTBundles streams hear of it
+            self._jwt_bundle = jwt_bundle
             changed = True
         if changed:
             await self._bump()

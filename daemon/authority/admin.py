@@ -138,9 +138,11 @@ class AuthorityAdmin:
         if "selectors" in args or base is None:
             values["selectors"] = _selectors(args, "selectors", self._workload_schema)
         values.update(self._binding(args, base))
-        cap = self._authority.config.x509_svid_max_ttl
-        values["x509_ttl"] = _ttl(args, "x509_ttl", base.x509_ttl if base is not None else None, cap=cap)
-        values["jwt_ttl"] = _ttl(args, "jwt_ttl", base.jwt_ttl if base is not None else None, cap=None)
+        config = self._authority.config
+        values["x509_ttl"] = _ttl(args, "x509_ttl", base.x509_ttl if base is not None else None,
+                                  cap=("x509_svid_max_ttl", config.x509_svid_max_ttl))
+        values["jwt_ttl"] = _ttl(args, "jwt_ttl", base.jwt_ttl if base is not None else None,
+                                 cap=("jwt_svid_max_ttl", config.jwt_svid_max_ttl))
         if "min_tier" in args or base is None:
             values["min_tier"] = _tier(args)
         if "dns_names" in args:
@@ -348,7 +350,8 @@ def _operator_labels(args: Mapping[str, Any], base: Entry | None) -> tuple[tuple
     return Entry.label_pairs({**labels, **kept})
 
 
-def _ttl(args: Mapping[str, Any], key: str, default: timedelta | None, *, cap: timedelta | None) -> timedelta | None:
+def _ttl(args: Mapping[str, Any], key: str, default: timedelta | None, *,
+         cap: tuple[str, timedelta]) -> timedelta | None:
     if key not in args:
         return default
     if args[key] is None:
@@ -358,9 +361,9 @@ def _ttl(args: Mapping[str, Any], key: str, default: timedelta | None, *, cap: t
         ttl = parse_duration(text)
     except ValueError as err:
         raise AdminRequestError(f"{key}: {err}") from None
-    if cap is not None and ttl > cap:
-        raise AdminRequestError(f"{key}: {text} is over the authority's cap "
-                                f"x509_svid_max_ttl ({format_duration(cap)})")
+    cap_name, cap_value = cap
+    if ttl > cap_value:
+        raise AdminRequestError(f"{key}: {text} is over the authority's cap {cap_name} ({format_duration(cap_value)})")
     return ttl
 
 

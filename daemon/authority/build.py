@@ -15,6 +15,8 @@ from vouchd.spiffe import TrustDomain
 __all__ = ["AUTHORITY_DATABASE", "open_authority"]
 
 AUTHORITY_DATABASE = "authority.db"
+# The JWT-SVID signing keys live in <state_dir>/jwt/ca/, rotated like the CA roots in <state_dir>/ca/.
+JWT_KEYS_FOLDER = "jwt"
 
 
 async def open_authority(config: AuthorityConfig, trust_domain: TrustDomain, *, publisher: Publisher,
@@ -28,6 +30,7 @@ async def open_authority(config: AuthorityConfig, trust_domain: TrustDomain, *, 
         authority = Authority(
             config, trust_domain, store=store,
             ca=CaKeeper(config.state_dir, trust_domain, ca_ttl=config.ca_ttl, clock=clock),
+            jwt_keys=CaKeeper(config.state_dir / JWT_KEYS_FOLDER, trust_domain, ca_ttl=config.ca_ttl, clock=clock),
             ek_trust=trust, signing_key=load_or_create_signing_key(config.state_dir / "reply-signing.key"),
             clock=clock, publisher=publisher, decisions=decisions, standalone=standalone,
         )

@@ -255,6 +255,11 @@ class CertificateAuthority:
             now=now,
         )
 
+    def sign(self, data: bytes) -> bytes:
+        """A DER ECDSA P-256/SHA-256 signature by the active root's key (the JWT-SVID keys are kept as
+        roots of their own; their certificates are never published, only their public keys)."""
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
     def __repr__(self) -> str:
         return (
             f"CertificateAuthority(trust_domain={self._trust_domain.name!r}, "

@@ -39,6 +39,7 @@ from vouchd.protocol.codec import decode, decode_as
 from vouchd.protocol.errors import MessageError
 from vouchd.protocol.identities import authority_spiffe_id, ek_hash, node_spiffe_id
 from vouchd.protocol.messages import (
+    MAX_JWT_SVIDS_PER_REQUEST,
     MAX_X509_SVIDS_PER_REQUEST,
     AttestRequest,
     AttestResult,
@@ -46,8 +47,10 @@ from vouchd.protocol.messages import (
     ChallengeResponse,
     CredentialResponse,
     ErrorReply,
+    IssuedJwtSvid,
     IssuedX509Svid,
     ItemError,
+    JwtSvidRequest,
     NonceGrant,
     NonceRequest,
     QuotedRequest,
@@ -56,7 +59,21 @@ from vouchd.protocol.messages import (
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, Publisher
 from vouchd.selectors import Selector, selector_set
-from vouchd.spiffe import InvalidSvidError, SpiffeId, TrustDomain, TrustTier, X509Bundle, csr_public_key, serial_hex
+from vouchd.spiffe import (
+    JWT_TIER_CLAIM,
+    MAX_AUDIENCE_LENGTH,
+    MAX_AUDIENCES,
+    InvalidSvidError,
+    JwtBundle,
+    SpiffeId,
+    TrustDomain,
+    TrustTier,
+    X509Bundle,
+    csr_public_key,
+    jwt_key_id,
+    mint_jwt_svid,
+    serial_hex,
+)
 
 __all__ = ["Authority"]
 
@@ -85,13 +102,16 @@ class Authority:
     """
 
     def __init__(self, config: AuthorityConfig, trust_domain: TrustDomain, *, store: Store, ca: CaKeeper,
-                 ek_trust: EkTrust, signing_key: ec.EllipticCurvePrivateKey, clock: Clock,
+                 jwt_keys: CaKeeper, ek_trust: EkTrust, signing_key: ec.EllipticCurvePrivateKey, clock: Clock,
                  publisher: Publisher, decisions: DecisionSink, standalone: bool = False) -> None:
+        """`jwt_keys`: the JWT-SVID signing keys, kept and rotated like CA roots (prepared, active,
+        previous) in a folder of their own; only their public keys are ever published (the JWKS)."""
         self._config = config
         self._standalone = standalone
         self._trust_domain = trust_domain
         self._store = store
         self._ca = ca
+        self._jwt_keys = jwt_keys
         self._trust = ek_trust
         self._signing_key = signing_key
         self._clock = clock
@@ -132,6 +152,13 @@ class Authority:
 
     def bundle(self) -> X509Bundle:
         return self._current_ca().bundle(self._utc_now())
+
+    def jwt_bundle(self) -> JwtBundle:
+        """Every JWT-SVID key that is not past its end: the active one signs, the prepared one is
+        published ahead, the previous one still verifies what it signed."""
+        keys, _rotated = self._jwt_keys.current()
+        published = keys.bundle(self._utc_now()).authorities
+        return JwtBundle.of(self._trust_domain, [_ec_key(c.public_key()) for c in published])
 
     def _utc_now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.now(), UTC)
@@ -295,7 +322,8 @@ class Authority:
         revocations = await self.revocations.current()
         return AttestResult(node_svid=node_svid.public_bytes(Encoding.DER), bundle=self.bundle().der(),
                             selectors=tuple(sorted(selectors)), tier=TrustTier.HARDWARE.value,
-                            nonce=nonce, nonce_expires_at=int(expires), revocations=revocations.signed)
+                            nonce=nonce, nonce_expires_at=int(expires), revocations=revocations.signed,
+                            jwt_bundle=self.jwt_bundle().to_jwks())
 
     async def _event_log_profile(self, session: AttestationSession, digests: tuple[str, ...]) -> str:
         """Which reference profile the node's event log satisfies (DESIGN §4.4).
@@ -377,7 +405,7 @@ class Authority:
         return signed
 
     async def _serve(self, node: NodeRecord, body: RequestBody, evidence: NodeEvidence) -> CredentialResponse:
-        if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST:
+        if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST or len(body.jwt_svids) > MAX_JWT_SVIDS_PER_REQUEST:
             raise RefusalError("bad_request", f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
         view = _NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors), TrustTier(node.tier))
         index = self.registry.index
@@ -413,6 +441,7 @@ class Authority:
                                          expires_at=int(cert.not_valid_after_utc.timestamp())))
             self._decide(DecisionKind.ISSUE, Outcome.OK, method="x509-svid", node=evidence, entries=(entry,),
                          serials=(serial_hex(cert),))
+        jwt_svids = [self._jwt_svid(item, node, view, evidence, errors) for item in body.jwt_svids]
         entries = None
         if body.sync_entries:
             entries = tuple(index.authorized_for(view.spiffe_id, view.selectors, view.tier))
@@ -422,11 +451,57 @@ class Authority:
             x509_svids=tuple(issued), errors=tuple(errors), entries=entries, bundle=self.bundle().der(),
             nonce=nonce, nonce_expires_at=int(expires),
             revocations=revocations.signed if revocations.document.version != body.revocations_version else None,
+            jwt_svids=tuple(svid for svid in jwt_svids if svid is not None), jwt_bundle=self.jwt_bundle().to_jwks(),
         )
+
+    def _jwt_svid(self, item: JwtSvidRequest, node: NodeRecord, view: _NodeView, evidence: NodeEvidence,
+                  errors: list[ItemError]) -> IssuedJwtSvid | None:
+        """One JWT-SVID, signed against the quote that carried its request; None (and an ItemError) if not."""
+        entry = self.registry.index.is_authorized(item.entry_id, view.spiffe_id, view.selectors, view.tier)
+        problem = audience_problem(item.audiences)
+        if entry is None or problem is not None:
+            code, reason = ("not_authorized", "entry is not assigned to this node") if entry is None \
+                else ("bad_audience", problem or "")
+            errors.append(ItemError(item.entry_id, code, reason))
+            self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=Outcome.DENIED, at=self._clock.now(),
+                                          source="authority", method="jwt-svid", reason=reason, node=evidence,
+                                          entry_ids=(item.entry_id,)))
+            return None
+        keys, _rotated = self._jwt_keys.current()
+        now = int(self._clock.now())
+        expires = now + int(min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl)
+                            .total_seconds())
+        token = mint_jwt_svid(keys.sign, key_id=jwt_key_id(_ec_key(keys.certificate.public_key())),
+                              spiffe_id=entry.spiffe_id, audiences=item.audiences, issued_at=now, expires_at=expires,
+                              claims={JWT_TIER_CLAIM: view.tier.value, "vouchd_entry": entry.id,
+                                      "vouchd_rev": entry.revision, "vouchd_node": node.node_id})
+        self._decisions.emit(Decision(kind=DecisionKind.ISSUE, outcome=Outcome.OK, at=now, source="authority",
+                                      method="jwt-svid", node=evidence, entry_ids=(entry.id,),
+                                      spiffe_ids=(str(entry.spiffe_id),),
+                                      details=(("audiences", ",".join(item.audiences)),)))
+        return IssuedJwtSvid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id), audiences=item.audiences,
+                             token=token, expires_at=expires)
 
     def _x509_ttl(self, entry: Entry) -> timedelta:
         """The entry's TTL, capped by the authority whatever the entry asks for."""
         return min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
+
+
+def audience_problem(audiences: tuple[str, ...]) -> str | None:
+    """What is wrong with a JWT-SVID's audience list, or None (the Workload API checks the same)."""
+    if not audiences:
+        return "a jwt-svid needs at least one audience"
+    if len(audiences) > MAX_AUDIENCES:
+        return f"at most {MAX_AUDIENCES} audiences"
+    if any(not a or len(a) > MAX_AUDIENCE_LENGTH for a in audiences):
+        return f"an audience is empty or longer than {MAX_AUDIENCE_LENGTH} characters"
+    return None
+
+
+def _ec_key(key: object) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # the CA makes P-256 keys only
+        raise CaError("a jwt signing key is not an EC key")
+    return key
 
 
 def _profile_of(node: NodeRecord) -> str:

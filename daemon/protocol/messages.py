@@ -21,6 +21,7 @@ from vouchd.entries import Entry
 from vouchd.protocol.codec import message
 
 __all__ = [
+    "MAX_JWT_SVIDS_PER_REQUEST",
     "MAX_X509_SVIDS_PER_REQUEST",
     "AttestRequest",
     "AttestResult",
@@ -28,8 +29,10 @@ __all__ = [
     "ChallengeResponse",
     "CredentialResponse",
     "ErrorReply",
+    "IssuedJwtSvid",
     "IssuedX509Svid",
     "ItemError",
+    "JwtSvidRequest",
     "NodeEvent",
     "NonceGrant",
     "NonceRequest",
@@ -97,6 +100,7 @@ class AttestResult:
     nonce: bytes                        # single-use nonce for the next request
     nonce_expires_at: int
     revocations: bytes | None = None    # the current signed RevocationDocument (a SignedReply)
+    jwt_bundle: bytes = b""             # the trust domain's JWKS (JWT-SVID signing keys)
 
 
 @message("nonce_request")
@@ -123,6 +127,13 @@ class X509SvidRequest:
 
 # How many CSRs one RequestBody may carry; the authority refuses larger batches, agents split them.
 MAX_X509_SVIDS_PER_REQUEST = 256
+MAX_JWT_SVIDS_PER_REQUEST = 256
+
+
+@dataclass(frozen=True)
+class JwtSvidRequest:
+    entry_id: str
+    audiences: tuple[str, ...]
 
 
 @message("request_body")
@@ -133,7 +144,8 @@ class RequestBody:
     sent_at: int
     x509_svids: tuple[X509SvidRequest, ...] = ()
     sync_entries: bool = False
-    revocations_version: int = 0        # the agent's document: a newer one comes with the reply
+    revocations_version: int = 0
+    jwt_svids: tuple[JwtSvidRequest, ...] = ()        # the agent's document: a newer one comes with the reply
 
 
 @message("quoted_request")
@@ -149,6 +161,15 @@ class IssuedX509Svid:
     entry_id: str
     spiffe_id: str
     cert_chain: bytes                   # DER, leaf first
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class IssuedJwtSvid:
+    entry_id: str
+    spiffe_id: str
+    audiences: tuple[str, ...]
+    token: str                          # compact JWS
     expires_at: int
 
 
@@ -169,6 +190,8 @@ class CredentialResponse:
     nonce: bytes
     nonce_expires_at: int
     revocations: bytes | None = None    # a signed RevocationDocument newer than the request's
+    jwt_svids: tuple[IssuedJwtSvid, ...] = ()
+    jwt_bundle: bytes = b""             # the trust domain's JWKS (JWT-SVID signing keys)
 
 
 @message("error")

@@ -24,6 +24,7 @@ from vouchd.protocol.messages import (
     CredentialResponse,
     IssuedX509Svid,
     ItemError,
+    JwtSvidRequest,
     RevocationDocument,
     RevokedEntry,
     RevokedNode,
@@ -69,8 +70,8 @@ class FakeCredentialSource:
         self.revocations: RevocationDocument | None = None
         self._requested = asyncio.Condition()
 
-    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
-                      sync_entries: bool = False) -> CredentialResponse:
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (), sync_entries: bool = False,
+                      jwt_svids: Sequence[JwtSvidRequest] = ()) -> CredentialResponse:
         async with self._requested:
             self.requests.append(tuple(r.entry_id for r in x509_svids))
             self._requested.notify_all()
@@ -101,6 +102,9 @@ class FakeCredentialSource:
 
     def bundle_der(self) -> bytes:
         return self.ca.bundle().der()
+
+    def jwt_bundle(self) -> bytes:
+        return b""
 
     async def wait_for_requests(self, count: int) -> None:
         async with self._requested:

@@ -33,8 +33,10 @@ from vouchd.protocol.messages import (
     ChallengeResponse,
     CredentialResponse,
     ErrorReply,
+    IssuedJwtSvid,
     IssuedX509Svid,
     ItemError,
+    JwtSvidRequest,
     NodeEvent,
     NonceGrant,
     NonceRequest,
@@ -78,7 +80,8 @@ SAMPLES: dict[str, object] = {
     "nonce_request": NonceRequest(node_id=NODE, request_id=b"\x07" * 16),
     "nonce_grant": NonceGrant(nonce=b"\x02" * 16, expires_at=1_780_000_030, pcr_bank="sha256", pcr_indices=()),
     "request_body": RequestBody(node_id=NODE, nonce=b"\x03" * 16, sent_at=1_780_000_001,
-                                x509_svids=(X509SvidRequest(entry_id="web", csr=b"\x30csr"),), sync_entries=True),
+                                x509_svids=(X509SvidRequest(entry_id="web", csr=b"\x30csr"),), sync_entries=True,
+                                jwt_svids=(JwtSvidRequest(entry_id="web", audiences=("db",)),)),
     "quoted_request": QuotedRequest(node_id=NODE, body=b'{"kind":"request_body"}', quote=EVIDENCE),
     "credential_response": CredentialResponse(
         x509_svids=(IssuedX509Svid(entry_id="web", spiffe_id="spiffe://example.org/web", cert_chain=b"\x30c",
@@ -89,6 +92,9 @@ SAMPLES: dict[str, object] = {
                        dns_names=("web.example.org",), hint="frontend", labels=(("team", "payments"),),
                        created_at=1_780_000_000, updated_at=1_780_000_100),),
         bundle=b"\x30root", nonce=b"\x04" * 16, nonce_expires_at=1_780_000_060, revocations=b"{}",
+        jwt_svids=(IssuedJwtSvid(entry_id="web", spiffe_id="spiffe://example.org/web", audiences=("db", "cache"),
+                                 token="eyJ.eyJ.sig", expires_at=1_780_000_300),),
+        jwt_bundle=b'{"keys":[]}',
     ),
     "error": ErrorReply(code="reattest", message="node must attest again"),
     "reply_payload": ReplyPayload(node_id=NODE, in_reply_to="0" * 64, issued_at=1_780_000_000, reply=b"{}"),
@@ -102,7 +108,8 @@ SAMPLES: dict[str, object] = {
     "node_event": NodeEvent(node_id=NODE, event="entries_changed", issued_at=1_780_000_000),
 }
 # Types that only ever travel inside a message.
-PARTS = {"TpmEvidence", "X509SvidRequest", "IssuedX509Svid", "ItemError", "RevokedEntry", "RevokedNode"}
+PARTS = {"TpmEvidence", "X509SvidRequest", "IssuedX509Svid", "ItemError", "RevokedEntry", "RevokedNode",
+         "JwtSvidRequest", "IssuedJwtSvid"}
 
 
 def wire(msg: object) -> dict[str, object]:
