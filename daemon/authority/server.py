@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from vouchd.authority.ca import CertificateAuthority
-from vouchd.authority.errors import CaError, RefusalError
+from vouchd.authority.errors import RefusalError
+from vouchd.authority.issuance import NodeView, SvidSigner, ec_public_key
 from vouchd.authority.keys import CaKeeper
 from vouchd.authority.registry import Registry
 from vouchd.authority.revocations import RevocationPublisher
@@ -47,10 +47,7 @@ from vouchd.protocol.messages import (
     ChallengeResponse,
     CredentialResponse,
     ErrorReply,
-    IssuedJwtSvid,
-    IssuedX509Svid,
     ItemError,
-    JwtSvidRequest,
     NonceGrant,
     NonceRequest,
     QuotedRequest,
@@ -58,20 +55,13 @@ from vouchd.protocol.messages import (
 )
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, Publisher
-from vouchd.selectors import Selector, selector_set
+from vouchd.selectors import selector_set
 from vouchd.spiffe import (
-    JWT_TIER_CLAIM,
-    MAX_AUDIENCE_LENGTH,
-    MAX_AUDIENCES,
-    InvalidSvidError,
     JwtBundle,
     SpiffeId,
     TrustDomain,
     TrustTier,
     X509Bundle,
-    csr_public_key,
-    jwt_key_id,
-    mint_jwt_svid,
     serial_hex,
 )
 
@@ -84,13 +74,6 @@ ANSWERED_KEEP_SECONDS = 600.0
 MAX_PENDING_SESSIONS = 10_000
 _AUTHORITY_KEY_TTL = timedelta(hours=24)
 _CLOCK_TOLERANCE = 300
-
-
-@dataclass(frozen=True)
-class _NodeView:
-    spiffe_id: SpiffeId
-    selectors: frozenset[Selector]
-    tier: TrustTier
 
 
 class Authority:
@@ -158,7 +141,7 @@ class Authority:
         published ahead, the previous one still verifies what it signed."""
         keys, _rotated = self._jwt_keys.current()
         published = keys.bundle(self._utc_now()).authorities
-        return JwtBundle.of(self._trust_domain, [_ec_key(c.public_key()) for c in published])
+        return JwtBundle.of(self._trust_domain, [ec_public_key(c.public_key()) for c in published])
 
     def _utc_now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.now(), UTC)
@@ -407,41 +390,15 @@ class Authority:
     async def _serve(self, node: NodeRecord, body: RequestBody, evidence: NodeEvidence) -> CredentialResponse:
         if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST or len(body.jwt_svids) > MAX_JWT_SVIDS_PER_REQUEST:
             raise RefusalError("bad_request", f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
-        view = _NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors), TrustTier(node.tier))
+        view = NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors), TrustTier(node.tier))
         index = self.registry.index
-        issued: list[IssuedX509Svid] = []
+        signer = SvidSigner(self._config, index, ca=self._current_ca(), jwt_keys=self._jwt_keys.current()[0],
+                            clock=self._clock, decisions=self._decisions)
         errors: list[ItemError] = []
-        for item in body.x509_svids:
-            entry = index.is_authorized(item.entry_id, view.spiffe_id, view.selectors, view.tier)
-            if entry is None:
-                reason = "entry is not assigned to this node"
-                errors.append(ItemError(item.entry_id, "not_authorized", reason))
-                self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=Outcome.DENIED, at=self._clock.now(),
-                                              source="authority", method="x509-svid", reason=reason, node=evidence,
-                                              entry_ids=(item.entry_id,)))
-                continue
-            try:
-                public_key = csr_public_key(item.csr)
-            except InvalidSvidError as err:
-                errors.append(ItemError(item.entry_id, "bad_csr", str(err)))
-                self._decide(DecisionKind.DENY, Outcome.INVALID, method="x509-svid", reason=str(err),
-                             node=evidence, entries=(entry,))
-                continue
-            try:
-                cert = self._current_ca().sign_x509_svid(public_key, entry.spiffe_id, ttl=self._x509_ttl(entry),
-                                                         tier=view.tier, dns_names=entry.dns_names,
-                                                         now=self._utc_now())
-            except (InvalidSvidError, CaError) as err:
-                errors.append(ItemError(item.entry_id, "cannot_sign", str(err)))
-                self._decide(DecisionKind.DENY, Outcome.ERROR, method="x509-svid", reason=str(err),
-                             node=evidence, entries=(entry,))
-                continue
-            issued.append(IssuedX509Svid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id),
-                                         cert_chain=cert.public_bytes(Encoding.DER),
-                                         expires_at=int(cert.not_valid_after_utc.timestamp())))
-            self._decide(DecisionKind.ISSUE, Outcome.OK, method="x509-svid", node=evidence, entries=(entry,),
-                         serials=(serial_hex(cert),))
-        jwt_svids = [self._jwt_svid(item, node, view, evidence, errors) for item in body.jwt_svids]
+        issued = [svid for item in body.x509_svids
+                  if (svid := signer.x509_svid(item, view, evidence, errors)) is not None]
+        jwt_svids = [token for item in body.jwt_svids
+                     if (token := signer.jwt_svid(item, node.node_id, view, evidence, errors)) is not None]
         entries = None
         if body.sync_entries:
             entries = tuple(index.authorized_for(view.spiffe_id, view.selectors, view.tier))
@@ -451,57 +408,8 @@ class Authority:
             x509_svids=tuple(issued), errors=tuple(errors), entries=entries, bundle=self.bundle().der(),
             nonce=nonce, nonce_expires_at=int(expires),
             revocations=revocations.signed if revocations.document.version != body.revocations_version else None,
-            jwt_svids=tuple(svid for svid in jwt_svids if svid is not None), jwt_bundle=self.jwt_bundle().to_jwks(),
+            jwt_svids=tuple(jwt_svids), jwt_bundle=self.jwt_bundle().to_jwks(),
         )
-
-    def _jwt_svid(self, item: JwtSvidRequest, node: NodeRecord, view: _NodeView, evidence: NodeEvidence,
-                  errors: list[ItemError]) -> IssuedJwtSvid | None:
-        """One JWT-SVID, signed against the quote that carried its request; None (and an ItemError) if not."""
-        entry = self.registry.index.is_authorized(item.entry_id, view.spiffe_id, view.selectors, view.tier)
-        problem = audience_problem(item.audiences)
-        if entry is None or problem is not None:
-            code, reason = ("not_authorized", "entry is not assigned to this node") if entry is None \
-                else ("bad_audience", problem or "")
-            errors.append(ItemError(item.entry_id, code, reason))
-            self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=Outcome.DENIED, at=self._clock.now(),
-                                          source="authority", method="jwt-svid", reason=reason, node=evidence,
-                                          entry_ids=(item.entry_id,)))
-            return None
-        keys, _rotated = self._jwt_keys.current()
-        now = int(self._clock.now())
-        expires = now + int(min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl)
-                            .total_seconds())
-        token = mint_jwt_svid(keys.sign, key_id=jwt_key_id(_ec_key(keys.certificate.public_key())),
-                              spiffe_id=entry.spiffe_id, audiences=item.audiences, issued_at=now, expires_at=expires,
-                              claims={JWT_TIER_CLAIM: view.tier.value, "vouchd_entry": entry.id,
-                                      "vouchd_rev": entry.revision, "vouchd_node": node.node_id})
-        self._decisions.emit(Decision(kind=DecisionKind.ISSUE, outcome=Outcome.OK, at=now, source="authority",
-                                      method="jwt-svid", node=evidence, entry_ids=(entry.id,),
-                                      spiffe_ids=(str(entry.spiffe_id),),
-                                      details=(("audiences", ",".join(item.audiences)),)))
-        return IssuedJwtSvid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id), audiences=item.audiences,
-                             token=token, expires_at=expires)
-
-    def _x509_ttl(self, entry: Entry) -> timedelta:
-        """The entry's TTL, capped by the authority whatever the entry asks for."""
-        return min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
-
-
-def audience_problem(audiences: tuple[str, ...]) -> str | None:
-    """What is wrong with a JWT-SVID's audience list, or None (the Workload API checks the same)."""
-    if not audiences:
-        return "a jwt-svid needs at least one audience"
-    if len(audiences) > MAX_AUDIENCES:
-        return f"at most {MAX_AUDIENCES} audiences"
-    if any(not a or len(a) > MAX_AUDIENCE_LENGTH for a in audiences):
-        return f"an audience is empty or longer than {MAX_AUDIENCE_LENGTH} characters"
-    return None
-
-
-def _ec_key(key: object) -> ec.EllipticCurvePublicKey:
-    if not isinstance(key, ec.EllipticCurvePublicKey):  # the CA makes P-256 keys only
-        raise CaError("a jwt signing key is not an EC key")
-    return key
 
 
 def _profile_of(node: NodeRecord) -> str:

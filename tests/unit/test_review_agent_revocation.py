@@ -73,8 +73,8 @@ class IssuingSource:
         self.requests: list[tuple[str, ...]] = []
         self._requested = asyncio.Condition()
 
-    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (),
-                      sync_entries: bool = False) -> CredentialResponse:
+    async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (), sync_entries: bool = False,
+                      jwt_svids: Sequence[object] = ()) -> CredentialResponse:
         async with self._requested:
             self.requests.append(tuple(r.entry_id for r in x509_svids))
             self._requested.notify_all()
@@ -93,6 +93,9 @@ class IssuingSource:
 
     def bundle_der(self) -> bytes:
         return self.ca.bundle().der()
+
+    def jwt_bundle(self) -> bytes:
+        return b""
 
     async def wait_for_requests(self, count: int) -> None:
         async with self._requested:

@@ -33,6 +33,7 @@ _DECISIONS = {
     "attestation_failed": (DecisionKind.DENY, Outcome.DENIED),
     "no_identity": (DecisionKind.DENY, Outcome.DENIED),
     "invalid_argument": (DecisionKind.DENY, Outcome.INVALID),
+    "resource_exhausted": (DecisionKind.DENY, Outcome.DENIED),  # a per-uid cap (limits.py)
     "unimplemented": (DecisionKind.DENY, Outcome.INVALID),
     "unavailable": (DecisionKind.ISSUE, Outcome.ERROR),
     "error": (DecisionKind.ISSUE, Outcome.ERROR),

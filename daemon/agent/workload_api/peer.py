@@ -58,6 +58,7 @@ __all__ = [
     "peer_transport",
     "probe_peer_pidfd",
     "process_unchanged",
+    "socket_credentials",
 ]
 
 SO_PEERPIDFD = 77  # include/uapi/asm-generic/socket.h; Python's socket module has no constant for it
@@ -100,7 +101,7 @@ def peer_credentials(stream: Stream[Any, Any]) -> PeerCredentials:
     transport = peer_transport(stream.peer)
     if transport.is_closing():
         raise PeerError("connection closed before the caller was identified")
-    return _credentials(transport.get_extra_info("socket"))
+    return socket_credentials(transport.get_extra_info("socket"))
 
 
 def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
@@ -112,7 +113,7 @@ def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
     if transport.is_closing():
         raise PeerError("connection closed before the caller was identified")
     sock = transport.get_extra_info("socket")
-    credentials = _credentials(sock)
+    credentials = socket_credentials(sock)
     if credentials.pid <= 0:
         # 0: the caller lives in a pid namespace this agent cannot see into.
         raise PeerError("kernel reported no pid for the caller")
@@ -219,7 +220,8 @@ async def drop_connection(transport: asyncio.BaseTransport) -> None:
         await protocol.wait_lost()
 
 
-def _credentials(sock: socket.socket | None) -> PeerCredentials:
+def socket_credentials(sock: socket.socket | None) -> PeerCredentials:
+    """What SO_PEERCRED says about the process that connected `sock`; PeerError if it cannot say."""
     if sock is None or sock.family != socket.AF_UNIX:
         raise PeerError("caller is not connected over a unix socket")
     try:

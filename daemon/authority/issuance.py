@@ -1,0 +1,148 @@
+"""Signing what a node asked for in one quote-bound request: X.509-SVIDs and JWT-SVIDs (DESIGN §5).
+
+The request's quote, nonce and node were checked by the Authority before; here each item is checked
+against the entry index (the entry must be assigned to this node and allow its tier) and signed, or
+refused with an ItemError, and every outcome is a decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from vouchd.authority.ca import CertificateAuthority
+from vouchd.authority.entries import EntryIndex
+from vouchd.authority.errors import CaError
+from vouchd.clock import Clock
+from vouchd.config import AuthorityConfig
+from vouchd.decisions import Decision, DecisionKind, DecisionSink, NodeEvidence, Outcome
+from vouchd.entries import Entry
+from vouchd.protocol.messages import IssuedJwtSvid, IssuedX509Svid, ItemError, JwtSvidRequest, X509SvidRequest
+from vouchd.selectors import Selector
+from vouchd.spiffe import (
+    JWT_TIER_CLAIM,
+    MAX_AUDIENCE_LENGTH,
+    MAX_AUDIENCES,
+    InvalidSvidError,
+    SpiffeId,
+    TrustTier,
+    csr_public_key,
+    jwt_key_id,
+    mint_jwt_svid,
+    serial_hex,
+)
+
+__all__ = ["NodeView", "SvidSigner", "audience_problem", "ec_public_key"]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """The requesting node as entry authorization sees it."""
+
+    spiffe_id: SpiffeId
+    selectors: frozenset[Selector]
+    tier: TrustTier
+
+
+def audience_problem(audiences: tuple[str, ...]) -> str | None:
+    """What is wrong with a JWT-SVID's audience list, or None (the Workload API checks the same)."""
+    if not audiences:
+        return "a jwt-svid needs at least one audience"
+    if len(audiences) > MAX_AUDIENCES:
+        return f"at most {MAX_AUDIENCES} audiences"
+    if any(not a or len(a) > MAX_AUDIENCE_LENGTH for a in audiences):
+        return f"an audience is empty or longer than {MAX_AUDIENCE_LENGTH} characters"
+    return None
+
+
+def ec_public_key(key: object) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # the CA makes P-256 keys only
+        raise CaError("a signing key is not an EC key")
+    return key
+
+
+class SvidSigner:
+    """Signs the items of one request with the CA and JWT keys as they are at that moment."""
+
+    def __init__(self, config: AuthorityConfig, index: EntryIndex, *, ca: CertificateAuthority,
+                 jwt_keys: CertificateAuthority, clock: Clock, decisions: DecisionSink) -> None:
+        self._config = config
+        self._index = index
+        self._ca = ca
+        self._jwt_keys = jwt_keys
+        self._clock = clock
+        self._decisions = decisions
+
+    def x509_svid(self, item: X509SvidRequest, node: NodeView, evidence: NodeEvidence,
+                  errors: list[ItemError]) -> IssuedX509Svid | None:
+        entry = self._authorized(item.entry_id, node, evidence, errors, method="x509-svid")
+        if entry is None:
+            return None
+        try:
+            public_key = csr_public_key(item.csr)
+        except InvalidSvidError as err:
+            self._refuse(errors, entry.id, "bad_csr", str(err), outcome=Outcome.INVALID, evidence=evidence,
+                         method="x509-svid")
+            return None
+        try:
+            cert = self._ca.sign_x509_svid(public_key, entry.spiffe_id, ttl=self._x509_ttl(entry), tier=node.tier,
+                                           dns_names=entry.dns_names,
+                                           now=datetime.fromtimestamp(self._clock.now(), UTC))
+        except (InvalidSvidError, CaError) as err:
+            self._refuse(errors, entry.id, "cannot_sign", str(err), outcome=Outcome.ERROR, evidence=evidence,
+                         method="x509-svid")
+            return None
+        self._issued(entry, evidence, "x509-svid", serials=(serial_hex(cert),))
+        return IssuedX509Svid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id),
+                              cert_chain=cert.public_bytes(Encoding.DER),
+                              expires_at=int(cert.not_valid_after_utc.timestamp()))
+
+    def jwt_svid(self, item: JwtSvidRequest, node_id: str, node: NodeView, evidence: NodeEvidence,
+                 errors: list[ItemError]) -> IssuedJwtSvid | None:
+        entry = self._authorized(item.entry_id, node, evidence, errors, method="jwt-svid")
+        if entry is None:
+            return None
+        problem = audience_problem(item.audiences)
+        if problem is not None:
+            self._refuse(errors, entry.id, "bad_audience", problem, outcome=Outcome.INVALID, evidence=evidence,
+                         method="jwt-svid")
+            return None
+        now = int(self._clock.now())
+        ttl = min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl)
+        expires = now + int(ttl.total_seconds())
+        token = mint_jwt_svid(self._jwt_keys.sign, key_id=jwt_key_id(ec_public_key(self._jwt_keys.certificate
+                                                                                  .public_key())),
+                              spiffe_id=entry.spiffe_id, audiences=item.audiences, issued_at=now, expires_at=expires,
+                              claims={JWT_TIER_CLAIM: node.tier.value, "vouchd_entry": entry.id,
+                                      "vouchd_rev": entry.revision, "vouchd_node": node_id})
+        self._issued(entry, evidence, "jwt-svid", details=(("audiences", ",".join(item.audiences)),))
+        return IssuedJwtSvid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id), audiences=item.audiences,
+                             token=token, expires_at=expires)
+
+    def _x509_ttl(self, entry: Entry) -> timedelta:
+        """The entry's TTL, capped by the authority whatever the entry asks for."""
+        return min(entry.x509_ttl or self._config.x509_svid_ttl, self._config.x509_svid_max_ttl)
+
+    def _authorized(self, entry_id: str, node: NodeView, evidence: NodeEvidence, errors: list[ItemError], *,
+                    method: str) -> Entry | None:
+        entry = self._index.is_authorized(entry_id, node.spiffe_id, node.selectors, node.tier)
+        if entry is None:
+            self._refuse(errors, entry_id, "not_authorized", "entry is not assigned to this node",
+                         outcome=Outcome.DENIED, evidence=evidence, method=method)
+        return entry
+
+    def _refuse(self, errors: list[ItemError], entry_id: str, code: str, reason: str, *, outcome: Outcome,
+                evidence: NodeEvidence, method: str) -> None:
+        errors.append(ItemError(entry_id, code, reason))
+        self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=outcome, at=self._clock.now(),
+                                      source="authority", method=method, reason=reason, node=evidence,
+                                      entry_ids=(entry_id,)))
+
+    def _issued(self, entry: Entry, evidence: NodeEvidence, method: str, *, serials: tuple[str, ...] = (),
+                details: tuple[tuple[str, str], ...] = ()) -> None:
+        self._decisions.emit(Decision(kind=DecisionKind.ISSUE, outcome=Outcome.OK, at=self._clock.now(),
+                                      source="authority", method=method, node=evidence, entry_ids=(entry.id,),
+                                      spiffe_ids=(str(entry.spiffe_id),), svid_serials=serials, details=details))
