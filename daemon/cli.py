@@ -16,6 +16,7 @@ from typing import Any
 
 from vouchd import __version__
 from vouchd.admincli import add_admin_commands
+from vouchd.apicli import add_api_commands
 from vouchd.errors import VouchdError
 
 __all__ = ["main"]
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="profile name: letters, digits, '.', '_', '-' (default: learned-<date>-<time>)")
     learn.set_defaults(handler=_cmd_node_learn)
     add_admin_commands(commands, node_commands)
+    add_api_commands(commands)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")
