@@ -75,7 +75,7 @@ def _cmd_fetch_jwt(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from vouchd.agent.workload_api.client import endpoint_socket, validate_jwt_svid
 
-    token = args.token if args.token != "-" else sys.stdin.read().strip()
+    token = sys.stdin.read().strip() if args.token == "-" else args.token  # "-": read it from stdin
     spiffe_id, claims = asyncio.run(validate_jwt_svid(endpoint_socket(args.socket), token, args.audience))
     print(json.dumps({"spiffe_id": spiffe_id, "claims": claims}, indent=2, sort_keys=True))
     return 0

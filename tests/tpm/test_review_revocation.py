@@ -24,13 +24,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.swtpm import Swtpm
-from tests.tpm.conftest import TRUST_DOMAIN, BootedTpm, RecordingBus, authority_config, new_authority
+from tests.tpm.conftest import (
+    TRUST_DOMAIN,
+    BootedTpm,
+    RecordedDecisions,
+    RecordingBus,
+    authority_config,
+    new_authority,
+)
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.updates import AuthorityUpdates
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.attestors.catalog import selector_schema
 from vouchd.authority.admin import AuthorityAdmin
+from vouchd.authority.build import open_authority
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.server import Authority
 from vouchd.entries import Entry
@@ -85,6 +93,20 @@ def ek_of(node: NodeIdentity) -> str:
 
 
 @pytest.fixture
+def bus() -> RecordingBus:
+    return RecordingBus()
+
+
+@pytest.fixture
+async def authority(tmp_path: Path, swtpm: Swtpm, bus: RecordingBus) -> AsyncIterator[Authority]:
+    """The standalone authority of tests.tpm.conftest, publishing on a bus this module reads."""
+    instance = await open_authority(authority_config(tmp_path / "authority", swtpm), TRUST_DOMAIN, publisher=bus,
+                                    decisions=RecordedDecisions(), standalone=True)
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
 def transport(authority: Authority) -> WatchedTransport:
     return WatchedTransport(authority)
 
@@ -105,17 +127,10 @@ async def node(fresh_node: NodeIdentity) -> NodeIdentity:
     return fresh_node
 
 
-def published_bus(authority: Authority) -> RecordingBus:
-    bus = authority.revocations._publisher  # the RecordingBus new_authority gave it
-    assert isinstance(bus, RecordingBus)
-    return bus
-
-
-def web_entry(node: NodeIdentity, **changes: object) -> Entry:
-    entry = Entry(id="web", spiffe_id=SpiffeId.parse("spiffe://example.org/web"),
-                  selectors=frozenset({Selector("unix", "uid", "1000")}),
-                  node_selectors=frozenset({Selector("tpm", "ek_hash", ek_of(node))}))
-    return replace(entry, **changes)
+def web_entry(node: NodeIdentity, *, x509_ttl: timedelta | None = None) -> Entry:
+    return Entry(id="web", spiffe_id=SpiffeId.parse("spiffe://example.org/web"),
+                 selectors=frozenset({Selector("unix", "uid", "1000")}),
+                 node_selectors=frozenset({Selector("tpm", "ek_hash", ek_of(node))}), x509_ttl=x509_ttl)
 
 
 async def ban(authority: Authority, node_id: str) -> bytes:
@@ -359,13 +374,13 @@ async def test_a_published_ban_applies_even_though_the_sync_it_triggers_is_refus
             await fetch(manager)
 
 
-async def test_a_published_entry_update_brings_the_new_revision_at_once(authority: Authority,
-                                                                        node: NodeIdentity) -> None:
+async def test_a_published_entry_update_brings_the_new_revision_at_once(authority: Authority, node: NodeIdentity,
+                                                                        bus: RecordingBus) -> None:
     await authority.registry.create(web_entry(node))
     async with serving(node) as manager:
         (first,) = await fetch(manager)
         await authority.registry.update("web", lambda e: replace(e, hint="frontend"))
-        document = published_bus(authority).published[-1]
+        document = bus.published[-1]
         assert document[0] == REVOCATIONS_TOPIC
 
         async with asyncio.timeout(DEADLINE):
@@ -377,14 +392,14 @@ async def test_a_published_entry_update_brings_the_new_revision_at_once(authorit
 
 
 async def test_a_node_event_syncs_the_entries_only_when_it_verifies(authority: Authority, node: NodeIdentity,
-                                                                    transport: WatchedTransport) -> None:
-    revocations = (await authority.revocations.changed()).signed  # genuine, but not a node event
-    await authority.registry.create(web_entry(node))
-    event = published_bus(authority).published[-1]
-    assert event[0] == node_events_topic(node.node_id)
+                                                                    transport: WatchedTransport,
+                                                                    bus: RecordingBus) -> None:
     async with serving(node) as manager:
-        await manager.set_entries([])  # as before the entry was created
         updates = AuthorityUpdates(node, manager)
+        revocations = (await authority.revocations.changed()).signed  # genuine, but not a node event
+        await authority.registry.create(web_entry(node))
+        event = bus.published[-1]
+        assert event[0] == node_events_topic(node.node_id)
         sent = len(transport.sent)
 
         async with asyncio.timeout(DEADLINE):
@@ -394,4 +409,3 @@ async def test_a_node_event_syncs_the_entries_only_when_it_verifies(authority: A
         async with asyncio.timeout(DEADLINE):
             await updates.on_node_event(*event)
         assert [e.id for e in manager.entries] == ["web"]
-

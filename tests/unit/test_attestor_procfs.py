@@ -1,4 +1,4 @@
-"""/proc parsing: stat lines whose command name is hostile, status Groups, and real processes."""
+"""/proc parsing: stat lines whose command name is hostile, status Groups, mount tables, and real processes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ from hypothesis import strategies as st
 
 from vouchd.attestors import ProcessExitedError, ProcessInfoError
 from vouchd.attestors.workload.procfs import (
+    Mount,
     ProcessCredentials,
+    find_mount,
+    parse_fdinfo_mount_id,
+    parse_mountinfo_line,
     parse_stat,
     parse_status_credentials,
     parse_status_groups,
+    read_fd_mount_id,
+    read_mount,
     read_process_credentials,
     read_process_stat,
     read_supplementary_groups,
@@ -147,3 +153,62 @@ def test_read_process_credentials_of_this_process() -> None:
     assert read_process_credentials(os.getpid()) == ProcessCredentials(
         real_uid=os.getuid(), effective_uid=os.geteuid(), real_gid=os.getgid(), effective_gid=os.getegid()
     )
+
+
+# -- mount tables ------------------------------------------------------------------------------------------------
+
+# Lines as the kernel writes them: optional fields vary in number, paths escape spaces as \040.
+MOUNTINFO = (
+    "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    "45 27 0:40 / /home/eve/my\\040files rw,nosuid,nodev,relatime shared:7 master:3 - fuse.sshfs eve@host:/srv "
+    "rw,user_id=1000,group_id=1000\n"
+    "46 27 0:41 / /mnt/nfs rw,relatime - nfs4 server:/export rw,vers=4.2\n"
+)
+
+
+def test_parse_mountinfo_line_with_and_without_optional_fields() -> None:
+    assert parse_mountinfo_line("27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw") == Mount(
+        mount_id=27, device=(254, 0), mount_point="/", fs_type="ext4", source="/dev/vda"
+    )
+    assert parse_mountinfo_line("46 27 0:41 / /mnt/nfs rw,relatime - nfs4 server:/export rw") == Mount(
+        mount_id=46, device=(0, 41), mount_point="/mnt/nfs", fs_type="nfs4", source="server:/export"
+    )
+
+
+def test_find_mount_by_id_unescapes_the_mount_point() -> None:
+    mount = find_mount(MOUNTINFO, 45)
+
+    assert mount is not None
+    assert (mount.fs_type, mount.mount_point, mount.source) == ("fuse.sshfs", "/home/eve/my files", "eve@host:/srv")
+    assert find_mount(MOUNTINFO, 4) is None, "an id is matched whole, not as the start of 45 or 46"
+    assert find_mount(MOUNTINFO, 99) is None
+
+
+@pytest.mark.parametrize("line", ["", "27 1 254:0 / / rw shared:1 ext4 /dev/vda rw", "x 1 254:0 / / rw - ext4 a b",
+                                  "27 1 2540 / / rw - ext4 a b"])
+def test_parse_mountinfo_line_rejects_malformed_lines(line: str) -> None:
+    with pytest.raises(ProcessInfoError, match="^malformed /proc mountinfo line$"):
+        parse_mountinfo_line(line)
+
+
+def test_parse_fdinfo_mount_id() -> None:
+    assert parse_fdinfo_mount_id("pos:\t0\nflags:\t012000000\nmnt_id:\t45\nino:\t2\n") == 45
+    with pytest.raises(ProcessInfoError, match="^no mnt_id line in /proc fdinfo$"):
+        parse_fdinfo_mount_id("pos:\t0\n")
+    with pytest.raises(ProcessInfoError, match="^malformed mnt_id line in /proc fdinfo$"):
+        parse_fdinfo_mount_id("mnt_id:\tx\n")
+
+
+def test_the_mount_of_an_open_file_is_the_one_its_path_is_on() -> None:
+    fd = os.open("/proc/self/exe", os.O_PATH)
+    try:
+        mount_id = read_fd_mount_id(fd)
+    finally:
+        os.close(fd)
+
+    mount = read_mount(os.getpid(), mount_id)
+    assert mount is not None
+    assert read_mount(None, mount_id) == mount, "the same namespace read as the agent's own"
+    device = os.stat("/proc/self/exe").st_dev
+    if mount.fs_type != "btrfs":  # whose files have per-subvolume st_dev
+        assert mount.device == (os.major(device), os.minor(device))

@@ -186,10 +186,9 @@ def check_jwt_svid_request(request: pb.JWTSVIDRequest | None) -> None:
     if len(audiences) > MAX_AUDIENCES:
         raise _invalid(f"at most {MAX_AUDIENCES} audiences may be requested", f"{len(audiences)} audiences")
     _check_audiences(audiences)
-    if request is not None and len(request.spiffe_id.encode()) > MAX_SPIFFE_ID_LENGTH:
-        raise _invalid(
-            f"spiffe id longer than {MAX_SPIFFE_ID_LENGTH} bytes", f"spiffe id of {len(request.spiffe_id.encode())} bytes"
-        )
+    spiffe_id_length = 0 if request is None else len(request.spiffe_id.encode())
+    if spiffe_id_length > MAX_SPIFFE_ID_LENGTH:
+        raise _invalid(f"spiffe id longer than {MAX_SPIFFE_ID_LENGTH} bytes", f"spiffe id of {spiffe_id_length} bytes")
 
 
 def check_validate_request(request: pb.ValidateJWTSVIDRequest | None) -> None:

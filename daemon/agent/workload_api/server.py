@@ -1,8 +1,9 @@
 """The SPIFFE Workload API on a Unix socket (grpclib): the socket and the connections on it.
 
 What each RPC answers is service.py; what a request's decision records is calls.py; who the
-caller is, peer.py; the socket's folder and path checks are shared with the admin socket
-(vouchd.unixsockets). WorkloadApiService and SECURITY_HEADER are importable from here too.
+caller is, peer.py; what a caller may cost the agent, limits.py, enforced on each connection by
+guard.py before grpclib buffers a request; the socket's folder and path checks are shared with the
+admin socket (vouchd.unixsockets). WorkloadApiService and SECURITY_HEADER are importable from here too.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import weakref
 from pathlib import Path
 
 from grpclib.events import RecvRequest, listen
-from grpclib.server import Server
 
 from vouchd import unixsockets
 from vouchd.agent.workload_api.errors import WorkloadApiError
+from vouchd.agent.workload_api.guard import GuardedServer
+from vouchd.agent.workload_api.limits import ConnectionLimits
 from vouchd.agent.workload_api.peer import drop_connection, kernel_has_peer_pidfd, peer_transport
 from vouchd.agent.workload_api.service import SECURITY_HEADER, WorkloadApiService
 
@@ -38,12 +40,17 @@ class WorkloadApiServer:
     the agent's user, and not writable by group or others unless sticky. Otherwise another user
     could put their own socket at the path and hand workloads a fake bundle. A folder that is not,
     or another process serving at the path, is a SocketPathError at start.
+
+    `limits` bound what each connection and each uid may hold (limits.py; the defaults there).
     """
 
-    def __init__(self, service: WorkloadApiService, socket_path: Path) -> None:
+    def __init__(
+        self, service: WorkloadApiService, socket_path: Path, *, limits: ConnectionLimits | None = None
+    ) -> None:
         self._service = service
         self._socket_path = Path(socket_path)
-        self._server: Server | None = None
+        self._limits = limits or ConnectionLimits()
+        self._server: GuardedServer | None = None
         self._socket: unixsockets.BoundSocket | None = None
         self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._closed = False
@@ -65,7 +72,7 @@ class WorkloadApiServer:
         # Any local process may ask; attestation decides.
         bound = unixsockets.bind_unix_socket(self._socket_path, name=SOCKET_NAME, mode=0o777)
         try:
-            server = Server([self._service])
+            server = GuardedServer([self._service], self._limits)
             listen(server, RecvRequest, self._track_connection)
             await server.start(sock=bound.socket, backlog=LISTEN_BACKLOG)
         except BaseException:

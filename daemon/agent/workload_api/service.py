@@ -30,6 +30,7 @@ from grpclib.server import Stream
 from vouchd.agent.workload_api.calls import UNIDENTIFIED, Call, RefusedError
 from vouchd.agent.workload_api.errors import NoIdentityError, PeerError
 from vouchd.agent.workload_api.identities import WorkloadApiObserver, WorkloadIdentities, X509SvidMaterial
+from vouchd.agent.workload_api.limits import ATTESTATIONS_PER_UID, AttestationSlots
 from vouchd.agent.workload_api.peer import peer_process, process_unchanged
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError
@@ -85,6 +86,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         logger: logging.Logger | None = None,
         observer: WorkloadApiObserver | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        attestations_per_uid: int = ATTESTATIONS_PER_UID,
     ) -> None:
         if attest_deadline <= 0:
             raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
@@ -94,6 +96,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._log = logger or logging.getLogger("vouchd.workload_api")
         self._observer = observer
         self._clock = clock
+        self._attestations = AttestationSlots(attestations_per_uid)
 
     # -- X.509-SVID profile -------------------------------------------------------------------------
 
@@ -230,8 +233,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             raise RefusedError.attestation_failed(str(err)) from err
         call.attested(process)
         try:
-            async with asyncio.timeout(self._attest_deadline):
-                selectors = await self._identities.attest(process)
+            async with self._attestations.slot(process.uid, wait=self._attest_deadline):
+                async with asyncio.timeout(self._attest_deadline):
+                    selectors = await self._identities.attest(process)
         except AttestorError as err:
             raise RefusedError.attestation_failed(str(err)) from err
         except TimeoutError as err:
