@@ -22,6 +22,8 @@ from vouchd.securefiles import write_atomically
 
 __all__ = ["add_api_commands"]
 
+_FROM_STDIN = "-"  # `vouchd api validate - --audience A` reads the token from standard input
+
 
 def _certificates(der: bytes) -> list[x509.Certificate]:
     from vouchd.spiffe import load_der_certificates
@@ -75,7 +77,7 @@ def _cmd_fetch_jwt(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from vouchd.agent.workload_api.client import endpoint_socket, validate_jwt_svid
 
-    token = sys.stdin.read().strip() if args.token == "-" else args.token  # "-": read it from stdin
+    token = sys.stdin.read().strip() if args.token == _FROM_STDIN else args.token
     spiffe_id, claims = asyncio.run(validate_jwt_svid(endpoint_socket(args.socket), token, args.audience))
     print(json.dumps({"spiffe_id": spiffe_id, "claims": claims}, indent=2, sort_keys=True))
     return 0
