@@ -316,5 +316,10 @@ class NodeIdentity:
         self._accept_bundle(response.bundle)
         self._jwt_bundle = response.jwt_bundle or self._jwt_bundle
         if response.revocations is not None:
-            self.accept_revocations(response.revocations)
+            try:
+                self.accept_revocations(response.revocations)
+            except OlderRevocationsError as err:
+                # An authority restored from an older state, or a replica behind the others: keep the
+                # newer document this node holds; the request itself was answered and stands.
+                log.warning("authority sent an older revocation document; keeping ours", extra={"reason": str(err)})
         return response

@@ -41,7 +41,7 @@ from vouchd.protocol.messages import (
     X509SvidRequest,
 )
 from vouchd.selectors import Selector
-from vouchd.spiffe import SpiffeError, load_der_certificates, make_csr, serial_hex
+from vouchd.spiffe import CLOCK_SKEW, SpiffeError, load_der_certificates, make_csr, serial_hex
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -92,6 +92,11 @@ class CachedSvid:
     @property
     def serial(self) -> str:
         return serial_hex(self.certificate)
+
+    @property
+    def signed_at(self) -> float:
+        """When the authority signed it, by the authority's clock (it backdates not_before by CLOCK_SKEW)."""
+        return self.certificate.not_valid_before_utc.timestamp() + CLOCK_SKEW.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -236,7 +241,9 @@ class SvidManager:
         if own is not None:
             before, is_ban, reason = own
             self._node_revoked_before = max(self._node_revoked_before, before)
-            revoked_svids = set(self._svids)
+            # A ban voids everything; another node revocation only what was signed before it (an SVID
+            # the re-attestation it forced has already brought stays).
+            revoked_svids = {e for e, svid in self._svids.items() if is_ban or svid.signed_at < before}
             if is_ban:
                 revoked_entries = set(self._entries)
             self._decide(f"node revoked: {reason}", sorted(revoked_svids))

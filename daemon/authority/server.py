@@ -345,6 +345,10 @@ class Authority:
             raise RefusalError("reattest", "node is unknown; attest first")
         if node.state in (NodeState.BANNED, NodeState.FAILED):
             raise RefusalError(node.state.value, f"node is {node.state.value}")
+        # The ban itself, not only the state it set: an attestation that completed while the ban was
+        # written may have saved the node as trusted again.
+        if await self._store.is_banned(node_id):
+            raise RefusalError("banned", "node is banned")
         if node.state is not NodeState.TRUSTED:
             raise RefusalError("reattest", f"node is {node.state.value}; attest again")
         return node

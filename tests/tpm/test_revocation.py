@@ -146,3 +146,33 @@ async def test_a_removed_boot_profile_makes_the_next_attestation_of_its_nodes_fa
         await node.request(sync_entries=True)  # the authority demands attestation, which now fails
     assert refused.value.code == "policy"
     assert "outside every accepted profile" in str(refused.value)
+
+
+async def test_an_older_document_in_a_reply_leaves_the_newer_one_and_the_request_stands(
+        authority: Authority, node: NodeIdentity, published: RecordingBus) -> None:
+    await authority.registry.create(entry_for(node, "a"))
+    await authority.registry.delete("a")
+    older = await authority.revocations.current()
+    await authority.registry.create(entry_for(node, "b"))
+    await authority.registry.delete("b")
+    assert node.accept_revocations(published.published[-1][1]) is not None
+    held = node.revocations
+    assert held is not None and held.version > older.document.version
+    authority.revocations._current = older  # an authority restored from an older state
+
+    response = await node.request(sync_entries=True)
+
+    assert response.entries == ()
+    assert node.revocations == held
+
+
+async def test_a_node_banned_while_its_attestation_completes_is_still_refused(
+        authority: Authority, node: NodeIdentity) -> None:
+    record = await authority.store.node(node.node_id)
+    assert record is not None
+    await authority.store.ban_node(node.node_id, "stolen", now=authority.clock.now())
+    await authority.store.save_node(record)  # what an attestation completing at that moment writes
+
+    with pytest.raises(RemoteError) as refused:
+        await node.request(sync_entries=True)
+    assert refused.value.code == "banned"

@@ -627,7 +627,7 @@ async def test_a_node_revocation_drops_the_svids_once_and_the_node_issues_again(
     manager = await manager_with(source)
     async with running(manager):
         first = (await fetch(manager, "unix:uid:1000"))[0]
-        source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()), False), ("spiffe://other", 1, True)])
+        source.revocations = revocations(1, nodes=[(NODE_ID, int(time.time()) + 1, False), ("spiffe://other", 1, True)])
         assert manager.affected_by(source.revocations)
         await manager.apply_revocations()
         assert manager.svids == []
@@ -794,3 +794,15 @@ async def test_a_clock_step_backwards_keeps_serving_and_does_not_rotate_early(ca
 
         assert (await fetch(manager, "unix:uid:1000"))[0] == served
     assert len(source.requests) == 1
+
+
+async def test_a_node_revocation_keeps_what_was_signed_after_it(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        before = int(time.time()) - 60  # the revocation happened before this SVID was signed
+        await fetch(manager, "unix:uid:1000")
+        source.revocations = revocations(1, nodes=[(NODE_ID, before, False)])
+        await manager.apply_revocations()
+
+        assert [s.entry_id for s in manager.svids] == ["web"]

@@ -221,7 +221,7 @@ async def test_a_heartbeat_sync_applies_the_document_its_reply_brought(ca: Certi
     async with running(manager):
         await fetch(manager, 1000)
         version = manager.version
-        source.on_request = lambda: setattr(source, "revocations", document(1, nodes=[(int(time.time()), False)]))
+        source.on_request = lambda: setattr(source, "revocations", document(1, nodes=[(int(time.time()) + 1, False)]))
 
         async with asyncio.timeout(DEADLINE):
             await manager.sync_entries()
