@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,3 +33,13 @@ def swtpm(swtpm_state: Path) -> Iterator[swtpm_mod.Swtpm]:
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(autouse=True)
+def _sigpipe_as_python_sets_it() -> Iterator[None]:
+    """`vouchd.cli.main` lets SIGPIPE end a short-lived command quietly, as other CLI tools do; a test
+    that calls it in-process must not leave that behind, or a later test writing to a closed socket
+    kills the whole run instead of getting BrokenPipeError."""
+    before = signal.getsignal(signal.SIGPIPE)
+    yield
+    signal.signal(signal.SIGPIPE, before)

@@ -125,7 +125,8 @@ class UnixAttestor:
         hash_uid_share: float = DEFAULT_HASH_UID_SHARE,
         hasher: ExecutableHasher | None = None,
     ) -> None:
-        """`hasher` replaces the one built from the hash options (tests, shared caches)."""
+        """`hasher` replaces the one built from the hash options (tests, shared caches); the attestor
+        inspects executables with its reader, on its reader's pool."""
         if not isinstance(hash_executables, bool):
             raise ConfigError("workloadattestor(unix): hash_executables must be true or false")
         for option, value in (

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from vouchd.agent.admin import AdminCommand, AdminServer, check_admin_socket_path, without_args
+from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.svids import SvidManager
@@ -25,6 +27,7 @@ from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiServi
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
+from vouchd.attestors.workload.pool import stalled_attestation
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AgentConfig, Config
 from vouchd.decisions import DecisionBus
@@ -40,6 +43,9 @@ log = logging.getLogger("vouchd.agent")
 # A hardware TPM answers a quote in well under a second and creates an RSA EK in a few; a minute
 # without an answer means it is stuck.
 TPM_STALL_LIMIT = 60.0
+# Reading an executable takes microseconds: a minute in which every thread a workload attestor reads
+# with has been stuck on one file means no caller's executable can be read until the agent restarts.
+ATTESTATION_STALL_LIMIT = 60.0
 # While the TPM answers, the agent asks it something cheap this often, so that status and health
 # say the truth between heartbeats; once it is lost, it tries to reopen it this often, at most.
 TPM_PROBE_INTERVAL = 5.0
@@ -134,7 +140,8 @@ class Agent:
 
     async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor],
                      admin_commands: Mapping[str, AdminCommand]) -> None:
-        identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids)
+        jwt_svids = JwtSvidCache(node, svids, self._config.trust_domain, clock=self._clock)
+        identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids, jwt_svids)
         service = WorkloadApiService(identities, decisions=self._decisions,
                                      attest_deadline=self._agent_config.attestation_deadline.total_seconds(),
                                      observer=self._activity)
@@ -145,6 +152,10 @@ class Agent:
         try:
             await admin.start()
             try:
+                # Everything loaded at start lives as long as the agent: leave it out of the cyclic
+                # collector's full passes, whose pause grows with every object they scan.
+                gc.collect()
+                gc.freeze()
                 self._ready.set()
                 notify("READY=1", f"STATUS=serving on {self._agent_config.socket_path}")
                 log.info("workload api ready", extra={"socket": str(self._agent_config.socket_path),
@@ -156,19 +167,20 @@ class Agent:
                     tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
                     interval = watchdog_interval()
                     if interval is not None:
-                        tasks.create_task(self._watchdog(interval), name="watchdog")
+                        tasks.create_task(self._watchdog(interval, attestors), name="watchdog")
             finally:
                 await admin.close()
         finally:
             notify("STOPPING=1")
             await workload_api.close()
 
-    async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 only while the agent can do its job: the event loop turns, the TPM answers and no
-        TPM operation hangs. Every credential needs a quote, so an agent without its TPM serves only
-        what it holds until that runs out; going silent lets systemd restart it."""
+    async def _watchdog(self, interval: float, attestors: list[WorkloadAttestor]) -> None:
+        """WATCHDOG=1 only while the agent can do its job: the event loop turns, the TPM answers, no
+        TPM operation hangs, and no workload attestor has all its threads stuck (ReportsStalls). Every
+        credential needs a quote, so an agent without its TPM serves only what it holds until that runs
+        out; going silent lets systemd restart it, which also ends threads stuck in a file system."""
         while True:
-            problem = self._tpm_problem()
+            problem = self._tpm_problem() or stalled_attestation(attestors, ATTESTATION_STALL_LIMIT)
             if problem is None:
                 notify("WATCHDOG=1")
             else:

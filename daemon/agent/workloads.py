@@ -10,12 +10,18 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.svids import SvidManager
-from vouchd.agent.workload_api.identities import WORKLOAD_API_SOURCE, X509SvidMaterial
+from vouchd.agent.workload_api.identities import (
+    WORKLOAD_API_SOURCE,
+    InvalidJwtSvidError,
+    JwtSvidMaterial,
+    X509SvidMaterial,
+)
 from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.decisions import Decision, Outcome
 from vouchd.selectors import Selector
-from vouchd.spiffe import TrustDomain
+from vouchd.spiffe import InvalidSvidError, TrustDomain
 
 __all__ = ["AgentWorkloadIdentities", "WorkloadActivity"]
 
@@ -24,10 +30,12 @@ _UNKNOWN = -1  # pid or uid of a caller the Workload API could not identify
 
 
 class AgentWorkloadIdentities:
-    def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager) -> None:
+    def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager,
+                 jwt_svids: JwtSvidCache) -> None:
         self._trust_domain_id = str(trust_domain.id)
         self._attestors = list(attestors)
         self._svids = svids
+        self._jwt_svids = jwt_svids
 
     async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
         # The Workload API service bounds this with the configured attestation deadline.
@@ -41,6 +49,20 @@ class AgentWorkloadIdentities:
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         return {self._trust_domain_id: self._svids.bundle_der()}
+
+    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
+                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
+        return [JwtSvidMaterial(spiffe_id=svid.spiffe_id, token=svid.token, hint=svid.hint)
+                for svid in await self._jwt_svids.jwt_svids(selectors, audiences, spiffe_id)]
+
+    def jwt_bundles(self) -> Mapping[str, bytes]:
+        return self._jwt_svids.jwt_bundles()
+
+    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+        try:
+            return self._jwt_svids.validate(token, audience)
+        except InvalidSvidError as err:
+            raise InvalidJwtSvidError(str(err)) from None
 
     @property
     def version(self) -> int:

@@ -36,10 +36,12 @@ __all__ = [
     "validate_jwt_svid",
 ]
 
-# Bounds on what a caller may ask for or hand in: a JWT-SVID with a few audiences is well under 2 KiB.
+# Bounds on what a caller may ask for or hand in, the same at the Workload API and the authority: a
+# workload names the one or two services it calls (16 leave room), 512 characters fit any URL used as
+# an audience, and a token with all of them is under 12 KiB.
 MAX_TOKEN_LENGTH = 16 * 1024
-MAX_AUDIENCES = 32
-MAX_AUDIENCE_LENGTH = 256
+MAX_AUDIENCES = 16
+MAX_AUDIENCE_LENGTH = 512
 
 _ALGORITHM = "ES256"
 _P256_COORDINATE = 32

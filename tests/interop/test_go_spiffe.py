@@ -108,9 +108,13 @@ def test_go_spiffe_fetches_x509_bundles(goclient: Path, agent: RunningAgent) -> 
     assert json.loads(result.stdout) == ["example.org"]
 
 
-def test_go_spiffe_jwt_svid_fetch_is_unimplemented(goclient: Path, agent: RunningAgent) -> None:
-    # JWT-SVIDs are not served yet; when they are, this becomes a fetch-and-validate test.
-    assert _status_code(_goclient(goclient, "jwt", agent)) == "Unimplemented"
+def test_go_spiffe_fetches_validates_and_verifies_a_jwt_svid(goclient: Path, agent: RunningAgent) -> None:
+    result = _goclient(goclient, "jwt", agent)
+
+    assert result.returncode == 0, result.stderr
+    svid = json.loads(result.stdout)
+    assert svid == {"spiffe_id": ROOT_SPIFFE_ID, "audience": ["db"], "validated": ROOT_SPIFFE_ID,
+                    "parsed": ROOT_SPIFFE_ID}
 
 
 def test_go_spiffe_caller_whose_uid_has_no_entry_gets_permission_denied(goclient: Path,

@@ -187,15 +187,15 @@ def test_find_mount_by_id_unescapes_the_mount_point() -> None:
 @pytest.mark.parametrize("line", ["", "27 1 254:0 / / rw shared:1 ext4 /dev/vda rw", "x 1 254:0 / / rw - ext4 a b",
                                   "27 1 2540 / / rw - ext4 a b"])
 def test_parse_mountinfo_line_rejects_malformed_lines(line: str) -> None:
-    with pytest.raises(ProcessInfoError, match="^malformed /proc mountinfo line$"):
+    with pytest.raises(ProcessInfoError, match=r"^malformed /proc mountinfo line$"):
         parse_mountinfo_line(line)
 
 
 def test_parse_fdinfo_mount_id() -> None:
     assert parse_fdinfo_mount_id("pos:\t0\nflags:\t012000000\nmnt_id:\t45\nino:\t2\n") == 45
-    with pytest.raises(ProcessInfoError, match="^no mnt_id line in /proc fdinfo$"):
+    with pytest.raises(ProcessInfoError, match=r"^no mnt_id line in /proc fdinfo$"):
         parse_fdinfo_mount_id("pos:\t0\n")
-    with pytest.raises(ProcessInfoError, match="^malformed mnt_id line in /proc fdinfo$"):
+    with pytest.raises(ProcessInfoError, match=r"^malformed mnt_id line in /proc fdinfo$"):
         parse_fdinfo_mount_id("mnt_id:\tx\n")
 
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -30,6 +31,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from tests.fakes import FakeClock
 from vouchd.agent.workload_api import NoIdentityError, X509SvidMaterial
 from vouchd.agent.workload_api import server as server_module
+from vouchd.agent.workload_api.errors import InvalidJwtSvidError
+from vouchd.agent.workload_api.identities import JwtSvidMaterial
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.attestors import AttestorError, WorkloadProcess
 from vouchd.attestors.workload.procfs import read_process_stat
@@ -110,6 +113,8 @@ class FakeIdentities:
         self.attested: list[WorkloadProcess] = []
         self.entitlement_checks = 0
         self.svid_requests = 0
+        self.jwt_requests: list[tuple[tuple[str, ...], str]] = []
+        self.jwks: dict[str, bytes] = {TRUST_DOMAIN: b'{"keys":[]}'}
         self._version = 1
         self._changed = asyncio.Condition()
 
@@ -139,6 +144,22 @@ class FakeIdentities:
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         return dict(self.bundles)
+
+    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
+                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
+        assert selectors == SELECTORS
+        self.jwt_requests.append((tuple(audiences), spiffe_id))
+        if self.no_identity_error:
+            raise NoIdentityError("no entry matches")
+        return [JwtSvidMaterial(spiffe_id=TRUST_DOMAIN + "/web", token="header.payload.signature", hint="web")]
+
+    def jwt_bundles(self) -> Mapping[str, bytes]:
+        return dict(self.jwks)
+
+    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+        if token != "header.payload.signature":
+            raise InvalidJwtSvidError("jwt-svid signature does not verify")
+        return TRUST_DOMAIN + "/web", {"sub": TRUST_DOMAIN + "/web", "aud": [audience], "exp": 2_000_000_000}
 
     @property
     def version(self) -> int:
@@ -310,9 +331,6 @@ async def test_a_wrong_security_header_value_is_an_invalid_argument(api: Api) ->
 @pytest.mark.parametrize(
     ("method", "request_message"),
     [
-        ("FetchJWTSVID", pb.JWTSVIDRequest(audience=["x"])),
-        ("FetchJWTBundles", pb.JWTBundlesRequest()),
-        ("ValidateJWTSVID", pb.ValidateJWTSVIDRequest(audience="x", svid="y")),
         ("FetchWITSVID", pb.WITSVIDRequest()),
         ("FetchWITBundles", pb.WITBundlesRequest()),
     ],
@@ -659,7 +677,7 @@ async def test_run_serves_until_cancelled(socket_dir: Path) -> None:
         while not path.exists():
             await asyncio.sleep(0)
         with pytest.raises(GRPCError) as caught:
-            await SpiffeWorkloadAPIStub(channel).FetchJWTSVID(pb.JWTSVIDRequest())
+            await SpiffeWorkloadAPIStub(channel).FetchWITSVID(pb.WITSVIDRequest())
         assert caught.value.status is Status.UNIMPLEMENTED
     finally:
         channel.close()
@@ -773,15 +791,15 @@ async def test_invalid_requests_are_decisions_with_the_callers_pid_from_the_kern
         with pytest.raises(GRPCError):
             await api.stub.FetchX509SVID(pb.X509SVIDRequest())
         with pytest.raises(GRPCError):
-            await api.stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["x"]), metadata=HEADER)
+            await api.stub.FetchWITSVID(pb.WITSVIDRequest(), metadata=HEADER)
 
     missing_header, unimplemented = api.decisions.all
     assert (missing_header.kind, missing_header.outcome) == (DecisionKind.DENY, Outcome.INVALID)
     assert missing_header.caller == me(), "SO_PEERCRED only: no start time, no selectors"
     assert missing_header.reason == "no workload.spiffe.io: true metadata"
     assert dict(missing_header.details)["code"] == "invalid_argument"
-    assert (unimplemented.method, unimplemented.outcome) == ("FetchJWTSVID", Outcome.INVALID)
-    assert unimplemented.reason == "FetchJWTSVID is not implemented"
+    assert (unimplemented.method, unimplemented.outcome) == ("FetchWITSVID", Outcome.INVALID)
+    assert unimplemented.reason == "FetchWITSVID is not implemented"
     assert dict(unimplemented.details)["code"] == "unimplemented"
     assert api.identities.attested == [], "identifying a caller for the record is not attesting it"
     lines = [r for r in caplog.records if r.name == DECISION_LOGGER]
@@ -998,3 +1016,70 @@ def pidfd_pid(fd: int) -> int | None:
         if line.startswith("Pid:"):
             return int(line.split()[1])
     return None
+
+
+# -- JWT-SVIDs -------------------------------------------------------------------------------------
+
+
+async def test_fetch_jwt_svid_hands_out_the_callers_tokens(api: Api) -> None:
+    response = await api.stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["db", "cache"]), metadata=HEADER)
+
+    assert [(s.spiffe_id, s.svid, s.hint) for s in response.svids] == [
+        (TRUST_DOMAIN + "/web", "header.payload.signature", "web")]
+    assert api.identities.jwt_requests == [(("db", "cache"), "")]
+    (decision,) = api.decisions.all
+    assert (decision.kind, decision.method, decision.spiffe_ids) == (
+        DecisionKind.ISSUE, "FetchJWTSVID", (TRUST_DOMAIN + "/web",))
+
+
+@pytest.mark.parametrize(
+    ("request_message", "message"),
+    [(pb.JWTSVIDRequest(), "audience must be specified"),
+     (pb.JWTSVIDRequest(audience=[""]), "audience must not be empty"),
+     (pb.JWTSVIDRequest(audience=[f"a{n}" for n in range(100)]), "audiences may be requested")],
+    ids=["no-audience", "empty-audience", "100-audiences"],
+)
+async def test_an_absurd_jwt_request_is_invalid_without_attestation(api: Api, request_message: object,
+                                                                   message: str) -> None:
+    with pytest.raises(GRPCError) as caught:
+        await api.stub.FetchJWTSVID(request_message, metadata=HEADER)
+
+    assert caught.value.status is Status.INVALID_ARGUMENT and message in (caught.value.message or "")
+    assert api.identities.attested == [] and api.identities.jwt_requests == []
+
+
+async def test_a_caller_without_a_jwt_identity_is_denied(api: Api) -> None:
+    api.identities.no_identity_error = True
+
+    with pytest.raises(GRPCError) as caught:
+        await api.stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["db"]), metadata=HEADER)
+
+    assert caught.value.status is Status.PERMISSION_DENIED
+
+
+async def test_jwt_bundles_stream_sends_the_jwks_and_every_change(api: Api) -> None:
+    async with asyncio.timeout(DEADLINE), api.stub.FetchJWTBundles.open(metadata=HEADER) as stream:
+        await stream.send_message(pb.JWTBundlesRequest(), end=True)
+        first = await stream.recv_message()
+        assert first is not None and dict(first.bundles) == {TRUST_DOMAIN: b'{"keys":[]}'}
+        api.identities.jwks = {TRUST_DOMAIN: b'{"keys":[{"kid":"new"}]}'}
+        await api.identities.change()
+        second = await stream.recv_message()
+        assert second is not None and dict(second.bundles) == {TRUST_DOMAIN: b'{"keys":[{"kid":"new"}]}'}
+        await stream.cancel()
+
+
+async def test_validate_answers_the_spiffe_id_and_claims_or_invalid_argument(api: Api) -> None:
+    response = await api.stub.ValidateJWTSVID(
+        pb.ValidateJWTSVIDRequest(audience="db", svid="header.payload.signature"), metadata=HEADER)
+    assert response.spiffe_id == TRUST_DOMAIN + "/web"
+    assert dict(response.claims)["aud"] == ["db"]
+
+    with pytest.raises(GRPCError) as caught:
+        await api.stub.ValidateJWTSVID(pb.ValidateJWTSVIDRequest(audience="db", svid="forged.token.x"),
+                                       metadata=HEADER)
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert caught.value.message == "jwt-svid signature does not verify"
+    with pytest.raises(GRPCError) as missing:
+        await api.stub.ValidateJWTSVID(pb.ValidateJWTSVIDRequest(audience="db"), metadata=HEADER)
+    assert missing.value.status is Status.INVALID_ARGUMENT and missing.value.message == "svid must be specified"

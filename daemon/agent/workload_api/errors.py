@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vouchd.errors import VouchdError
 
-__all__ = ["InvalidSvidMaterialError", "NoIdentityError", "PeerError", "WorkloadApiError"]
+__all__ = ["InvalidJwtSvidError", "InvalidSvidMaterialError", "NoIdentityError", "PeerError", "WorkloadApiError"]
 
 
 class WorkloadApiError(VouchdError):
@@ -21,3 +21,8 @@ class PeerError(WorkloadApiError):
 
 class InvalidSvidMaterialError(WorkloadApiError):
     """An X.509-SVID handed to the Workload API lacks a field the SPIFFE spec makes mandatory."""
+
+
+class InvalidJwtSvidError(WorkloadApiError):
+    """A JWT-SVID handed in to ValidateJWTSVID is not valid (the message says why, never the token):
+    answered with InvalidArgument."""

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from vouchd.agent.workload_api.errors import InvalidSvidMaterialError, NoIdentityError
+from vouchd.agent.workload_api.errors import InvalidJwtSvidError, InvalidSvidMaterialError, NoIdentityError
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.selectors import Selector
 
 __all__ = [
     "WORKLOAD_API_SOURCE",
+    "InvalidJwtSvidError",
+    "JwtSvidMaterial",
     "NoIdentityError",
     "WorkloadApiObserver",
     "WorkloadIdentities",
@@ -57,6 +59,15 @@ class X509SvidMaterial:
         return _SPIFFE_SCHEME + authority
 
 
+@dataclass(frozen=True, slots=True)
+class JwtSvidMaterial:
+    """One JWT-SVID as the Workload API hands it to a workload."""
+
+    spiffe_id: str
+    token: str = field(repr=False)  # a bearer credential: never logged, never in a repr
+    hint: str = ""
+
+
 class WorkloadApiObserver(Protocol):
     """Told when a Workload API stream opens and closes (`vouchd status`: connected workloads).
 
@@ -94,6 +105,20 @@ class WorkloadIdentities(Protocol):
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         """Trust domain SPIFFE ID (`spiffe://example.org`) -> concatenated DER of its CA certificates."""
+        ...
+
+    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
+                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
+        """The caller's JWT-SVIDs for these audiences (only `spiffe_id`'s when it is not empty); may
+        wait for issuance. NoIdentityError when the caller is entitled to none."""
+        ...
+
+    def jwt_bundles(self) -> Mapping[str, bytes]:
+        """Trust domain SPIFFE ID -> its JWKS document."""
+        ...
+
+    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+        """The SPIFFE ID and claims of a valid JWT-SVID; InvalidJwtSvidError saying why not."""
         ...
 
     @property

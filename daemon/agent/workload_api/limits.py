@@ -26,6 +26,7 @@ from grpclib.const import Status
 
 from vouchd.agent.workload_api.calls import RefusedError
 from vouchd.proto import workload_pb2 as pb
+from vouchd.spiffe import MAX_AUDIENCE_LENGTH, MAX_AUDIENCES, MAX_TOKEN_LENGTH
 
 __all__ = [
     "ATTESTATIONS_PER_UID",
@@ -47,24 +48,21 @@ __all__ = [
 # -- requests -------------------------------------------------------------------------------------------
 
 # A JWT-SVID to validate is the largest request a workload has reason to send; every other one is a
-# few bytes. A token carrying the most audiences allowed below, each of the longest length, is under
-# 12 KiB once base64-encoded and signed; MAX_TOKEN_LENGTH allows 16 KiB, and a request message four
-# times that is still nothing to hold. A caller declaring more is refused on the 5-byte gRPC prefix.
-MAX_TOKEN_LENGTH = 16 * 1024
+# few bytes. A token carrying the most audiences allowed (vouchd.spiffe: MAX_AUDIENCES of at most
+# MAX_AUDIENCE_LENGTH characters, the same bounds the authority applies) is under 12 KiB once
+# base64-encoded and signed; MAX_TOKEN_LENGTH allows 16 KiB, and a request message four times that
+# is still nothing to hold. A caller declaring more is refused on the 5-byte gRPC prefix.
 MAX_REQUEST_BYTES = 64 * 1024
-# JWT audiences: a workload names the one or two services it calls; 16 leave room, and 512
-# characters fit any URL used as an audience.
-MAX_AUDIENCES = 16
-MAX_AUDIENCE_LENGTH = 512
 MAX_SPIFFE_ID_LENGTH = 2048  # the SPIFFE ID standard's maximum, in bytes
 
 # -- callers --------------------------------------------------------------------------------------------
 
 # Per uid, because the uid is what the kernel vouches for: a caller cannot pose as another uid to
 # spend its share, and all the workloads of a uid are one operator's to fix. They must allow a host
-# where one uid (often root) runs hundreds of workloads: measured, an open stream on a connection of
-# its own costs the agent about 50 KB, so a uid at both caps holds roughly 150 MB with its flow-control
-# windows full (guard.py), which MemoryMax= in the unit leaves room for.
+# where one uid (often root) runs hundreds of workloads: an open stream on a connection of its own
+# costs the agent about 47 KB (measured: 62 MB idle, 85 MB with 500, 109 MB with 1000), and a uid
+# holding all its connections, each with a full flow-control window parked (guard.py), about 90 MB
+# more, which MemoryMax= in the unit leaves room for.
 CONNECTIONS_PER_UID = 1024
 STREAMS_PER_UID = 2048
 # Attesting reads /proc and may open and hash the caller's executable on a thread pool every caller

@@ -28,9 +28,14 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from vouchd.agent.workload_api.calls import UNIDENTIFIED, Call, RefusedError
-from vouchd.agent.workload_api.errors import NoIdentityError, PeerError
+from vouchd.agent.workload_api.errors import InvalidJwtSvidError, NoIdentityError, PeerError
 from vouchd.agent.workload_api.identities import WorkloadApiObserver, WorkloadIdentities, X509SvidMaterial
-from vouchd.agent.workload_api.limits import ATTESTATIONS_PER_UID, AttestationSlots
+from vouchd.agent.workload_api.limits import (
+    ATTESTATIONS_PER_UID,
+    AttestationSlots,
+    check_jwt_svid_request,
+    check_validate_request,
+)
 from vouchd.agent.workload_api.peer import peer_process, process_unchanged
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError
@@ -140,19 +145,65 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                         current = latest
                         self._log.debug("x509 bundles update sent", extra=call.log_fields())
 
-    # -- not served yet (a later change adds JWT): answered at once, without header check or
-    # attestation, because nothing is handed out; SO_PEERCRED is read only to say who asked -------------
+    # -- JWT-SVID profile ----------------------------------------------------------------------------
 
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest, pb.JWTSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented(stream, "FetchJWTSVID")
+        async with self._request(stream, "FetchJWTSVID") as call:
+            request = await stream.recv_message()
+            call.identify(stream)
+            check_jwt_svid_request(request)  # before attestation: an absurd request costs nothing
+            assert request is not None
+            _process, selectors = await self._attest(stream, call)
+            try:
+                svids = await self._identities.jwt_svids(selectors, tuple(request.audience), request.spiffe_id)
+            except NoIdentityError as err:
+                raise RefusedError.no_identity(str(err)) from err
+            if not svids:
+                raise RefusedError.no_identity("no jwt-svid for the caller's selectors")
+            await stream.send_message(pb.JWTSVIDResponse(
+                svids=[pb.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token, hint=s.hint) for s in svids]))
+            self._answered(call, tuple(s.spiffe_id for s in svids))
 
     async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
-        self._unimplemented(stream, "FetchJWTBundles")
+        async with self._request(stream, "FetchJWTBundles") as call:
+            await stream.recv_message()
+            process, selectors = await self._attest(stream, call)
+            version = self._identities.version
+            self._require_entitlement(selectors)
+            current = self._jwt_bundles()
+            await stream.send_message(pb.JWTBundlesResponse(bundles=dict(current)))
+            self._answered(call)
+            with self._open_stream(call):
+                while True:
+                    version = await self._identities.wait_for_change(version)
+                    self._recheck(process)
+                    self._require_entitlement(selectors)
+                    latest = self._jwt_bundles()
+                    if latest != current:  # a JWT key rotation: relying parties need the new key at once
+                        await stream.send_message(pb.JWTBundlesResponse(bundles=dict(latest)))
+                        current = latest
 
     async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
         self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
     ) -> None:
-        self._unimplemented(stream, "ValidateJWTSVID")
+        # Any local process may ask whether a token is valid: it learns nothing it could not verify
+        # itself with the bundle, so there is no entitlement check; the caller is still attested so
+        # that the decision names who asked.
+        async with self._request(stream, "ValidateJWTSVID") as call:
+            request = await stream.recv_message()
+            call.identify(stream)
+            check_validate_request(request)
+            assert request is not None
+            await self._attest(stream, call)
+            try:
+                spiffe_id, claims = self._identities.validate_jwt_svid(request.svid, request.audience)
+            except InvalidJwtSvidError as err:
+                raise RefusedError(Status.INVALID_ARGUMENT, "invalid_argument", str(err),
+                                   f"jwt-svid refused: {err}") from err
+            response = pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id)
+            response.claims.update(dict(claims))
+            await stream.send_message(response)
+            self._answered(call, (spiffe_id,))
 
     async def FetchWITSVID(self, stream: Stream[pb.WITSVIDRequest, pb.WITSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         self._unimplemented(stream, "FetchWITSVID")
@@ -272,6 +323,12 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         bundles = tuple(sorted(self._identities.x509_bundles().items()))
         if not bundles:
             raise RefusedError(Status.UNAVAILABLE, "unavailable", "trust bundle not available", "no x509 bundles")
+        return bundles
+
+    def _jwt_bundles(self) -> tuple[tuple[str, bytes], ...]:
+        bundles = tuple(sorted(self._identities.jwt_bundles().items()))
+        if not bundles:
+            raise RefusedError(Status.UNAVAILABLE, "unavailable", "jwt bundle not available", "no jwt bundles")
         return bundles
 
     def _answered(self, call: Call, spiffe_ids: tuple[str, ...] = ()) -> None:

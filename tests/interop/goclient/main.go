@@ -110,12 +110,32 @@ func fetchX509Bundles(ctx context.Context) (any, error) {
 	return trustDomains(bundles), nil
 }
 
+// fetchJWTSVID fetches a JWT-SVID for audience "db", has the agent validate it (ValidateJWTSVID),
+// and checks it against the JWT bundle the agent serves, as a relying party in Go would.
 func fetchJWTSVID(ctx context.Context) (any, error) {
-	svid, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "x"})
+	client, err := workloadapi.New(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"spiffe_id": svid.ID.String(), "audience": svid.Audience}, nil
+	defer client.Close()
+	svid, err := client.FetchJWTSVID(ctx, jwtsvid.Params{Audience: "db"})
+	if err != nil {
+		return nil, err
+	}
+	validated, err := client.ValidateJWTSVID(ctx, svid.Marshal(), "db")
+	if err != nil {
+		return nil, err
+	}
+	bundles, err := client.FetchJWTBundles(ctx)
+	if err != nil {
+		return nil, err
+	}
+	parsed, err := jwtsvid.ParseAndValidate(svid.Marshal(), bundles, []string{"db"})
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"spiffe_id": svid.ID.String(), "audience": svid.Audience,
+		"validated": validated.ID.String(), "parsed": parsed.ID.String()}, nil
 }
 
 type update struct {
