@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -48,6 +48,8 @@ from vouchd.selectors import Selector
 __all__ = ["SECURITY_HEADER", "WorkloadApiService"]
 
 SECURITY_HEADER = "workload.spiffe.io"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -109,41 +111,24 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         async with self._request(stream, "FetchX509SVID") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
-            version = self._identities.version
-            current = await self._x509_svid_set(selectors)
-            await stream.send_message(current.message())
-            self._answered(call, tuple(svid.spiffe_id for svid in current.svids))
-            with self._open_stream(call):
-                while True:
-                    version = await self._identities.wait_for_change(version)
-                    self._recheck(process)
-                    latest = await self._x509_svid_set(selectors)
-                    if latest != current:
-                        await stream.send_message(latest.message())
-                        current = latest
-                        call.spiffe_ids = tuple(svid.spiffe_id for svid in current.svids)
-                        self._log.debug("x509 svid update sent",
-                                        extra={**call.log_fields(), "spiffe_ids": list(call.spiffe_ids)})
+
+            async def svid_set() -> _X509SvidSet:
+                return await self._x509_svid_set(selectors)
+
+            await self._stream(stream, call, process, compute=svid_set, message=_X509SvidSet.message,
+                               spiffe_ids=lambda current: tuple(svid.spiffe_id for svid in current.svids))
 
     async def FetchX509Bundles(self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchX509Bundles") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
-            version = self._identities.version
-            self._require_entitlement(selectors)
-            current = self._x509_bundles()
-            await stream.send_message(pb.X509BundlesResponse(bundles=dict(current)))
-            self._answered(call)
-            with self._open_stream(call):
-                while True:
-                    version = await self._identities.wait_for_change(version)
-                    self._recheck(process)
-                    self._require_entitlement(selectors)
-                    latest = self._x509_bundles()
-                    if latest != current:
-                        await stream.send_message(pb.X509BundlesResponse(bundles=dict(latest)))
-                        current = latest
-                        self._log.debug("x509 bundles update sent", extra=call.log_fields())
+
+            async def bundles() -> tuple[tuple[str, bytes], ...]:
+                self._require_entitlement(selectors)
+                return self._x509_bundles()
+
+            await self._stream(stream, call, process, compute=bundles,
+                               message=lambda current: pb.X509BundlesResponse(bundles=dict(current)))
 
     # -- JWT-SVID profile ----------------------------------------------------------------------------
 
@@ -168,20 +153,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         async with self._request(stream, "FetchJWTBundles") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
-            version = self._identities.version
-            self._require_entitlement(selectors)
-            current = self._jwt_bundles()
-            await stream.send_message(pb.JWTBundlesResponse(bundles=dict(current)))
-            self._answered(call)
-            with self._open_stream(call):
-                while True:
-                    version = await self._identities.wait_for_change(version)
-                    self._recheck(process)
-                    self._require_entitlement(selectors)
-                    latest = self._jwt_bundles()
-                    if latest != current:  # a JWT key rotation: relying parties need the new key at once
-                        await stream.send_message(pb.JWTBundlesResponse(bundles=dict(latest)))
-                        current = latest
+
+            async def bundles() -> tuple[tuple[str, bytes], ...]:
+                self._require_entitlement(selectors)
+                return self._jwt_bundles()
+
+            # Every JWT key rotation reaches relying parties at once.
+            await self._stream(stream, call, process, compute=bundles,
+                               message=lambda current: pb.JWTBundlesResponse(bundles=dict(current)))
 
     async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
         self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
@@ -219,6 +198,28 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         raise GRPCError(Status.UNIMPLEMENTED, reason)
 
     # -- shared steps ---------------------------------------------------------------------------------
+
+    async def _stream(self, stream: Stream[Any, Any], call: Call, process: WorkloadProcess, *,
+                      compute: Callable[[], Awaitable[_T]], message: Callable[[_T], Any],
+                      spiffe_ids: Callable[[_T], tuple[str, ...]] = lambda _: ()) -> None:
+        """One streaming RPC after attestation: the first answer, then the complete current set on
+        every change that alters it (and never twice the same), for as long as the caller is the
+        process that was attested. `compute` raises RefusedError when the caller is owed nothing."""
+        version = self._identities.version  # read before computing: no change in between is missed
+        current = await compute()
+        await stream.send_message(message(current))
+        self._answered(call, spiffe_ids(current))
+        with self._open_stream(call):
+            while True:
+                version = await self._identities.wait_for_change(version)
+                self._recheck(process)
+                latest = await compute()
+                if latest != current:
+                    await stream.send_message(message(latest))
+                    current = latest
+                    call.spiffe_ids = spiffe_ids(current)
+                    self._log.debug(f"{call.method} update sent",
+                                    extra={**call.log_fields(), "spiffe_ids": list(call.spiffe_ids)})
 
     @asynccontextmanager
     async def _request(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[Call]:
