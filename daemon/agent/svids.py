@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from vouchd.agent.revocation import HeldSvid, Withdrawal, withdrawal
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.decisions import Decision, DecisionKind, DecisionSink, Outcome
@@ -193,11 +194,8 @@ class SvidManager:
 
     def affected_by(self, document: RevocationDocument) -> bool:
         """Whether applying `document` changes what this node holds, or whether it is banned."""
-        return bool(self._revoked_by(document)[0] or self._own_node_revocation(document) is not None
-                    or self._ban_in(document) != self._banned)
-
-    def _ban_in(self, document: RevocationDocument) -> str | None:
-        return next((n.reason for n in document.nodes if n.node_id == self._source.node_id and n.banned), None)
+        found = self._withdrawal(document)
+        return found.changes_anything or found.ban != self._banned
 
     async def apply_revocations(self) -> bool:
         """Apply the node identity's newest revocation document, if not yet applied; True if it changed
@@ -207,54 +205,31 @@ class SvidManager:
             return True
         return False
 
-    def _own_node_revocation(self, document: RevocationDocument) -> tuple[int, bool, str] | None:
-        """(before, banned, reason) of a revocation of this node not applied yet."""
-        for node in document.nodes:
-            if node.node_id == self._source.node_id and (node.banned or node.before > self._node_revoked_before):
-                return node.before, node.banned, node.reason
-        return None
-
-    def _revoked_by(self, document: RevocationDocument) -> tuple[set[str], set[str]]:
-        """(entry ids whose held revision is revoked, entry ids whose cached SVID is)."""
-        below: dict[str, int] = {}
-        for revoked in document.entries:
-            below[revoked.entry_id] = max(below.get(revoked.entry_id, 0), revoked.below_revision)
-        entries = {e for e, entry in self._entries.items() if entry.revision < below.get(e, 0)}
-        svids = {e for e, svid in self._svids.items() if svid.entry_revision < below.get(e, 0)}
-        return entries, svids
+    def _withdrawal(self, document: RevocationDocument) -> Withdrawal:
+        return withdrawal(document, node_id=self._source.node_id,
+                          entries={e: entry.revision for e, entry in self._entries.items()},
+                          svids={e: HeldSvid(svid.entry_revision, svid.signed_at) for e, svid in self._svids.items()},
+                          applied_before=self._node_revoked_before)
 
     def _apply_revocations(self) -> bool:
         document = self._source.revocations
         if document is None or document.version <= self._revocations_applied:
             return False
         self._revocations_applied = document.version
-        changed = False
-        banned = self._ban_in(document)
-        if banned != self._banned:
-            self._banned = banned
-            changed = True
-        if banned is None:
+        found = self._withdrawal(document)
+        changed = found.ban != self._banned
+        self._banned = found.ban
+        if found.ban is None:
             # Whatever held issuance back (a ban, a stale document) may be what this document ends.
             self._backoff.clear()
-        own = self._own_node_revocation(document)
-        revoked_entries, revoked_svids = self._revoked_by(document)
-        if own is not None:
-            before, is_ban, reason = own
-            self._node_revoked_before = max(self._node_revoked_before, before)
-            # A ban voids everything; another node revocation only what was signed before it (an SVID
-            # the re-attestation it forced has already brought stays).
-            revoked_svids = {e for e, svid in self._svids.items() if is_ban or svid.signed_at < before}
-            if is_ban:
-                revoked_entries = set(self._entries)
-            self._decide(f"node revoked: {reason}", sorted(revoked_svids))
-        elif revoked_svids:
-            self._decide("entry revision revoked", sorted(revoked_svids))
-        for entry_id in revoked_svids:
+        self._node_revoked_before = found.node_revoked_before
+        self._decide(found.node_reason or "entry revision revoked", sorted(found.svids))
+        for entry_id in found.svids:
             self._svids.pop(entry_id, None)
-        if revoked_entries:
-            self._entries = {e: v for e, v in self._entries.items() if e not in revoked_entries}
+        if found.entries:
+            self._entries = {e: v for e, v in self._entries.items() if e not in found.entries}
             self._reindex()
-        return changed or bool(revoked_svids or revoked_entries)
+        return changed or bool(found.svids or found.entries)
 
     def _decide(self, reason: str, entry_ids: list[str]) -> None:
         """A revoke decision for the SVIDs of these entries this cache holds (none: nothing to say)."""
