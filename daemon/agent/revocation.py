@@ -5,7 +5,7 @@ and of what the node holds, so that the SVID cache only applies the answer.
   for that entry): the entry leaves the node's set until a sync brings a newer revision, and its
   cached SVID goes.
 - A ban of this node voids everything: every SVID and every entry, until it is lifted.
-- Another revocation of this node (a boot profile removed) voids the SVIDs signed before its
+- Another revocation of this node (a boot profile removed) voids the SVIDs signed up to its
   `before`; it is acted on once: the node remembers the latest `before` it applied.
 """
 
@@ -52,9 +52,10 @@ def withdrawal(document: RevocationDocument, *, node_id: str, entries: Mapping[s
                 if n.node_id == node_id and (n.banned or n.before > applied_before)), None)
     node_reason = None
     if own is not None:
-        # A ban voids everything; another node revocation only what was signed before it (an SVID
-        # the re-attestation it forced has already brought stays).
-        void_svids = {e for e, svid in svids.items() if own.banned or svid.signed_at < own.before}
+        # A ban voids everything; another node revocation only what was signed up to it (an SVID the
+        # re-attestation it forced has already brought stays). Both times are whole seconds: what was
+        # signed in the revocation's own second counts as before it, on the safe side.
+        void_svids = {e for e, svid in svids.items() if own.banned or svid.signed_at <= own.before}
         if own.banned:
             void_entries = set(entries)
         node_reason = f"node revoked: {own.reason}"

@@ -806,3 +806,15 @@ async def test_a_node_revocation_keeps_what_was_signed_after_it(ca: CertificateA
         await manager.apply_revocations()
 
         assert [s.entry_id for s in manager.svids] == ["web"]
+
+
+async def test_a_node_revocation_in_the_second_an_svid_was_signed_voids_it(ca: CertificateAuthority) -> None:
+    source = FakeCredentialSource(ca, [view("web", "unix:uid:1000")])
+    manager = await manager_with(source)
+    async with running(manager):
+        await fetch(manager, "unix:uid:1000")
+        signed_at = manager.svids[0].signed_at
+        source.revocations = revocations(1, nodes=[(NODE_ID, int(signed_at), False)])
+        await manager.apply_revocations()
+
+        assert manager.svids == [], "a revocation in the same second as the signing is not after it"
