@@ -14,6 +14,7 @@ from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.identities import (
     WORKLOAD_API_SOURCE,
+    CallerContext,
     InvalidJwtSvidError,
     JwtSvidMaterial,
     X509SvidMaterial,
@@ -41,19 +42,18 @@ class AgentWorkloadIdentities:
         # The Workload API service bounds this with the configured attestation deadline.
         return await attest_workload(process, self._attestors)
 
-    def entitled(self, selectors: frozenset[Selector]) -> bool:
-        return bool(self._svids.match(selectors))
+    def entitled(self, caller: CallerContext) -> bool:
+        return bool(self._svids.match(caller.selectors))
 
-    async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
-        return await self._svids.x509_svids(selectors)
+    async def x509_svids(self, caller: CallerContext) -> Sequence[X509SvidMaterial]:
+        return await self._svids.x509_svids(caller.selectors)
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         return {self._trust_domain_id: self._svids.bundle_der()}
 
-    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
-                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
-        return [JwtSvidMaterial(spiffe_id=svid.spiffe_id, token=svid.token, hint=svid.hint)
-                for svid in await self._jwt_svids.jwt_svids(selectors, audiences, spiffe_id)]
+    async def jwt_svids(self, caller: CallerContext) -> Sequence[JwtSvidMaterial]:
+        svids = await self._jwt_svids.jwt_svids(caller.selectors, caller.audiences, caller.spiffe_id)
+        return [JwtSvidMaterial(spiffe_id=svid.spiffe_id, token=svid.token, hint=svid.hint) for svid in svids]
 
     def jwt_bundles(self) -> Mapping[str, bytes]:
         return self._jwt_svids.jwt_bundles()

@@ -32,7 +32,7 @@ from tests.fakes import FakeClock
 from vouchd.agent.workload_api import NoIdentityError, X509SvidMaterial
 from vouchd.agent.workload_api import server as server_module
 from vouchd.agent.workload_api.errors import InvalidJwtSvidError
-from vouchd.agent.workload_api.identities import JwtSvidMaterial
+from vouchd.agent.workload_api.identities import CallerContext, JwtSvidMaterial
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.attestors import AttestorError, WorkloadProcess
 from vouchd.attestors.workload.procfs import read_process_stat
@@ -126,13 +126,13 @@ class FakeIdentities:
             raise self.attest_error
         return SELECTORS
 
-    def entitled(self, selectors: frozenset[Selector]) -> bool:
-        assert selectors == SELECTORS
+    def entitled(self, caller: CallerContext) -> bool:
+        assert caller.selectors == SELECTORS
         self.entitlement_checks += 1
         return self.has_entry
 
-    async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
-        assert selectors == SELECTORS
+    async def x509_svids(self, caller: CallerContext) -> Sequence[X509SvidMaterial]:
+        assert caller.selectors == SELECTORS and caller.method == "FetchX509SVID"
         async with self._changed:
             self.svid_requests += 1
             self._changed.notify_all()
@@ -145,10 +145,9 @@ class FakeIdentities:
     def x509_bundles(self) -> Mapping[str, bytes]:
         return dict(self.bundles)
 
-    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
-                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
-        assert selectors == SELECTORS
-        self.jwt_requests.append((tuple(audiences), spiffe_id))
+    async def jwt_svids(self, caller: CallerContext) -> Sequence[JwtSvidMaterial]:
+        assert caller.selectors == SELECTORS and caller.method == "FetchJWTSVID"
+        self.jwt_requests.append((caller.audiences, caller.spiffe_id))
         if self.no_identity_error:
             raise NoIdentityError("no entry matches")
         return [JwtSvidMaterial(spiffe_id=TRUST_DOMAIN + "/web", token="header.payload.signature", hint="web")]

@@ -18,6 +18,7 @@ from vouchd.selectors import Selector
 
 __all__ = [
     "WORKLOAD_API_SOURCE",
+    "CallerContext",
     "InvalidJwtSvidError",
     "JwtSvidMaterial",
     "NoIdentityError",
@@ -60,6 +61,17 @@ class X509SvidMaterial:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerContext:
+    """One attested request, whole: what the agent decides on, and what request-time policy reads."""
+
+    method: str                          # FetchX509SVID, FetchJWTSVID, ...
+    process: WorkloadProcess             # who asks, as the kernel described it
+    selectors: frozenset[Selector]       # what attestation derived from it
+    audiences: tuple[str, ...] = ()      # FetchJWTSVID: the audiences asked for
+    spiffe_id: str = ""                  # FetchJWTSVID: the one identity asked for, if any
+
+
+@dataclass(frozen=True, slots=True)
 class JwtSvidMaterial:
     """One JWT-SVID as the Workload API hands it to a workload."""
 
@@ -92,11 +104,11 @@ class WorkloadIdentities(Protocol):
         """
         ...
 
-    def entitled(self, selectors: frozenset[Selector]) -> bool:
+    def entitled(self, caller: CallerContext) -> bool:
         """True if some registration entry matches these selectors; issues nothing."""
         ...
 
-    async def x509_svids(self, selectors: frozenset[Selector]) -> Sequence[X509SvidMaterial]:
+    async def x509_svids(self, caller: CallerContext) -> Sequence[X509SvidMaterial]:
         """The caller's current X.509-SVIDs, the default one first; may wait for issuance.
 
         An empty result or NoIdentityError means the caller is entitled to none.
@@ -107,10 +119,9 @@ class WorkloadIdentities(Protocol):
         """Trust domain SPIFFE ID (`spiffe://example.org`) -> concatenated DER of its CA certificates."""
         ...
 
-    async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
-                        spiffe_id: str) -> Sequence[JwtSvidMaterial]:
-        """The caller's JWT-SVIDs for these audiences (only `spiffe_id`'s when it is not empty); may
-        wait for issuance. NoIdentityError when the caller is entitled to none."""
+    async def jwt_svids(self, caller: CallerContext) -> Sequence[JwtSvidMaterial]:
+        """The caller's JWT-SVIDs for its audiences (only its `spiffe_id`'s when that is not empty);
+        may wait for issuance. NoIdentityError when the caller is entitled to none."""
         ...
 
     def jwt_bundles(self) -> Mapping[str, bytes]:

@@ -29,7 +29,12 @@ from grpclib.server import Stream
 
 from vouchd.agent.workload_api.calls import UNIDENTIFIED, Call, RefusedError
 from vouchd.agent.workload_api.errors import InvalidJwtSvidError, NoIdentityError, PeerError
-from vouchd.agent.workload_api.identities import WorkloadApiObserver, WorkloadIdentities, X509SvidMaterial
+from vouchd.agent.workload_api.identities import (
+    CallerContext,
+    WorkloadApiObserver,
+    WorkloadIdentities,
+    X509SvidMaterial,
+)
 from vouchd.agent.workload_api.limits import (
     ATTESTATIONS_PER_UID,
     AttestationSlots,
@@ -111,9 +116,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         async with self._request(stream, "FetchX509SVID") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
+            caller = CallerContext(call.method, process, selectors)
 
             async def svid_set() -> _X509SvidSet:
-                return await self._x509_svid_set(selectors)
+                return await self._x509_svid_set(caller)
 
             await self._stream(stream, call, process, compute=svid_set, message=_X509SvidSet.message,
                                spiffe_ids=lambda current: tuple(svid.spiffe_id for svid in current.svids))
@@ -122,9 +128,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         async with self._request(stream, "FetchX509Bundles") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
+            caller = CallerContext(call.method, process, selectors)
 
             async def bundles() -> tuple[tuple[str, bytes], ...]:
-                self._require_entitlement(selectors)
+                self._require_entitlement(caller)
                 return self._x509_bundles()
 
             await self._stream(stream, call, process, compute=bundles,
@@ -138,9 +145,11 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             call.identify(stream)
             check_jwt_svid_request(request)  # before attestation: an absurd request costs nothing
             assert request is not None
-            _process, selectors = await self._attest(stream, call)
+            process, selectors = await self._attest(stream, call)
+            caller = CallerContext(call.method, process, selectors, audiences=tuple(request.audience),
+                                   spiffe_id=request.spiffe_id)
             try:
-                svids = await self._identities.jwt_svids(selectors, tuple(request.audience), request.spiffe_id)
+                svids = await self._identities.jwt_svids(caller)
             except NoIdentityError as err:
                 raise RefusedError.no_identity(str(err)) from err
             if not svids:
@@ -153,9 +162,10 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         async with self._request(stream, "FetchJWTBundles") as call:
             await stream.recv_message()
             process, selectors = await self._attest(stream, call)
+            caller = CallerContext(call.method, process, selectors)
 
             async def bundles() -> tuple[tuple[str, bytes], ...]:
-                self._require_entitlement(selectors)
+                self._require_entitlement(caller)
                 return self._jwt_bundles()
 
             # Every JWT key rotation reaches relying parties at once.
@@ -296,8 +306,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._recheck(process)
         return process, selectors
 
-    def _require_entitlement(self, selectors: frozenset[Selector]) -> None:
-        if not self._identities.entitled(selectors):
+    def _require_entitlement(self, caller: CallerContext) -> None:
+        if not self._identities.entitled(caller):
             raise RefusedError.no_identity("no registration entry matches the caller's selectors")
 
     @staticmethod
@@ -307,9 +317,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         if not process_unchanged(process):
             raise RefusedError.attestation_failed(f"process {process.pid} exited or changed after attestation")
 
-    async def _x509_svid_set(self, selectors: frozenset[Selector]) -> _X509SvidSet:
+    async def _x509_svid_set(self, caller: CallerContext) -> _X509SvidSet:
         try:
-            svids = _with_unique_hints(await self._identities.x509_svids(selectors), self._log)
+            svids = _with_unique_hints(await self._identities.x509_svids(caller), self._log)
         except NoIdentityError as err:
             raise RefusedError.no_identity(str(err)) from err
         if not svids:
