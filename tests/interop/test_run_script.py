@@ -32,7 +32,8 @@ class RunScript:
                                         stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, "VOUCHD_RUN_STATE": str(state)})
         self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -46,8 +47,8 @@ class RunScript:
     def wait_for(self, text: str) -> None:
         deadline = time.monotonic() + 90
         while text not in self.output:
-            if self.process.poll() is not None and text not in self.output:
-                time.sleep(0.2)  # the reader may still be behind
+            if self.process.poll() is not None:
+                self._reader.join(timeout=DEADLINE)  # everything it wrote, read to the end
                 if text in self.output:
                     return
                 pytest.fail(f"scripts/run ended ({self.process.returncode}) before {text!r}:\n{self.output}")
@@ -67,7 +68,10 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie is dead for our purpose; it goes once its parent (gone) is reaped by init.
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:  # it ended between the two looks
+        return False
 
 
 @pytest.fixture
