@@ -19,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from vouchd.agent.cached import CachedSvid, cache_issued
 from vouchd.agent.revocation import HeldSvid, Withdrawal, withdrawal
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.clock import SYSTEM_CLOCK, Clock
@@ -42,7 +40,7 @@ from vouchd.protocol.messages import (
     X509SvidRequest,
 )
 from vouchd.selectors import Selector
-from vouchd.spiffe import CLOCK_SKEW, SpiffeError, load_der_certificates, make_csr, serial_hex
+from vouchd.spiffe import SpiffeError, make_csr
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -76,28 +74,6 @@ class CredentialSource(Protocol):
     def revocations(self) -> RevocationDocument | None:
         """The newest verified revocation document, None before the first."""
         ...
-
-
-@dataclass(frozen=True)
-class CachedSvid:
-    entry_id: str
-    entry_revision: int
-    spiffe_id: str
-    certificate: x509.Certificate
-    chain_der: bytes
-    private_key_der: bytes = field(repr=False)
-    issued_at: float
-    expires_at: float
-    rotate_at: float
-
-    @property
-    def serial(self) -> str:
-        return serial_hex(self.certificate)
-
-    @property
-    def signed_at(self) -> float:
-        """When the authority signed it, by the authority's clock (it backdates not_before by CLOCK_SKEW)."""
-        return self.certificate.not_valid_before_utc.timestamp() + CLOCK_SKEW.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -433,28 +409,17 @@ class SvidManager:
             if issued_key is None or issued.entry_id not in self._entries:
                 continue
             try:
-                certificate = load_der_certificates(issued.cert_chain, "issued x509-svid")[0]
-            except SpiffeError as err:
+                cached = cache_issued(issued, issued_key, entry_revision=self._entries[issued.entry_id].revision,
+                                      now=now)
+            except (SpiffeError, ValueError) as err:
                 failed[issued.entry_id] = str(err)
                 continue
-            if certificate.public_key() != issued_key.public_key():
-                failed[issued.entry_id] = "authority returned a certificate for another key"
-                continue
-            expires = certificate.not_valid_after_utc.timestamp()
-            lifetime = expires - now
-            self._svids[issued.entry_id] = CachedSvid(
-                entry_id=issued.entry_id, entry_revision=self._entries[issued.entry_id].revision,
-                spiffe_id=issued.spiffe_id, certificate=certificate,
-                chain_der=issued.cert_chain,
-                private_key_der=issued_key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
-                issued_at=now, expires_at=expires,
-                rotate_at=now + lifetime / 2 * random.uniform(0.9, 1.1),  # noqa: S311 - jitter, not secrecy
-            )
+            self._svids[issued.entry_id] = cached
             cached_now.add(issued.entry_id)
             self._emit(Decision(
                 kind=DecisionKind.ROTATE if issued.entry_id in replaced else DecisionKind.ISSUE,
                 outcome=Outcome.OK, at=now, source="svid_cache", method="x509-svid",
-                entry_ids=(issued.entry_id,), spiffe_ids=(issued.spiffe_id,), svid_serials=(serial_hex(certificate),),
+                entry_ids=(issued.entry_id,), spiffe_ids=(issued.spiffe_id,), svid_serials=(cached.serial,),
                 details=(("previous_serial", replaced[issued.entry_id]),) if issued.entry_id in replaced else (),
             ))
         for request in requests:

@@ -11,15 +11,15 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fusefs import FuseFile, fuse_available, mount_fs, mounted, unmount, wait_until_asleep
-from vouchd.attestors import WorkloadProcess
+from tests.fusefs import FuseFile, fuse_available, mount_fs, mounted, unmount
+from tests.processes import described, unix_values
+from tests.unit.conftest import Spawn
 from vouchd.attestors.workload.executable import (
     ExecutableReader,
     RefusedFileSystemError,
@@ -28,43 +28,13 @@ from vouchd.attestors.workload.executable import (
     inspect_executable,
 )
 from vouchd.attestors.workload.mounts import MountTables
-from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.attestors.workload.throttle import UidWarnings
 from vouchd.attestors.workload.unix import UnixAttestor
-from vouchd.selectors import Selector
 
 SLEEP = Path(shutil.which("sleep") or "/bin/sleep").resolve()
 BOUND = 5.0  # every wait of these tests is bounded by this; none should come near it
 
 
-def values(selectors: object, key: str) -> list[str]:
-    assert isinstance(selectors, list | tuple)
-    return [s.value for s in selectors if isinstance(s, Selector) and s.type == "unix" and s.key == key]
-
-
-def described(child: subprocess.Popen[bytes], uid: int | None = None) -> WorkloadProcess:
-    return WorkloadProcess(pid=child.pid, uid=os.getuid() if uid is None else uid, gid=os.getgid(),
-                           start_time=read_process_stat(child.pid).start_time)
-
-
-Spawn = Callable[[Path], subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start `binary 60` (a sleep), and wait until it sleeps: it reads nothing more of its executable."""
-    children: list[subprocess.Popen[bytes]] = []
-
-    def start(binary: Path) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen([str(binary), "60"])
-        children.append(child)
-        wait_until_asleep(child.pid)
-        return child
-
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
 
 
 def in_thread(call: Callable[[], object]) -> object:
@@ -185,8 +155,8 @@ async def test_an_executable_on_fuse_is_neither_opened_nor_hashed(
         async with asyncio.timeout(BOUND):  # a bound to fail on, not a wait
             selectors = await UnixAttestor().attest(process)
 
-    assert values(selectors, "path") == [] and values(selectors, "sha256") == []
-    assert values(selectors, "uid") == [str(os.getuid())], "the kernel-anchored selectors are all there"
+    assert unix_values(selectors, "path") == [] and unix_values(selectors, "sha256") == []
+    assert unix_values(selectors, "uid") == [str(os.getuid())], "the kernel-anchored selectors are all there"
     assert served.requests == asked, "the agent asked the FUSE server for nothing"
     assert served.held == 0
     (warning,) = [r for r in caplog.records if r.getMessage().startswith("not reading the executable")]
@@ -257,8 +227,8 @@ async def test_an_executable_on_tmpfs_is_read(tmpfs: Path, spawn: Spawn) -> None
     async with asyncio.timeout(BOUND):
         selectors = await UnixAttestor().attest(described(spawn(binary)))
 
-    assert values(selectors, "path") == [str(binary)]
-    assert values(selectors, "sha256") == [hashlib.sha256(binary.read_bytes()).hexdigest()]
+    assert unix_values(selectors, "path") == [str(binary)]
+    assert unix_values(selectors, "sha256") == [hashlib.sha256(binary.read_bytes()).hexdigest()]
 
 
 def test_a_kept_mount_table_sees_a_mount_id_used_again(tmp_path: Path, spawn: Spawn) -> None:

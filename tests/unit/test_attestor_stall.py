@@ -16,53 +16,25 @@ import asyncio
 import hashlib
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fusefs import FuseFile, fuse_available, mount_fs, mounted, unmount, wait_until_asleep
-from vouchd.attestors import WorkloadProcess, attest_workload
+from tests.fusefs import FuseFile, fuse_available, mount_fs, mounted, unmount
+from tests.processes import described, unix_values
+from tests.unit.conftest import Spawn
+from vouchd.attestors import attest_workload
 from vouchd.attestors.workload.executable import READ_THREADS, READ_UID_THREADS, READ_WAIT_LIMIT, ExecutableReader
 from vouchd.attestors.workload.pool import stalled_attestation
-from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.attestors.workload.unix import ExecutableHasher, UnixAttestor
-from vouchd.selectors import Selector
 
 SLEEP = Path(shutil.which("sleep") or "/bin/sleep").resolve()
 BOUND = 5.0  # the Workload API's attestation deadline: every caller must be answered within it
 STALLED = 6  # what stopped every later caller when these reads ran on asyncio's default pool (2 cores: 6 threads)
 
 
-def values(selectors: object, key: str) -> list[str]:
-    assert isinstance(selectors, list | tuple | frozenset)
-    return [s.value for s in selectors if isinstance(s, Selector) and s.type == "unix" and s.key == key]
-
-
-def described(child: subprocess.Popen[bytes], uid: int) -> WorkloadProcess:
-    return WorkloadProcess(pid=child.pid, uid=uid, gid=os.getgid(), start_time=read_process_stat(child.pid).start_time)
-
-
-Spawn = Callable[[Path], subprocess.Popen[bytes]]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start `binary 60` (a sleep) and wait until it sleeps: it reads nothing more of its executable."""
-    children: list[subprocess.Popen[bytes]] = []
-
-    def start(binary: Path) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen([str(binary), "60"])
-        children.append(child)
-        wait_until_asleep(child.pid)
-        return child
-
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
 
 
 async def eventually(condition: Callable[[], bool], what: str) -> None:
@@ -140,12 +112,12 @@ async def test_six_stalled_callers_of_one_uid_hold_its_share_and_nobody_elses(
         results = await asyncio.gather(*hanging)
     stalled_took = time.monotonic() - started
 
-    assert values(other_selectors, "path") == [str(other_binary)]
-    assert values(other_selectors, "sha256") == [sha256_of(other_binary)]
+    assert unix_values(other_selectors, "path") == [str(other_binary)]
+    assert unix_values(other_selectors, "sha256") == [sha256_of(other_binary)]
     assert other_took < READ_WAIT_LIMIT, f"the other uid waited {other_took:.2f} s"
     for selectors in results:  # attested within the deadline, without what could not be read
-        assert values(selectors, "uid") == ["4242"]
-        assert values(selectors, "path") == [] and values(selectors, "sha256") == []
+        assert unix_values(selectors, "uid") == ["4242"]
+        assert unix_values(selectors, "path") == [] and unix_values(selectors, "sha256") == []
     assert stalled_took < BOUND
     assert served.held == READ_UID_THREADS, "the other four waited in line and never reached the server"
     assert [call.uid for call in reader.pool.busy()] == [4242] * READ_UID_THREADS
@@ -172,9 +144,9 @@ async def test_six_stalled_uids_leave_threads_for_a_seventh(
     async with asyncio.timeout(BOUND):
         results = await asyncio.gather(*hanging)
 
-    assert values(other_selectors, "sha256") == [sha256_of(other_binary)]
+    assert unix_values(other_selectors, "sha256") == [sha256_of(other_binary)]
     assert other_took < READ_WAIT_LIMIT, f"the seventh uid waited {other_took:.2f} s"
-    assert all(values(selectors, "path") == [] for selectors in results)
+    assert all(unix_values(selectors, "path") == [] for selectors in results)
 
 
 async def test_the_watchdog_sees_the_readers_once_every_thread_hangs(
@@ -204,7 +176,7 @@ async def test_the_watchdog_sees_the_readers_once_every_thread_hangs(
     other = described(spawn(local_sleep(tmp_path)), uid=4343)
     async with asyncio.timeout(BOUND):  # even now every caller is answered within the deadline...
         selectors = await attest_workload(other, [attestor])
-    assert values(selectors, "uid") == ["4343"] and values(selectors, "path") == []  # ...without path
+    assert unix_values(selectors, "uid") == ["4343"] and unix_values(selectors, "path") == []  # ...without path
 
     served.release()  # the server answers (EIO): the threads come back
     async with asyncio.timeout(BOUND):
@@ -266,11 +238,11 @@ async def test_callers_whose_executable_blocks_on_open_do_not_hold_up_another_ui
     async with asyncio.timeout(BOUND):
         results = await asyncio.gather(*hanging)
 
-    assert values(other_selectors, "sha256") == [sha256_of(other_binary)]
+    assert unix_values(other_selectors, "sha256") == [sha256_of(other_binary)]
     assert other_took < READ_WAIT_LIMIT, f"the other uid waited {other_took:.2f} s"
-    assert all(values(selectors, "sha256") == [] for selectors in results)
+    assert all(unix_values(selectors, "sha256") == [] for selectors in results)
     # Inspecting a FIFO does not block, opening it does: the callers whose opens hang have their path;
     # those whose inspection waited behind them in their uid's line have none.
-    with_path = [values(selectors, "path") for selectors in results if values(selectors, "path")]
+    with_path = [unix_values(selectors, "path") for selectors in results if unix_values(selectors, "path")]
     assert len(with_path) >= READ_UID_THREADS and all(path == [str(fifo)] for path in with_path)
     assert [call.uid for call in pool.busy()] == [4242] * READ_UID_THREADS, "only uid 4242's share is held"

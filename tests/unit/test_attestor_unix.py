@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import described, unix_values
 from vouchd.attestors import AttestorError, WorkloadProcess
-from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.attestors.workload.unix import (
     MIN_HASH_COST,
     SELECTOR_KINDS,
@@ -99,15 +99,6 @@ def spawn() -> Iterator[Spawn]:
         child.wait()
 
 
-def described(child: subprocess.Popen[bytes], *, uid: int | None = None) -> WorkloadProcess:
-    return WorkloadProcess(
-        pid=child.pid,
-        uid=os.getuid() if uid is None else uid,
-        gid=os.getgid(),
-        start_time=read_process_stat(child.pid).start_time,
-    )
-
-
 def copy_of_sleep(directory: Path, name: str = "my-sleep") -> Path:
     target = directory / name
     shutil.copy2(SLEEP, target)
@@ -137,11 +128,6 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def values(selectors: object, key: str) -> list[str]:
-    assert isinstance(selectors, list | tuple)
-    return [s.value for s in selectors if isinstance(s, Selector) and s.type == "unix" and s.key == key]
-
-
 def not_hashed_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "vouchd.attestors.unix" and r.getMessage().startswith("not hashing")]
 
@@ -155,13 +141,13 @@ async def test_selectors_describe_the_process(spawn: Spawn, tmp_path: Path) -> N
 
     selectors = await UnixAttestor().attest(process)
 
-    assert values(selectors, "uid") == [str(os.getuid())]
-    assert values(selectors, "user") == [pwd.getpwuid(os.getuid()).pw_name]
-    assert values(selectors, "gid") == [str(os.getgid())]
-    assert values(selectors, "group") == [grp.getgrgid(os.getgid()).gr_name]
-    assert sorted(values(selectors, "supplementary_gid")) == sorted(str(g) for g in os.getgroups())
-    assert values(selectors, "path") == [str(binary)]
-    assert values(selectors, "sha256") == [sha256_of(binary)]
+    assert unix_values(selectors, "uid") == [str(os.getuid())]
+    assert unix_values(selectors, "user") == [pwd.getpwuid(os.getuid()).pw_name]
+    assert unix_values(selectors, "gid") == [str(os.getgid())]
+    assert unix_values(selectors, "group") == [grp.getgrgid(os.getgid()).gr_name]
+    assert sorted(unix_values(selectors, "supplementary_gid")) == sorted(str(g) for g in os.getgroups())
+    assert unix_values(selectors, "path") == [str(binary)]
+    assert unix_values(selectors, "sha256") == [sha256_of(binary)]
 
 
 async def test_uid_and_gid_come_from_the_kernel_credentials_not_from_proc(spawn: Spawn) -> None:
@@ -170,8 +156,8 @@ async def test_uid_and_gid_come_from_the_kernel_credentials_not_from_proc(spawn:
 
     selectors = await UnixAttestor(hash_executables=False).attest(as_reported)
 
-    assert values(selectors, "uid") == ["4242"]
-    assert values(selectors, "gid") == ["4343"]
+    assert unix_values(selectors, "uid") == ["4242"]
+    assert unix_values(selectors, "gid") == ["4343"]
 
 
 async def test_a_deleted_executable_gives_no_path_and_no_hash(spawn: Spawn, tmp_path: Path) -> None:
@@ -181,9 +167,9 @@ async def test_a_deleted_executable_gives_no_path_and_no_hash(spawn: Spawn, tmp_
 
     selectors = await UnixAttestor().attest(process)
 
-    assert values(selectors, "path") == []
-    assert values(selectors, "sha256") == []
-    assert values(selectors, "uid") == [str(os.getuid())]
+    assert unix_values(selectors, "path") == []
+    assert unix_values(selectors, "sha256") == []
+    assert unix_values(selectors, "uid") == [str(os.getuid())]
 
 
 async def test_an_exited_process_is_an_attestor_error() -> None:
@@ -268,7 +254,7 @@ async def test_a_cache_hit_does_not_read_the_file_again(spawn: Spawn, tmp_path: 
     second = await attestor.attest(spawn(binary))  # another process, same file
 
     assert hasher.reads == 1
-    assert values(first, "sha256") == values(second, "sha256") == [sha256_of(binary)]
+    assert unix_values(first, "sha256") == unix_values(second, "sha256") == [sha256_of(binary)]
 
 
 async def test_a_different_file_is_hashed_again(spawn: Spawn, tmp_path: Path) -> None:
@@ -290,7 +276,7 @@ async def test_concurrent_attestations_of_one_file_hash_it_once(spawn: Spawn, tm
     results = await asyncio.gather(*(attestor.attest(p) for p in processes))
 
     assert hasher.reads == 1
-    assert all(values(r, "sha256") == [sha256_of(binary)] for r in results)
+    assert all(unix_values(r, "sha256") == [sha256_of(binary)] for r in results)
 
 
 async def test_a_caller_whose_process_exits_before_the_shared_read_fails_nobody(spawn: Spawn, tmp_path: Path) -> None:
@@ -360,8 +346,8 @@ async def test_files_above_the_size_limit_are_not_hashed(spawn: Spawn, caplog: p
     with caplog.at_level(logging.WARNING, logger="vouchd.attestors.unix"):
         selectors = await UnixAttestor(hasher=hasher).attest(process)
 
-    assert values(selectors, "sha256") == []
-    assert values(selectors, "path") == [str(SLEEP)]
+    assert unix_values(selectors, "sha256") == []
+    assert unix_values(selectors, "path") == [str(SLEEP)]
     assert hasher.reads == 0
     (warning,) = not_hashed_warnings(caplog)
     assert warning.getMessage() == (
@@ -375,8 +361,8 @@ async def test_hashing_can_be_switched_off(spawn: Spawn) -> None:
 
     selectors = await UnixAttestor(hash_executables=False, hasher=hasher).attest(spawn(SLEEP))
 
-    assert values(selectors, "sha256") == []
-    assert values(selectors, "path") == [str(SLEEP)]
+    assert unix_values(selectors, "sha256") == []
+    assert unix_values(selectors, "path") == [str(SLEEP)]
     assert hasher.reads == 0
 
 
@@ -390,7 +376,7 @@ async def test_a_hash_beyond_the_budget_is_left_out_without_waiting(
     hasher = CountingHasher(max_bytes=2 * MIB, budget=budget(clock, per_second=MIB, burst=2 * MIB))
     attestor = UnixAttestor(hasher=hasher)
     for name in ("one", "two"):  # each small file costs MIN_HASH_COST: the burst holds two
-        assert values(await attestor.attest(spawn(copy_of_sleep(tmp_path, name))), "sha256") != []
+        assert unix_values(await attestor.attest(spawn(copy_of_sleep(tmp_path, name))), "sha256") != []
     third = copy_of_sleep(tmp_path, "three")
     process = spawn(third)
 
@@ -398,8 +384,8 @@ async def test_a_hash_beyond_the_budget_is_left_out_without_waiting(
         async with asyncio.timeout(5):  # a bound to fail on, not a wait
             refused = await attestor.attest(process)
 
-    assert values(refused, "sha256") == [], "fails closed: entries requiring a sha256 do not match"
-    assert values(refused, "path") == [str(third)]
+    assert unix_values(refused, "sha256") == [], "fails closed: entries requiring a sha256 do not match"
+    assert unix_values(refused, "path") == [str(third)]
     assert hasher.reads == 2
     (warning,) = not_hashed_warnings(caplog)
     assert warning.getMessage() == (
@@ -409,7 +395,7 @@ async def test_a_hash_beyond_the_budget_is_left_out_without_waiting(
     assert (warning.__dict__["uid"], warning.__dict__["executable"]) == (os.getuid(), str(third))
 
     clock.now += 1  # one more MiB in the bucket
-    assert values(await attestor.attest(process), "sha256") == [sha256_of(third)]
+    assert unix_values(await attestor.attest(process), "sha256") == [sha256_of(third)]
 
 
 async def test_a_chmod_does_not_buy_a_free_hash(spawn: Spawn, tmp_path: Path) -> None:
@@ -418,11 +404,11 @@ async def test_a_chmod_does_not_buy_a_free_hash(spawn: Spawn, tmp_path: Path) ->
     hasher = CountingHasher(max_bytes=MIB, budget=budget(clock, per_second=MIB, burst=MIB))
     attestor = UnixAttestor(hasher=hasher)
     binary = copy_of_sleep(tmp_path)
-    assert values(await attestor.attest(spawn(binary)), "sha256") == [sha256_of(binary)]
+    assert unix_values(await attestor.attest(spawn(binary)), "sha256") == [sha256_of(binary)]
 
     binary.chmod(0o750)
 
-    assert values(await attestor.attest(spawn(binary)), "sha256") == []
+    assert unix_values(await attestor.attest(spawn(binary)), "sha256") == []
     assert hasher.reads == 1
 
 
@@ -432,11 +418,11 @@ async def test_cache_hits_are_free_when_the_budget_is_used_up(spawn: Spawn, tmp_
     attestor = UnixAttestor(hasher=hasher)
     binary = copy_of_sleep(tmp_path)
     await attestor.attest(spawn(binary))  # spends the whole budget
-    assert values(await attestor.attest(spawn(copy_of_sleep(tmp_path, "other"))), "sha256") == []
+    assert unix_values(await attestor.attest(spawn(copy_of_sleep(tmp_path, "other"))), "sha256") == []
 
     again = await attestor.attest(spawn(binary))
 
-    assert values(again, "sha256") == [sha256_of(binary)]
+    assert unix_values(again, "sha256") == [sha256_of(binary)]
     assert hasher.reads == 1
 
 
@@ -508,11 +494,11 @@ async def test_a_full_hash_queue_is_not_waited_for(
     finally:
         hasher.release.set()
 
-    assert values(refused, "sha256") == []
+    assert unix_values(refused, "sha256") == []
     (warning,) = not_hashed_warnings(caplog)
     assert warning.getMessage().endswith(f"uid {os.getuid()}: the hash queue is full; omitting sha256")
-    assert values(await held, "sha256") != []
-    assert values(await attestor.attest(process), "sha256") == [sha256_of(other)], "the queue has room again"
+    assert unix_values(await held, "sha256") != []
+    assert unix_values(await attestor.attest(process), "sha256") == [sha256_of(other)], "the queue has room again"
 
 
 async def test_hashing_leaves_the_default_thread_pool_to_the_rest(spawn: Spawn, tmp_path: Path) -> None:
