@@ -49,6 +49,7 @@ class CallerEvidence:
     uid: int
     start_time: int | None = None               # /proc/<pid>/stat field 22: tells a reused pid apart
     selectors: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()              # what attestors recorded but nothing matches on, "attestor.name=value"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,8 @@ class Decision:
                 result["start_time"] = self.caller.start_time
             if self.caller.selectors:
                 result["selectors"] = list(self.caller.selectors)
+            if self.caller.evidence:
+                result["evidence"] = list(self.caller.evidence)
         if self.node is not None:
             result["node_id"] = self.node.node_id
             if self.node.quote_digest:

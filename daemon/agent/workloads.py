@@ -19,9 +19,8 @@ from vouchd.agent.workload_api.identities import (
     JwtSvidMaterial,
     X509SvidMaterial,
 )
-from vouchd.attestors.base import WorkloadAttestor, WorkloadProcess, attest_workload
+from vouchd.attestors.base import WorkloadAttestation, WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.decisions import Decision, Outcome
-from vouchd.selectors import Selector
 from vouchd.spiffe import InvalidSvidError, TrustDomain
 
 __all__ = ["AgentWorkloadIdentities", "WorkloadActivity"]
@@ -38,7 +37,7 @@ class AgentWorkloadIdentities:
         self._svids = svids
         self._jwt_svids = jwt_svids
 
-    async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
+    async def attest(self, process: WorkloadProcess) -> WorkloadAttestation:
         # The Workload API service bounds this with the configured attestation deadline.
         return await attest_workload(process, self._attestors)
 

@@ -67,7 +67,7 @@ async def test_selectors_of_all_attestors_are_merged() -> None:
     unix = FixedAttestor("unix", "unix:uid:0", "unix:gid:0")
     systemd = FixedAttestor("systemd", "systemd:unit:web.service", "unix:uid:0")
 
-    selectors = await attest_workload(PROCESS, [unix, systemd])
+    selectors = (await attest_workload(PROCESS, [unix, systemd])).selectors
 
     assert selectors == frozenset(Selector.parse(s) for s in ("unix:uid:0", "unix:gid:0", "systemd:unit:web.service"))
     assert unix.seen == [PROCESS]
@@ -139,7 +139,8 @@ async def test_the_attestation_waits_for_every_attestor() -> None:
 
     slow.gate.set()
 
-    assert await attestation == frozenset(Selector.parse(s) for s in ("unix:uid:0", "systemd:unit:web.service"))
+    expected = frozenset(Selector.parse(s) for s in ("unix:uid:0", "systemd:unit:web.service"))
+    assert (await attestation).selectors == expected
 
 
 async def test_a_cancelled_attestation_names_the_attestors_it_was_waiting_for(
@@ -161,7 +162,7 @@ async def test_a_cancelled_attestation_names_the_attestors_it_was_waiting_for(
 
 
 async def test_results_that_are_not_selectors_are_an_attestor_error() -> None:
-    with pytest.raises(AttestorError, match=r"workloadattestor\(sloppy\): returned str, not a Selector"):
+    with pytest.raises(AttestorError, match=r"workloadattestor\(sloppy\): returned str, not a Selector or Evidence"):
         await attest_workload(PROCESS, [NotSelectorsAttestor()])
 
 

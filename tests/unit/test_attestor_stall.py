@@ -106,7 +106,7 @@ async def test_six_stalled_callers_of_one_uid_hold_its_share_and_nobody_elses(
     hanging = [asyncio.create_task(attestor.attest(process)) for process in stalled]
     await eventually(lambda: served.held == READ_UID_THREADS, "uid 4242's reads reach the hung server")
     async with asyncio.timeout(BOUND):
-        other_selectors = await attest_workload(other, [attestor])
+        other_selectors = (await attest_workload(other, [attestor])).selectors
     other_took = time.monotonic() - started
     async with asyncio.timeout(BOUND):
         results = await asyncio.gather(*hanging)
@@ -139,7 +139,7 @@ async def test_six_stalled_uids_leave_threads_for_a_seventh(
     await eventually(lambda: served.held == STALLED, "every stalled uid's read reaches the hung server")
     started = time.monotonic()
     async with asyncio.timeout(BOUND):
-        other_selectors = await attest_workload(other, [attestor])
+        other_selectors = (await attest_workload(other, [attestor])).selectors
     other_took = time.monotonic() - started
     async with asyncio.timeout(BOUND):
         results = await asyncio.gather(*hanging)
@@ -175,7 +175,7 @@ async def test_the_watchdog_sees_the_readers_once_every_thread_hangs(
     assert attestor.stalled(60) is None, "not beyond the agent's limit yet"
     other = described(spawn(local_sleep(tmp_path)), uid=4343)
     async with asyncio.timeout(BOUND):  # even now every caller is answered within the deadline...
-        selectors = await attest_workload(other, [attestor])
+        selectors = (await attest_workload(other, [attestor])).selectors
     assert unix_values(selectors, "uid") == ["4343"] and unix_values(selectors, "path") == []  # ...without path
 
     served.release()  # the server answers (EIO): the threads come back
@@ -233,7 +233,7 @@ async def test_callers_whose_executable_blocks_on_open_do_not_hold_up_another_ui
     pool = reader.pool
     await eventually(lambda: len(pool.busy()) == READ_UID_THREADS, "uid 4242's opens block")
     async with asyncio.timeout(BOUND):
-        other_selectors = await attest_workload(other, [attestor])
+        other_selectors = (await attest_workload(other, [attestor])).selectors
     other_took = time.monotonic() - started
     async with asyncio.timeout(BOUND):
         results = await asyncio.gather(*hanging)

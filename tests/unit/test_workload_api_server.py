@@ -35,6 +35,7 @@ from vouchd.agent.workload_api.errors import InvalidJwtSvidError
 from vouchd.agent.workload_api.identities import CallerContext, JwtSvidMaterial
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService
 from vouchd.attestors import AttestorError, WorkloadProcess
+from vouchd.attestors.base import Evidence, WorkloadAttestation
 from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.decisions import CallerEvidence, Decision, DecisionBus, DecisionKind, LogDecisions, Outcome
 from vouchd.proto import workload_pb2 as pb
@@ -45,6 +46,7 @@ from vouchd.unixsockets import SocketPathError
 TRUST_DOMAIN = "spiffe://example.org"
 HEADER = {"workload.spiffe.io": "true"}
 SELECTORS = frozenset({Selector("unix", "uid", str(os.getuid()))})
+INVOCATION_ID = "0123456789abcdef0123456789abcdef"
 DEADLINE = 5.0  # bound on waiting for something the server does after the client returned
 DECISION_LOGGER = "vouchd.decisions.workload_api"
 
@@ -118,13 +120,13 @@ class FakeIdentities:
         self._version = 1
         self._changed = asyncio.Condition()
 
-    async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
+    async def attest(self, process: WorkloadProcess) -> WorkloadAttestation:
         self.attested.append(process)
         if self.attest_hangs:
             await asyncio.Event().wait()
         if self.attest_error is not None:
             raise self.attest_error
-        return SELECTORS
+        return WorkloadAttestation(SELECTORS, evidence=(Evidence("systemd", "invocation_id", INVOCATION_ID),))
 
     def entitled(self, caller: CallerContext) -> bool:
         assert caller.selectors == SELECTORS
@@ -522,6 +524,7 @@ async def test_key_material_is_never_logged(api: Api, caplog: pytest.LogCaptureF
     assert (line.__dict__["pid"], line.__dict__["uid"]) == (os.getpid(), os.getuid())
     assert line.__dict__["spiffe_ids"] == [svid.spiffe_id]
     assert line.__dict__["selectors"] == [str(selector) for selector in SELECTORS]
+    assert line.__dict__["evidence"] == [f"systemd.invocation_id={INVOCATION_ID}"], "evidence is recorded"
     assert line.__dict__["duration_ms"] == "0.000", "timed on the service's clock"
     assert "reason" not in line.__dict__ and "code" not in line.__dict__
     key_hex = svid.private_key_der.hex()
@@ -691,7 +694,10 @@ async def test_run_serves_until_cancelled(socket_dir: Path) -> None:
 
 
 def me(start_time: int | None = None, selectors: tuple[str, ...] = ()) -> CallerEvidence:
-    return CallerEvidence(pid=os.getpid(), uid=os.getuid(), start_time=start_time, selectors=selectors)
+    """This process as a decision names it; attested (with selectors), also with the fake's evidence."""
+    evidence = (f"systemd.invocation_id={INVOCATION_ID}",) if selectors else ()
+    return CallerEvidence(pid=os.getpid(), uid=os.getuid(), start_time=start_time, selectors=selectors,
+                          evidence=evidence)
 
 
 MY_START_TIME = read_process_stat(os.getpid()).start_time

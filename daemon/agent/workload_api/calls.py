@@ -16,10 +16,9 @@ from grpclib.server import Stream
 from vouchd.agent.workload_api.errors import PeerError
 from vouchd.agent.workload_api.identities import WORKLOAD_API_SOURCE
 from vouchd.agent.workload_api.peer import peer_credentials
-from vouchd.attestors.base import WorkloadProcess
+from vouchd.attestors.base import WorkloadAttestation, WorkloadProcess
 from vouchd.clock import Clock
 from vouchd.decisions import CallerEvidence, Decision, DecisionKind, Outcome
-from vouchd.selectors import Selector
 
 __all__ = ["UNIDENTIFIED", "Call", "RefusedError"]
 
@@ -72,6 +71,7 @@ class Call:
     uid: int | None = None
     start_time: int | None = None
     selectors: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
     spiffe_ids: tuple[str, ...] = ()
     answered: bool = False  # a stream sent its first message: a later decision is the stream's end
 
@@ -86,11 +86,12 @@ class Call:
             return
         self.pid, self.uid = credentials.pid, credentials.uid
 
-    def attested(self, process: WorkloadProcess, selectors: frozenset[Selector] | None = None) -> None:
-        """Fill in what identifying the caller (then attesting it, with `selectors`) established."""
+    def attested(self, process: WorkloadProcess, attestation: WorkloadAttestation | None = None) -> None:
+        """Fill in what identifying the caller (then attesting it) established."""
         self.pid, self.uid, self.start_time = process.pid, process.uid, process.start_time
-        if selectors is not None:
-            self.selectors = tuple(sorted(str(selector) for selector in selectors))
+        if attestation is not None:
+            self.selectors = tuple(sorted(str(selector) for selector in attestation.selectors))
+            self.evidence = tuple(str(item) for item in attestation.evidence)
 
     def duration_ms(self) -> float:
         return round((self.clock.monotonic() - self.started) * 1000, 3)
@@ -119,6 +120,7 @@ class Call:
                 uid=UNIDENTIFIED if self.uid is None else self.uid,
                 start_time=self.start_time,
                 selectors=self.selectors,
+                evidence=self.evidence,
             ),
             spiffe_ids=self.spiffe_ids,
             details=tuple(details),

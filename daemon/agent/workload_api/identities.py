@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vouchd.agent.workload_api.errors import InvalidJwtSvidError, InvalidSvidMaterialError, NoIdentityError
-from vouchd.attestors.base import WorkloadProcess
+from vouchd.attestors.base import Evidence, WorkloadAttestation, WorkloadProcess
 from vouchd.selectors import Selector
 
 __all__ = [
@@ -69,6 +69,7 @@ class CallerContext:
     selectors: frozenset[Selector]       # what attestation derived from it
     audiences: tuple[str, ...] = ()      # FetchJWTSVID: the audiences asked for
     spiffe_id: str = ""                  # FetchJWTSVID: the one identity asked for, if any
+    evidence: tuple[Evidence, ...] = ()  # what attestation recorded but nothing matches on
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +97,8 @@ class WorkloadApiObserver(Protocol):
 class WorkloadIdentities(Protocol):
     """What the Workload API asks of the agent."""
 
-    async def attest(self, process: WorkloadProcess) -> frozenset[Selector]:
-        """Selectors of the calling process; raises AttestorError when attestation fails.
+    async def attest(self, process: WorkloadProcess) -> WorkloadAttestation:
+        """Selectors (and evidence) of the calling process; raises AttestorError when attestation fails.
 
         Has no deadline of its own: the service bounds it with its `attest_deadline` and cancels it
         when that passes, so one setting decides how long a caller may be attested.

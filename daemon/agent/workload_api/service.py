@@ -48,7 +48,6 @@ from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.decisions import Decision, DecisionSink
 from vouchd.proto import workload_pb2 as pb
 from vouchd.proto.workload_grpc import SpiffeWorkloadAPIBase
-from vouchd.selectors import Selector
 
 __all__ = ["SECURITY_HEADER", "WorkloadApiService"]
 
@@ -115,26 +114,24 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
     async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest, pb.X509SVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchX509SVID") as call:
             await stream.recv_message()
-            process, selectors = await self._attest(stream, call)
-            caller = CallerContext(call.method, process, selectors)
+            caller = await self._attest(stream, call)
 
             async def svid_set() -> _X509SvidSet:
                 return await self._x509_svid_set(caller)
 
-            await self._stream(stream, call, process, compute=svid_set, message=_X509SvidSet.message,
+            await self._stream(stream, call, caller.process, compute=svid_set, message=_X509SvidSet.message,
                                spiffe_ids=lambda current: tuple(svid.spiffe_id for svid in current.svids))
 
     async def FetchX509Bundles(self, stream: Stream[pb.X509BundlesRequest, pb.X509BundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchX509Bundles") as call:
             await stream.recv_message()
-            process, selectors = await self._attest(stream, call)
-            caller = CallerContext(call.method, process, selectors)
+            caller = await self._attest(stream, call)
 
             async def bundles() -> tuple[tuple[str, bytes], ...]:
                 self._require_entitlement(caller)
                 return self._x509_bundles()
 
-            await self._stream(stream, call, process, compute=bundles,
+            await self._stream(stream, call, caller.process, compute=bundles,
                                message=lambda current: pb.X509BundlesResponse(bundles=dict(current)))
 
     # -- JWT-SVID profile ----------------------------------------------------------------------------
@@ -145,9 +142,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             call.identify(stream)
             check_jwt_svid_request(request)  # before attestation: an absurd request costs nothing
             assert request is not None
-            process, selectors = await self._attest(stream, call)
-            caller = CallerContext(call.method, process, selectors, audiences=tuple(request.audience),
-                                   spiffe_id=request.spiffe_id)
+            caller = await self._attest(stream, call, audiences=tuple(request.audience),
+                                        spiffe_id=request.spiffe_id)
             try:
                 svids = await self._identities.jwt_svids(caller)
             except NoIdentityError as err:
@@ -161,15 +157,14 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
     async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchJWTBundles") as call:
             await stream.recv_message()
-            process, selectors = await self._attest(stream, call)
-            caller = CallerContext(call.method, process, selectors)
+            caller = await self._attest(stream, call)
 
             async def bundles() -> tuple[tuple[str, bytes], ...]:
                 self._require_entitlement(caller)
                 return self._jwt_bundles()
 
             # Every JWT key rotation reaches relying parties at once.
-            await self._stream(stream, call, process, compute=bundles,
+            await self._stream(stream, call, caller.process, compute=bundles,
                                message=lambda current: pb.JWTBundlesResponse(bundles=dict(current)))
 
     async def ValidateJWTSVID(  # noqa: N802 (name fixed by the proto)
@@ -287,7 +282,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             # Observing must never change what a workload gets, nor end its stream.
             self._log.error("workload api observer failed", exc_info=err, extra={"observer_event": event})
 
-    async def _attest(self, stream: Stream[Any, Any], call: Call) -> tuple[WorkloadProcess, frozenset[Selector]]:
+    async def _attest(self, stream: Stream[Any, Any], call: Call, *, audiences: tuple[str, ...] = (),
+                      spiffe_id: str = "") -> CallerContext:
         try:
             process = peer_process(stream)
         except PeerError as err:
@@ -297,14 +293,15 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         try:
             async with self._attestations.slot(process.uid, wait=self._attest_deadline):
                 async with asyncio.timeout(self._attest_deadline):
-                    selectors = await self._identities.attest(process)
+                    attestation = await self._identities.attest(process)
         except AttestorError as err:
             raise RefusedError.attestation_failed(str(err)) from err
         except TimeoutError as err:
             raise RefusedError.attestation_failed(f"no attestation within {self._attest_deadline:g}s") from err
-        call.attested(process, selectors)
+        call.attested(process, attestation)
         self._recheck(process)
-        return process, selectors
+        return CallerContext(call.method, process, attestation.selectors, audiences=audiences, spiffe_id=spiffe_id,
+                             evidence=attestation.evidence)
 
     def _require_entitlement(self, caller: CallerContext) -> None:
         if not self._identities.entitled(caller):
