@@ -20,6 +20,10 @@ from typing import Protocol
 
 from vouchd.attestors.base import WorkloadAttestor
 from vouchd.attestors.errors import CatalogError
+from vouchd.attestors.workload.container import ContainerAttestor
+from vouchd.attestors.workload.hashing import ExecutableHasher
+from vouchd.attestors.workload.lineage import LineageAttestor
+from vouchd.attestors.workload.systemd import SystemdAttestor
 from vouchd.attestors.workload.unix import UnixAttestor
 from vouchd.selectors import SelectorKind, SelectorSchema
 
@@ -38,7 +42,13 @@ _log = logging.getLogger("vouchd.attestors")
 
 WorkloadAttestorFactory = Callable[..., WorkloadAttestor]
 
-BUILTIN_WORKLOAD_ATTESTORS: Mapping[str, WorkloadAttestorFactory] = MappingProxyType({"unix": UnixAttestor})
+BUILTIN_WORKLOAD_ATTESTORS: Mapping[str, WorkloadAttestorFactory] = MappingProxyType({
+    "container": ContainerAttestor,
+    "lineage": LineageAttestor,
+    "systemd": SystemdAttestor,
+    "unix": UnixAttestor,
+})
+_SHARED_HASHER = "hasher"
 WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP = "vouchd.workload_attestors"
 
 
@@ -82,22 +92,47 @@ def build_workload_attestors(
     config: Mapping[str, Mapping[str, object]],
     *,
     factories: Mapping[str, WorkloadAttestorFactory] | None = None,
+    services: Mapping[str, object] | None = None,
 ) -> list[WorkloadAttestor]:
     """One attestor per configured plugin name, built with that plugin's keyword options.
 
-    `factories` defaults to workload_attestor_factories().
+    `factories` defaults to workload_attestor_factories(). `services` are what the agent itself
+    provides (`holders`: who holds which identity, for `lineage`): each is passed to the factories
+    that take a keyword of its name, and no configuration may set it. The first attestor built with
+    an ExecutableHasher (`unix`) lends it, as `hasher`, to those built after it (`interpreter`), so
+    that executables and scripts are hashed under one cache and one budget.
     """
     if not config:
         raise CatalogError("at least one workload attestor must be configured")
     if factories is None:
         factories = workload_attestor_factories()
-    attestors: list[WorkloadAttestor] = []
-    for name, options in config.items():
+    provided = dict(services or {})
+    reserved = set(provided) | {_SHARED_HASHER}
+    attestors: dict[str, WorkloadAttestor] = {}
+    # unix first: it owns the hasher the others share.
+    for name in sorted(config, key=lambda n: n != "unix"):
+        options = config[name]
         factory = factories.get(name)
         if factory is None:
             raise CatalogError(f"unknown workload attestor {name!r}; known: {', '.join(sorted(factories))}")
-        attestors.append(_build(name, factory, options))
-    return attestors
+        if isinstance(options, Mapping) and (taken := sorted(reserved & set(options))):
+            raise CatalogError(f"workload attestor {name!r}: option {', '.join(map(repr, taken))} is the agent's "
+                               "own and cannot be configured")
+        attestor = _build(name, factory, options, _services_for(factory, provided))
+        attestors[name] = attestor
+        if _SHARED_HASHER not in provided and isinstance(getattr(attestor, _SHARED_HASHER, None), ExecutableHasher):
+            provided[_SHARED_HASHER] = getattr(attestor, _SHARED_HASHER)
+    return [attestors[name] for name in config]
+
+
+def _services_for(factory: WorkloadAttestorFactory, provided: Mapping[str, object]) -> dict[str, object]:
+    """The services a factory takes by keyword (a plugin without them is built without them)."""
+    target = factory.load() if isinstance(factory, _LazyFactory) else factory
+    try:
+        parameters = inspect.signature(target).parameters
+    except ValueError:
+        return {}
+    return {name: value for name, value in provided.items() if name in parameters}
 
 
 def selector_schema(
@@ -150,9 +185,11 @@ def _declared_kinds(name: str, factory: WorkloadAttestorFactory) -> tuple[Select
     return tuple(declared)
 
 
-def _build(name: str, factory: WorkloadAttestorFactory, options: Mapping[str, object]) -> WorkloadAttestor:
+def _build(name: str, factory: WorkloadAttestorFactory, options: Mapping[str, object],
+           services: Mapping[str, object]) -> WorkloadAttestor:
     if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
         raise CatalogError(f"workload attestor {name!r}: options must be a mapping of names to values")
+    options = {**options, **services}
     target = factory.load() if isinstance(factory, _LazyFactory) else factory
     try:
         inspect.signature(target).bind(**options)

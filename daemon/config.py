@@ -273,19 +273,38 @@ class _Section:
         for index, item in enumerate(value):
             yield _Section(self.source, f"{self._key_path(key)}[{index}]", item, self.environ, keys)
 
-    def free_mapping(self, key: str) -> dict[str, dict[str, Any]]:
-        """A mapping of name -> options mapping, whose contents a plugin validates itself."""
+    def free_mapping(self, key: str) -> dict[str, dict[str, Any]] | None:
+        """A mapping of name -> options mapping, whose contents a plugin validates itself; None when absent.
+
+        `name: false` leaves the plugin out (switched off), `name: true` or `name:` takes its defaults.
+        """
         value = self._raw(key)
         if value is None:
-            return {}
+            return None
         if not isinstance(value, dict):
             raise self.error(key, f"expected a mapping of name to options, got {_kind(value)}")
         result: dict[str, dict[str, Any]] = {}
         for name, options in value.items():
-            if not isinstance(name, str) or not isinstance(options, dict | None):
-                raise self.error(f"{key}.{name}", "expected a mapping of options")
-            result[name] = dict(options or {})
+            if options is False:
+                continue
+            if not isinstance(name, str) or not isinstance(options, dict | None | bool):
+                raise self.error(f"{key}.{name}", "expected a mapping of options, or true or false")
+            result[name] = dict(options) if isinstance(options, dict) else {}
         return result
+
+
+# What an agent runs when its file names no workload attestors: every built-in one.
+DEFAULT_WORKLOAD_ATTESTORS = ("unix", "interpreter", "systemd", "container", "lineage")
+
+
+def _workload_attestors(section: _Section) -> dict[str, dict[str, Any]]:
+    configured = section.free_mapping("workload_attestors")
+    if configured is None:
+        return {name: {} for name in DEFAULT_WORKLOAD_ATTESTORS}
+    if not configured:
+        raise section.error("workload_attestors", "switches every workload attestor off: no workload could be "
+                                                  "attested (leave the key out for the defaults)")
+    return configured
 
 
 def _kind(value: object) -> str:
@@ -331,7 +350,7 @@ def _parse_agent(section: _Section) -> AgentConfig:
         admin_socket_path=section.path_value("admin_socket_path", "/run/vouchd/admin.sock"),
         tpm=_parse_tpm(section.section("tpm", _TPM_KEYS)),
         event_log_path=section.optional_path("event_log"),
-        workload_attestors=section.free_mapping("workload_attestors") or {"unix": {}},
+        workload_attestors=_workload_attestors(section),
         attestation_deadline=section.duration("attestation_deadline", "5s"),
         attestation_interval=section.duration("attestation_interval", "60s"),
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vouchd.agent.admin import AdminCommand, AdminServer, check_admin_socket_path, without_args
+from vouchd.agent.explain import WorkloadExplainer
+from vouchd.agent.holders import IdentityHolders
 from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
@@ -68,12 +70,16 @@ class AuthorityLink:
 AuthorityConnector = Callable[[EkInfo], contextlib.AbstractAsyncContextManager[AuthorityLink]]
 
 
-def workload_attestors_from(config: Config) -> list[WorkloadAttestor]:
-    """The configured workload attestors; a bad plugin name or option names the file and the key."""
+def workload_attestors_from(config: Config, holders: IdentityHolders | None = None) -> list[WorkloadAttestor]:
+    """The configured workload attestors; a bad plugin name or option names the file and the key.
+
+    `holders` is the agent's record of who holds which identity (for `lineage`); `vouchd config
+    check` builds the attestors with an empty one."""
     if config.agent is None:
         return []
     try:
-        return build_workload_attestors(config.agent.workload_attestors)
+        return build_workload_attestors(config.agent.workload_attestors,
+                                        services={"holders": holders or IdentityHolders()})
     except ConfigError as err:
         raise ConfigError(f"{config.source}: agent.workload_attestors: {err}") from None
 
@@ -96,6 +102,7 @@ class Agent:
         self._decisions = decisions
         self._decisions.subscribe(self._activity.record)
         self._ready = asyncio.Event()
+        self._holders = IdentityHolders(clock=self._clock)
 
     @property
     def ready(self) -> asyncio.Event:
@@ -105,7 +112,7 @@ class Agent:
     async def run(self) -> None:
         # What can be checked cheaply is checked before the TPM and the authority are touched: a typo in
         # the plugin options, a second agent on the same socket, a socket folder others may write to.
-        attestors = workload_attestors_from(self._config)
+        attestors = workload_attestors_from(self._config, self._holders)
         check_socket_path(self._agent_config.socket_path)
         check_admin_socket_path(self._agent_config.admin_socket_path)
         async with self._tpm_service() as tpm:
@@ -141,13 +148,16 @@ class Agent:
     async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor],
                      admin_commands: Mapping[str, AdminCommand]) -> None:
         jwt_svids = JwtSvidCache(node, svids, self._config.trust_domain, clock=self._clock)
-        identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids, jwt_svids)
+        identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids, jwt_svids,
+                                             holders=self._holders)
+        deadline = self._agent_config.attestation_deadline.total_seconds()
+        explain = WorkloadExplainer(attestors, svids, attest_deadline=deadline)
         service = WorkloadApiService(identities, decisions=self._decisions,
-                                     attest_deadline=self._agent_config.attestation_deadline.total_seconds(),
+                                     attest_deadline=deadline,
                                      observer=self._activity)
         workload_api = WorkloadApiServer(service, self._agent_config.socket_path)
         admin = AdminServer(self._agent_config.admin_socket_path,
-                            {"status": without_args(self.status), **admin_commands})
+                            {"status": without_args(self.status), "workload.explain": explain, **admin_commands})
         await workload_api.start()
         try:
             await admin.start()

@@ -70,14 +70,21 @@ class JwtSvidCache:
         self._clock = clock
         self._tokens: OrderedDict[_Key, JwtSvid] = OrderedDict()
         self._pending: dict[_Key, asyncio.Future[None]] = {}
+        svids.parents.add_source(self._expiry)
+
+    def _expiry(self, spiffe_id: str) -> float | None:
+        """The latest expiry of this identity's JWT-SVIDs held here (a child's never outlives them)."""
+        return max((t.expires_at for t in self._tokens.values() if t.spiffe_id == spiffe_id), default=None)
 
     async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
-                        spiffe_id: str = "") -> list[JwtSvid]:
+                        spiffe_id: str = "", *, ancestors_hold: frozenset[str] = frozenset()) -> list[JwtSvid]:
         """The caller's JWT-SVIDs for these audiences (only `spiffe_id`'s when given), issuing the
-        missing ones; NoIdentityError when the caller is entitled to none, or none could be issued."""
+        missing ones; NoIdentityError when the caller is entitled to none, or none could be issued.
+        Never an identity in `ancestors_hold`; never one whose parent identity holds no valid SVID."""
         if self._svids.banned is not None:
             raise NoIdentityError(f"node is banned: {self._svids.banned}")
-        entries = [e for e in self._svids.match(selectors) if not spiffe_id or str(e.spiffe_id) == spiffe_id]
+        entries = [e for e in self._svids.match(selectors, ancestors_hold=ancestors_hold)
+                   if not spiffe_id or str(e.spiffe_id) == spiffe_id]
         if not entries:
             raise NoIdentityError("no registration entry matches the caller"
                                   + (f" with the SPIFFE ID {spiffe_id[:200]}" if spiffe_id else ""))
@@ -86,8 +93,16 @@ class JwtSvidCache:
         missing = [e for e in entries if not self._fresh((e.id, e.revision, wanted), now)]
         failure = await self._issue(missing, wanted) if missing else None
         now = self._clock.now()
-        tokens = [token for e in entries
-                  if (token := self._tokens.get((e.id, e.revision, wanted))) is not None and token.expires_at > now]
+        tokens = []
+        for entry in entries:
+            token = self._tokens.get((entry.id, entry.revision, wanted))
+            if token is None or token.expires_at <= now:
+                continue
+            orphaned = self._svids.parents.cap(entry)[1]
+            if orphaned is not None:
+                failure = failure or orphaned
+                continue
+            tokens.append(token)
         if not tokens:
             raise NoIdentityError(failure or "no jwt-svid could be issued for the caller")
         return tokens
@@ -123,8 +138,15 @@ class JwtSvidCache:
 
     async def _request(self, entries: Sequence[Entry], audiences: tuple[str, ...]) -> str | None:
         by_id = {e.id: e for e in entries}
-        response = await self._source.request(
-            jwt_svids=[JwtSvidRequest(entry_id=e.id, audiences=audiences) for e in entries])
+        requests = []
+        refusal = None
+        for asked in entries:
+            cap, refusal = self._svids.parents.cap(asked)
+            if refusal is None:
+                requests.append(JwtSvidRequest(entry_id=asked.id, audiences=audiences, not_after=int(cap or 0)))
+        if not requests:
+            return refusal
+        response = await self._source.request(jwt_svids=requests)
         now = self._clock.now()
         for issued in response.jwt_svids:
             entry = by_id.get(issued.entry_id)

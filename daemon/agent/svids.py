@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +26,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vouchd.agent.cached import CachedSvid, cache_issued
+from vouchd.agent.lineage import ParentIdentities
+from vouchd.agent.matching import EntryMatcher
 from vouchd.agent.revocation import HeldSvid, Withdrawal, withdrawal
 from vouchd.agent.workload_api.identities import NoIdentityError, X509SvidMaterial
 from vouchd.clock import SYSTEM_CLOCK, Clock
@@ -91,7 +92,9 @@ class SvidManager:
         self._clock_recheck = clock_recheck
         self._decisions = decisions
         self._entries: dict[str, Entry] = {}
-        self._index: dict[Selector, set[str]] = defaultdict(set)
+        self._matcher = EntryMatcher()
+        self._parents = ParentIdentities(clock)
+        self._parents.add_source(self._x509_expiry)
         self._svids: dict[str, CachedSvid] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._backoff: dict[str, _Backoff] = {}
@@ -148,13 +151,39 @@ class SvidManager:
         self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
         self._entries = new
         self._reindex()
+        self._drop_orphans()
         return True
 
     def _reindex(self) -> None:
-        self._index = defaultdict(set)
-        for entry_id, entry in self._entries.items():
-            # One selector suffices as index key: a match needs all of them anyway.
-            self._index[min(entry.selectors)].add(entry_id)
+        self._matcher = EntryMatcher(self._entries.values())
+
+    @property
+    def matcher(self) -> EntryMatcher:
+        """The current entries, indexed for matching (`vouchd explain` reads it too)."""
+        return self._matcher
+
+    # -- lineage: a child's SVID never outlives its parent's ------------------------------------
+    @property
+    def parents(self) -> ParentIdentities:
+        """Until when each identity is valid here; the JWT-SVID cache adds its own credentials."""
+        return self._parents
+
+    def _x509_expiry(self, spiffe_id: str) -> float | None:
+        return max((svid.expires_at for svid in self._svids.values() if svid.spiffe_id == spiffe_id), default=None)
+
+    def _drop_orphans(self) -> bool:
+        """Drop the SVIDs of entries whose parent identity has no valid credential left; True if any.
+        Repeats, so a grandchild goes with its parent."""
+        dropped = False
+        while True:
+            orphans = [e for e, svid in self._svids.items()
+                       if (entry := self._entries.get(e)) is not None and self._parents.cap(entry)[1] is not None]
+            if not orphans:
+                return dropped
+            self._decide("its parent identity was withdrawn", orphans)
+            for entry_id in orphans:
+                del self._svids[entry_id]
+            dropped = True
 
     # -- revocation ----------------------------------------------------------------------------
     @property
@@ -205,7 +234,8 @@ class SvidManager:
         if found.entries:
             self._entries = {e: v for e, v in self._entries.items() if e not in found.entries}
             self._reindex()
-        return changed or bool(found.svids or found.entries)
+        orphaned = self._drop_orphans()
+        return changed or orphaned or bool(found.svids or found.entries)
 
     def _decide(self, reason: str, entry_ids: list[str]) -> None:
         """A revoke decision for the SVIDs of these entries this cache holds (none: nothing to say)."""
@@ -221,11 +251,9 @@ class SvidManager:
         if self._decisions is not None:
             self._decisions.emit(decision)
 
-    def match(self, selectors: frozenset[Selector]) -> list[Entry]:
-        candidates: set[str] = set()
-        for selector in selectors:
-            candidates.update(self._index.get(selector, ()))
-        return [self._entries[e] for e in sorted(candidates) if self._entries[e].selectors <= selectors]
+    def match(self, selectors: frozenset[Selector], *, ancestors_hold: frozenset[str] = frozenset()) -> list[Entry]:
+        """The entries the selectors match, never one whose SPIFFE ID an ancestor of the caller holds."""
+        return self._matcher.match(selectors, ancestors_hold=ancestors_hold)
 
     def bundle_der(self) -> bytes:
         return self._source.bundle_der()
@@ -235,7 +263,8 @@ class SvidManager:
         svid = self._svids.get(entry_id)
         return svid is not None and svid.expires_at > now
 
-    async def x509_svids(self, selectors: frozenset[Selector]) -> list[X509SvidMaterial]:
+    async def x509_svids(self, selectors: frozenset[Selector], *,
+                         ancestors_hold: frozenset[str] = frozenset()) -> list[X509SvidMaterial]:
         """Every valid SVID of the entries the caller matches; issues the missing ones first.
 
         An entry that cannot be issued right now does not take the caller's other identities away:
@@ -243,7 +272,7 @@ class SvidManager:
         """
         if self._banned is not None:
             raise NoIdentityError(f"node is banned: {self._banned}")
-        entries = self.match(selectors)
+        entries = self.match(selectors, ancestors_hold=ancestors_hold)
         if not entries:
             raise NoIdentityError("no registration entry matches the caller")
         now = self._clock.now()
@@ -325,7 +354,7 @@ class SvidManager:
         for entry_id in expired:
             del self._svids[entry_id]
             log.warning("x509-svid expired before it could be rotated", extra={"entry_id": entry_id})
-        if expired:
+        if self._drop_orphans() or expired:
             await self._bump()
 
     def _note_failure(self, entry_id: str, reason: str, now: float) -> None:
@@ -389,13 +418,18 @@ class SvidManager:
     async def _issue(self, entry_ids: Sequence[str]) -> dict[str, str]:
         keys: dict[str, ec.EllipticCurvePrivateKey] = {}
         requests = []
+        failed: dict[str, str] = {}
         for entry_id in entry_ids:
             if entry_id not in self._entries:
+                failed[entry_id] = "entry is no longer assigned to this node"
+                continue
+            cap, refusal = self._parents.cap(self._entries[entry_id])
+            if refusal is not None:
+                failed[entry_id] = refusal
                 continue
             key = ec.generate_private_key(ec.SECP256R1())
             keys[entry_id] = key
-            requests.append(X509SvidRequest(entry_id=entry_id, csr=make_csr(key)))
-        failed = {e: "entry is no longer assigned to this node" for e in entry_ids if e not in keys}
+            requests.append(X509SvidRequest(entry_id=entry_id, csr=make_csr(key), not_after=int(cap or 0)))
         if not requests:
             return failed
         replaced = {e: self._svids[e].serial for e in keys if e in self._svids}

@@ -7,16 +7,19 @@ server depends on.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from vouchd.agent.holders import HoldersFullError, IdentityHolders
 from vouchd.agent.jwtsvids import JwtSvidCache
+from vouchd.agent.lineage import held_by_ancestors
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.identities import (
     WORKLOAD_API_SOURCE,
     CallerContext,
     InvalidJwtSvidError,
     JwtSvidMaterial,
+    NoIdentityError,
     X509SvidMaterial,
 )
 from vouchd.attestors.base import WorkloadAttestation, WorkloadAttestor, WorkloadProcess, attest_workload
@@ -31,27 +34,41 @@ _UNKNOWN = -1  # pid or uid of a caller the Workload API could not identify
 
 class AgentWorkloadIdentities:
     def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager,
-                 jwt_svids: JwtSvidCache) -> None:
+                 jwt_svids: JwtSvidCache, holders: IdentityHolders | None = None) -> None:
         self._trust_domain_id = str(trust_domain.id)
         self._attestors = list(attestors)
         self._svids = svids
         self._jwt_svids = jwt_svids
+        self._holders = holders
+
+    def _handing(self, caller: CallerContext, spiffe_ids: Iterable[str]) -> None:
+        """Remember that the caller holds these identities, for the lineage of its children."""
+        if self._holders is None:
+            return
+        try:
+            self._holders.record(caller.process.pid, caller.process.start_time, spiffe_ids)
+        except HoldersFullError as err:
+            raise NoIdentityError(str(err)) from None
 
     async def attest(self, process: WorkloadProcess) -> WorkloadAttestation:
         # The Workload API service bounds this with the configured attestation deadline.
         return await attest_workload(process, self._attestors)
 
     def entitled(self, caller: CallerContext) -> bool:
-        return bool(self._svids.match(caller.selectors))
+        return bool(self._svids.match(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence)))
 
     async def x509_svids(self, caller: CallerContext) -> Sequence[X509SvidMaterial]:
-        return await self._svids.x509_svids(caller.selectors)
+        svids = await self._svids.x509_svids(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence))
+        self._handing(caller, (svid.spiffe_id for svid in svids))
+        return svids
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         return {self._trust_domain_id: self._svids.bundle_der()}
 
     async def jwt_svids(self, caller: CallerContext) -> Sequence[JwtSvidMaterial]:
-        svids = await self._jwt_svids.jwt_svids(caller.selectors, caller.audiences, caller.spiffe_id)
+        svids = await self._jwt_svids.jwt_svids(caller.selectors, caller.audiences, caller.spiffe_id,
+                                                ancestors_hold=held_by_ancestors(caller.evidence))
+        self._handing(caller, (svid.spiffe_id for svid in svids))
         return [JwtSvidMaterial(spiffe_id=svid.spiffe_id, token=svid.token, hint=svid.hint) for svid in svids]
 
     def jwt_bundles(self) -> Mapping[str, bytes]:

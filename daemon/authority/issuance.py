@@ -87,8 +87,13 @@ class SvidSigner:
             self._refuse(errors, entry.id, "bad_csr", str(err), outcome=Outcome.INVALID, evidence=evidence,
                          method="x509-svid")
             return None
+        ttl = self._bounded(self._x509_ttl(entry), item.not_after)
+        if ttl is None:
+            self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
+                         evidence=evidence, method="x509-svid")
+            return None
         try:
-            cert = self._ca.sign_x509_svid(public_key, entry.spiffe_id, ttl=self._x509_ttl(entry), tier=node.tier,
+            cert = self._ca.sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=node.tier,
                                            dns_names=entry.dns_names,
                                            now=datetime.fromtimestamp(self._clock.now(), UTC))
         except (InvalidSvidError, CaError) as err:
@@ -111,7 +116,12 @@ class SvidSigner:
                          method="jwt-svid")
             return None
         now = int(self._clock.now())
-        ttl = min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl)
+        ttl = self._bounded(min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl),
+                            item.not_after)
+        if ttl is None:
+            self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
+                         evidence=evidence, method="jwt-svid")
+            return None
         expires = now + int(ttl.total_seconds())
         token = mint_jwt_svid(self._jwt_keys.sign, key_id=jwt_key_id(ec_public_key(self._jwt_keys.certificate
                                                                                   .public_key())),
@@ -121,6 +131,16 @@ class SvidSigner:
         self._issued(entry, evidence, "jwt-svid", details=(("audiences", ",".join(item.audiences)),))
         return IssuedJwtSvid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id), audiences=item.audiences,
                              token=token, expires_at=expires)
+
+    def _bounded(self, ttl: timedelta, not_after: int) -> timedelta | None:
+        """`ttl`, shortened to end by `not_after` when the agent asks for that (0: it does not); None
+        when that is not at least a second away."""
+        if not not_after:
+            return ttl
+        left = int(not_after - self._clock.now())  # whole seconds, rounded down: never past not_after
+        if left < 1:
+            return None
+        return min(ttl, timedelta(seconds=left))
 
     def _x509_ttl(self, entry: Entry) -> timedelta:
         """The entry's TTL, capped by the authority whatever the entry asks for."""

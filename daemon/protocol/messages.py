@@ -123,6 +123,7 @@ class NonceGrant:
 class X509SvidRequest:
     entry_id: str
     csr: bytes                          # DER PKCS#10; only its key is used
+    not_after: int = 0                  # expire by then (a child's SVID never outlives its parent's); 0: no bound
 
 
 # How many CSRs one RequestBody may carry; the authority refuses larger batches, agents split them.
@@ -134,6 +135,7 @@ MAX_JWT_SVIDS_PER_REQUEST = 256
 class JwtSvidRequest:
     entry_id: str
     audiences: tuple[str, ...]
+    not_after: int = 0                  # as for X509SvidRequest
 
 
 @message("request_body")

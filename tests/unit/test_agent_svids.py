@@ -61,6 +61,7 @@ class FakeCredentialSource:
         self.entries = tuple(entries)
         self.ttl = ttl
         self.requests: list[tuple[str, ...]] = []
+        self.not_after: dict[str, int] = {}  # the bound each entry was last asked with (0: none)
         self.refused: dict[str, str] = {}
         self.wrong_key: set[str] = set()
         self.chain_tail = b""  # DER certificates sent after each leaf
@@ -89,7 +90,9 @@ class FakeCredentialSource:
             if item.entry_id in self.wrong_key:
                 key = ec.generate_private_key(ec.SECP256R1()).public_key()
             spiffe_id = spiffe_ids[item.entry_id]
-            cert = self.ca.sign_x509_svid(key, SpiffeId.parse(spiffe_id), ttl=self.ttl, tier=TrustTier.HARDWARE)
+            self.not_after[item.entry_id] = item.not_after
+            ttl = self.ttl if not item.not_after else min(self.ttl, timedelta(seconds=item.not_after - time.time()))
+            cert = self.ca.sign_x509_svid(key, SpiffeId.parse(spiffe_id), ttl=ttl, tier=TrustTier.HARDWARE)
             issued.append(IssuedX509Svid(entry_id=item.entry_id, spiffe_id=spiffe_id,
                                          cert_chain=cert.public_bytes(Encoding.DER) + self.chain_tail,
                                          expires_at=int(cert.not_valid_after_utc.timestamp())))

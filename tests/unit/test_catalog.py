@@ -22,8 +22,8 @@ from vouchd.errors import ConfigError
 from vouchd.selectors import Selector, SelectorKind, SelectorSchema, non_empty
 
 
-class SystemdAttestor:
-    name = "systemd"
+class AcmeAttestor:
+    name = "acme"
 
     def __init__(self, *, slice_selectors: bool = True) -> None:
         self.slice_selectors = slice_selectors
@@ -49,31 +49,35 @@ class FakeEntryPoint:
         return self.target
 
 
+BUILTINS = ["container", "interpreter", "lineage", "systemd", "unix"]
+
+
 def test_the_builtins_are_always_there() -> None:
-    assert dict(BUILTIN_WORKLOAD_ATTESTORS) == {"unix": UnixAttestor}
-    assert workload_attestor_factories(entry_points=[]) == {"unix": UnixAttestor}
+    assert sorted(BUILTIN_WORKLOAD_ATTESTORS) == BUILTINS
+    assert BUILTIN_WORKLOAD_ATTESTORS["unix"] is UnixAttestor
+    assert workload_attestor_factories(entry_points=[]) == dict(BUILTIN_WORKLOAD_ATTESTORS)
     assert WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP == "vouchd.workload_attestors"
 
 
 def test_entry_points_are_added_sorted_by_name() -> None:
     factories = workload_attestor_factories(
         entry_points=[
-            FakeEntryPoint("zeta", "acme.zeta:Zeta", SystemdAttestor),
-            FakeEntryPoint("alpha", "acme.alpha:Alpha", SystemdAttestor),
+            FakeEntryPoint("zeta", "acme.zeta:Zeta", AcmeAttestor),
+            FakeEntryPoint("alpha", "acme.alpha:Alpha", AcmeAttestor),
         ]
     )
 
-    assert list(factories) == ["alpha", "unix", "zeta"]
+    assert list(factories) == sorted(["alpha", *BUILTINS, "zeta"])
 
 
 def test_the_installed_entry_points_are_read_by_default() -> None:
     installed = importlib.metadata.entry_points(group=WORKLOAD_ATTESTOR_ENTRY_POINT_GROUP)
 
-    assert set(workload_attestor_factories()) == {"unix"} | {ep.name for ep in installed}
+    assert set(workload_attestor_factories()) == set(BUILTINS) | {ep.name for ep in installed}
 
 
 def test_a_plugin_shadowing_a_builtin_is_fatal_and_both_sources_are_named() -> None:
-    impostor = FakeEntryPoint("unix", "evil.unix:Unix", SystemdAttestor)
+    impostor = FakeEntryPoint("unix", "evil.unix:Unix", AcmeAttestor)
 
     with pytest.raises(CatalogError) as caught:
         workload_attestor_factories(entry_points=[impostor])
@@ -103,13 +107,13 @@ def test_a_real_entry_point_names_its_source() -> None:
 
 def test_only_configured_plugins_are_imported() -> None:
     broken = FakeEntryPoint("broken", "gone.module:Thing", error=ImportError("no module named 'gone'"))
-    systemd = FakeEntryPoint("systemd", "acme.systemd:Systemd", SystemdAttestor)
-    factories = workload_attestor_factories(entry_points=[broken, systemd])
+    acme = FakeEntryPoint("acme", "acme.acme:Systemd", AcmeAttestor)
+    factories = workload_attestor_factories(entry_points=[broken, acme])
 
-    attestors = build_workload_attestors({"systemd": {"slice_selectors": False}}, factories=factories)
+    attestors = build_workload_attestors({"acme": {"slice_selectors": False}}, factories=factories)
 
-    assert [a.name for a in attestors] == ["systemd"]
-    assert isinstance(attestors[0], SystemdAttestor)
+    assert [a.name for a in attestors] == ["acme"]
+    assert isinstance(attestors[0], AcmeAttestor)
     assert attestors[0].slice_selectors is False
     assert broken.loads == []
     with pytest.raises(
@@ -129,9 +133,10 @@ def test_build_passes_options_to_the_builtin() -> None:
 
 
 def test_an_unknown_plugin_lists_the_known_ones() -> None:
-    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("systemd", "a:B", SystemdAttestor)])
+    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("acme", "a:B", AcmeAttestor)])
 
-    with pytest.raises(CatalogError, match=r"^unknown workload attestor 'dockr'; known: systemd, unix$"):
+    known = ", ".join(sorted(["acme", *BUILTINS]))
+    with pytest.raises(CatalogError, match=rf"^unknown workload attestor 'dockr'; known: {known}$"):
         build_workload_attestors({"unix": {}, "dockr": {}}, factories=factories)
 
 
@@ -150,12 +155,12 @@ def test_at_least_one_attestor_is_required() -> None:
 
 
 def test_a_factory_must_build_an_attestor_of_its_own_name() -> None:
-    misnamed = FakeEntryPoint("systemd", "acme:Unix", UnixAttestor)
+    misnamed = FakeEntryPoint("acme", "acme:Unix", UnixAttestor)
     not_an_attestor = FakeEntryPoint("thing", "acme:dict", dict)
     factories = workload_attestor_factories(entry_points=[misnamed, not_an_attestor])
 
-    with pytest.raises(CatalogError, match=r"^workload attestor 'systemd': factory built an attestor named 'unix'$"):
-        build_workload_attestors({"systemd": {}}, factories=factories)
+    with pytest.raises(CatalogError, match=r"^workload attestor 'acme': factory built an attestor named 'unix'$"):
+        build_workload_attestors({"acme": {}}, factories=factories)
     with pytest.raises(CatalogError, match=r"^workload attestor 'thing': factory returned dict, not an attestor$"):
         build_workload_attestors({"thing": {}}, factories=factories)
 
@@ -168,13 +173,13 @@ INSTALLED = "a selector any installed attestor produces"
 UNIX_KEYS = "gid, group, path, sha256, supplementary_gid, supplementary_group, uid, user"
 
 
-class DeclaringSystemdAttestor(SystemdAttestor):
-    produces = (SelectorKind("systemd", "unit", non_empty("a unit is a name")),
-                SelectorKind("systemd", "slice", non_empty("a slice is a name")))
+class DeclaringAcmeAttestor(AcmeAttestor):
+    produces = (SelectorKind("acme", "unit", non_empty("a unit is a name")),
+                SelectorKind("acme", "slice", non_empty("a slice is a name")))
 
 
-def declaring_factory(**options: object) -> SystemdAttestor:
-    return DeclaringSystemdAttestor()
+def declaring_factory(**options: object) -> AcmeAttestor:
+    return DeclaringAcmeAttestor()
 
 
 declaring_factory.produces = (SelectorKind("k8s", "pod_uid", non_empty("a pod uid is not empty")),)  # type: ignore[attr-defined]
@@ -189,70 +194,70 @@ def test_the_unix_attestor_declares_its_selectors() -> None:
 
     assert problem(schema, "unix:uid:1000") is None
     assert problem(schema, "unix:pth:/x") == f"unix:pth is not {ENABLED} (unix produces: {UNIX_KEYS})"
-    assert problem(schema, "systemd:unit:web.service") == f"systemd:unit is not {ENABLED} (known types: unix)"
+    assert problem(schema, "acme:unit:web.service") == f"acme:unit is not {ENABLED} (known types: unix)"
 
 
 def test_the_schema_of_enabled_attestors_reads_each_declaration_from_its_factory() -> None:
     factories = workload_attestor_factories(entry_points=[
-        FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor),
-        FakeEntryPoint("container", "acme.container:build", declaring_factory),
+        FakeEntryPoint("acme", "acme.acme:Systemd", DeclaringAcmeAttestor),
+        FakeEntryPoint("kube", "acme.kube:build", declaring_factory),
     ])
 
-    schema = selector_schema(["unix", "systemd", "container"], factories=factories)
+    schema = selector_schema(["unix", "acme", "kube"], factories=factories)
 
-    assert problem(schema, "systemd:unit:web.service") is None
+    assert problem(schema, "acme:unit:web.service") is None
     assert problem(schema, "k8s:pod_uid:8f1c") is None
-    assert problem(schema, "systemd:unit:") == "systemd:unit:: a unit is a name"
-    assert problem(schema, "systemd:units:x") == f"systemd:units is not {ENABLED} (systemd produces: slice, unit)"
-    assert problem(schema, "k8s:pod_id:x") == f"k8s:pod_id is not {ENABLED} (container produces: pod_uid)"
-    assert problem(schema, "container:id:x") == f"container:id is not {ENABLED} (known types: k8s, systemd, unix)"
+    assert problem(schema, "acme:unit:") == "acme:unit:: a unit is a name"
+    assert problem(schema, "acme:units:x") == f"acme:units is not {ENABLED} (acme produces: slice, unit)"
+    assert problem(schema, "k8s:pod_id:x") == f"k8s:pod_id is not {ENABLED} (kube produces: pod_uid)"
+    assert problem(schema, "container:id:x") == f"container:id is not {ENABLED} (known types: acme, k8s, unix)"
 
 
 def test_only_the_enabled_attestors_count_and_only_they_are_imported() -> None:
-    systemd = FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor)
+    acme = FakeEntryPoint("acme", "acme.acme:Systemd", DeclaringAcmeAttestor)
     broken = FakeEntryPoint("broken", "gone.module:Thing", error=ImportError("no module named 'gone'"))
-    factories = workload_attestor_factories(entry_points=[systemd, broken])
+    factories = workload_attestor_factories(entry_points=[acme, broken])
 
     schema = selector_schema({"unix": {}}, factories=factories)  # a configuration's mapping of name -> options
 
-    assert problem(schema, "systemd:unit:web.service") == f"systemd:unit is not {ENABLED} (known types: unix)"
-    assert (systemd.loads, broken.loads) == ([], [])
+    assert problem(schema, "acme:unit:web.service") == f"acme:unit is not {ENABLED} (known types: unix)"
+    assert (acme.loads, broken.loads) == ([], [])
 
 
 def test_a_plugin_that_declares_nothing_may_produce_anything_of_its_own_type() -> None:
-    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("systemd", "a:B", SystemdAttestor)])
+    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("acme", "a:B", AcmeAttestor)])
 
-    schema = selector_schema(["unix", "systemd"], factories=factories)
+    schema = selector_schema(["unix", "acme"], factories=factories)
 
-    assert problem(schema, "systemd:anything:at all") is None
+    assert problem(schema, "acme:anything:at all") is None
     assert problem(schema, "unix:uid:abc") == (
         "unix:uid:abc: a uid is a decimal number (no sign, spaces or leading zeros) below 4294967295, "
         "e.g. unix:uid:1000"
     )
-    assert problem(schema, "docker:id:x") == f"docker:id is not {ENABLED} (known types: systemd, unix)"
+    assert problem(schema, "docker:id:x") == f"docker:id is not {ENABLED} (known types: acme, unix)"
 
 
 def test_an_unknown_enabled_attestor_is_named() -> None:
-    with pytest.raises(CatalogError, match=r"^unknown workload attestor 'dockr'; known: unix$"):
+    with pytest.raises(CatalogError, match=rf"^unknown workload attestor 'dockr'; known: {', '.join(BUILTINS)}$"):
         selector_schema(["unix", "dockr"], factories=workload_attestor_factories(entry_points=[]))
 
 
 @pytest.mark.parametrize(
     ("produces", "message"),
     [
-        ("systemd:unit", "got str"),
-        (SelectorKind("systemd", "unit"), "got SelectorKind"),
-        ((SelectorKind("systemd", "unit"), ("systemd", "slice")), "got a tuple among them"),
+        ("acme:unit", "got str"),
+        (SelectorKind("acme", "unit"), "got SelectorKind"),
+        ((SelectorKind("acme", "unit"), ("acme", "slice")), "got a tuple among them"),
         (property(lambda self: ()), "got property"),
     ],
 )
 def test_a_malformed_declaration_is_refused(produces: object, message: str) -> None:
-    malformed = type("Malformed", (SystemdAttestor,), {"produces": produces})
-    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("systemd", "a:B", malformed)])
+    malformed = type("Malformed", (AcmeAttestor,), {"produces": produces})
+    factories = workload_attestor_factories(entry_points=[FakeEntryPoint("acme", "a:B", malformed)])
 
-    with pytest.raises(CatalogError, match=rf"^workload attestor 'systemd': produces must be a class attribute "
+    with pytest.raises(CatalogError, match=rf"^workload attestor 'acme': produces must be a class attribute "
                                            rf"listing SelectorKinds, {message}$"):
-        selector_schema(["systemd"], factories=factories)
+        selector_schema(["acme"], factories=factories)
 
 
 def test_a_plugin_that_cannot_be_loaded_cannot_be_described() -> None:
@@ -265,18 +270,19 @@ def test_a_plugin_that_cannot_be_loaded_cannot_be_described() -> None:
 
 
 def test_all_known_attestors_are_the_builtins_and_every_installed_plugin() -> None:
-    systemd = FakeEntryPoint("systemd", "acme.systemd:Systemd", DeclaringSystemdAttestor)
-    mesh = FakeEntryPoint("mesh", "acme.mesh:Mesh", SystemdAttestor)
-    factories = workload_attestor_factories(entry_points=[systemd, mesh])
+    acme = FakeEntryPoint("acme", "acme.acme:Systemd", DeclaringAcmeAttestor)
+    mesh = FakeEntryPoint("mesh", "acme.mesh:Mesh", AcmeAttestor)
+    factories = workload_attestor_factories(entry_points=[acme, mesh])
 
     schema = all_known_selector_schema(factories=factories)
 
-    assert (systemd.loads, mesh.loads) == (["systemd"], ["mesh"])
-    assert problem(schema, "systemd:unit:web.service") is None
+    assert (acme.loads, mesh.loads) == (["acme"], ["mesh"])
+    assert problem(schema, "acme:unit:web.service") is None
     assert problem(schema, "unix:uid:0") is None
     assert problem(schema, "mesh:whatever:x") is None
     assert problem(schema, "unix:uidd:0") == f"unix:uidd is not {INSTALLED} (unix produces: {UNIX_KEYS})"
-    assert problem(schema, "docker:id:x") == f"docker:id is not {INSTALLED} (known types: mesh, systemd, unix)"
+    assert problem(schema, "docker:id:x") == f"docker:id is not {INSTALLED} (known types: acme, container, interpreter, k8s, "
+                                                 "lineage, mesh, script, systemd, unix)"
 
 
 def test_all_known_attestors_default_to_what_is_installed() -> None:
