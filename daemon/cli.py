@@ -18,6 +18,7 @@ from vouchd import __version__
 from vouchd.admincli import add_admin_commands
 from vouchd.apicli import add_api_commands
 from vouchd.errors import VouchdError
+from vouchd.explaincli import add_explain_command
 
 __all__ = ["main"]
 
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.set_defaults(handler=_cmd_node_learn)
     add_admin_commands(commands, node_commands)
     add_api_commands(commands)
+    add_explain_command(commands, DEFAULT_ADMIN_SOCKET)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

@@ -1,0 +1,75 @@
+"""`vouchd explain --pid N | --selectors ...`: why a process gets an identity or none, from the agent.
+
+Asks the agent's admin socket (`workload.explain`), which attests the process with its own attestors
+and matches it against the entries it holds; prints the answer for a person, or with --json as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vouchd.admincli import call_admin
+from vouchd.errors import VouchdError
+
+__all__ = ["add_explain_command"]
+
+_WIDTH = 100  # of a selector list before it wraps onto its own lines
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    arguments: dict[str, Any] = {"near_misses": args.near_misses}
+    if args.pid is not None:
+        arguments["pid"] = args.pid
+    else:
+        arguments["selectors"] = args.selectors
+    answer = call_admin(args, "workload.explain", arguments)
+    if not isinstance(answer, dict) or "outcome" not in answer:
+        raise VouchdError("the agent sent a malformed explain reply")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        _print(answer)
+    return 0
+
+
+def _print(answer: dict[str, Any]) -> None:
+    if "pid" in answer:
+        print(f"process     pid {answer['pid']}, uid {answer['uid']}, gid {answer['gid']}")
+        print("attestors")
+        for run in answer["attestors"]:
+            found = (run["error"] and f"FAILED: {run['error']}") or " ".join(run["selectors"]) or "(nothing)"
+            print(f"  {run['name']:12} {run['ms']:8.2f} ms  {found}")
+            for item in run["evidence"]:
+                print(f"  {'':12} {'':11}  evidence {item}")
+    else:
+        print("selectors   (given)")
+        for selector in answer["selectors"]:
+            print(f"  {selector}")
+    shown = answer["entries"]
+    print(f"entries     {len(shown)} shown of {answer['entries_total']}")
+    for entry in shown:
+        if entry["matched"]:
+            state = "refused: " + entry["refusal"] if "refusal" in entry else "matches"
+        elif entry.get("held_by_ancestor"):
+            state = "held by an ancestor: never inherited"
+        else:
+            state = "lacks " + ", ".join(entry["missing"])
+        print(f"  {'+' if entry['matched'] and 'refusal' not in entry else '-'} {entry['id']:24} "
+              f"{entry['spiffe_id']}  {state}")
+    print(f"outcome     {answer['outcome'].upper()}: {answer['reason']}")
+
+
+def add_explain_command(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+                        default_admin_socket: str) -> None:
+    explain = commands.add_parser("explain", help="why a process gets an identity, or none")
+    target = explain.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, help="a running process: attest it as the Workload API would")
+    target.add_argument("--selectors", nargs="+", metavar="TYPE:KEY:VALUE",
+                        help="a process that is not running: match these selectors")
+    explain.add_argument("--near-misses", type=int, default=5, metavar="N",
+                         help="entries that did not match to show, nearest first (default 5)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.add_argument("--admin-socket", help=f"default: $VOUCHD_ADMIN_SOCKET or {default_admin_socket}")
+    explain.set_defaults(handler=_cmd_explain)
