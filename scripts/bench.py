@@ -44,6 +44,7 @@ DEADLINE = 30.0
 # The issue's goals for the p99 of each measurement; reported beside the figures, not asserted.
 REVOCATION_GOAL_MS = 500
 FIRST_SVID_GOAL_MS = 100
+MATCH_GOAL_MS = 1.0
 
 
 class BenchError(Exception):
@@ -372,9 +373,54 @@ async def measure_first_svid(agent: RunningAgent, rounds: int, uid_base: int, pa
 # -- the run -----------------------------------------------------------------------------------------
 
 
+def measure_matching(entry_count: int, rounds: int) -> dict[str, Any]:
+    """The cost of matching one caller against `entry_count` entries, in this process (no agent needed).
+
+    The entries are what an AI-agent host has: one uid, one interpreter, a script hash each, a tenth
+    of them also bound to a systemd unit, a few by uid alone; the caller carries the selectors every
+    attestor gives (about twenty), one of the scripts among them.
+    """
+    from datetime import timedelta
+
+    from vouchd.agent.matching import EntryMatcher
+    from vouchd.entries import Entry
+    from vouchd.selectors import selector_set
+    from vouchd.spiffe import SpiffeId
+
+    def entry(n: int, *selectors: str) -> Entry:
+        return Entry(id=f"agent-{n:06}", revision=1, spiffe_id=SpiffeId.parse(f"spiffe://example.org/agent/{n}"),
+                     selectors=selector_set(selectors), x509_ttl=timedelta(hours=1))
+
+    entries = [entry(n, "unix:uid:1000", "interpreter:name:python", f"script:sha256:{n:064x}",
+                     *((f"systemd:unit:agent-{n}.service",) if n % 10 == 0 else ()))
+               for n in range(entry_count - 3)]
+    entries += [entry(entry_count - 3 + n, f"unix:uid:{1000 + n}") for n in range(3)]
+    built = time.monotonic()
+    matcher = EntryMatcher(entries)
+    index_ms = since_ms(built)
+    common = ["unix:uid:1000", "unix:user:agent", "unix:gid:1000", "unix:group:agent", "unix:path:/usr/bin/python3.11",
+              "unix:sha256:" + "ee" * 32, "interpreter:name:python", "script:path:/opt/agents/agent.py",
+              "systemd:unit:agent-40.service", "systemd:slice:system.slice", "lineage:depth:1",
+              *(f"unix:supplementary_gid:{gid}" for gid in range(100, 108))]
+    callers = [selector_set([*common, f"script:sha256:{(n * 7919) % entry_count:064x}"]) for n in range(rounds)]
+    times_us = []
+    matched = 0
+    for caller in callers:
+        started = time.perf_counter_ns()
+        matched += len(matcher.match(caller))
+        times_us.append((time.perf_counter_ns() - started) / 1000)
+    ordered = sorted(times_us)
+    return {"entries": entry_count, "caller_selectors": len(callers[0]), "calls": rounds,
+            "index_build_ms": round(index_ms, 1),
+            "match_us": {"p50": round(statistics.median(ordered), 1),
+                         "p99": round(ordered[math.ceil(len(ordered) * 0.99) - 1], 1), "max": round(ordered[-1], 1)},
+            "p99_goal_us": MATCH_GOAL_MS * 1000, "entries_matched_per_call": round(matched / rounds, 2)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.interop.conftest import running_agent
 
+    matching = measure_matching(args.match_entries, args.match_calls)
     base = Path(tempfile.mkdtemp(prefix="vouchd-bench-"))
     try:
         started = time.perf_counter()
@@ -403,6 +449,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fetch_x509_svid": fetches,
         "revocation_to_open_stream": revocation,
         "entry_create_to_waiting_caller": first_svid,
+        "matching": matching,
         "agent_rss_mib": {"idle": round(rss_idle / 2**20, 1), "after_load": round(rss_after / 2**20, 1)},
         "tpm_latency_ms": status.get("tpm_latency_ms"),
     }
@@ -430,6 +477,9 @@ def main() -> None:
                         help="the first waiting caller's uid; round N uses this + N (uids with no entry)")
     parser.add_argument("--waiting-caller-pause-ms", type=float, default=0.0,
                         help="pause between a waiting caller's refused fetches (0: a tight loop)")
+    parser.add_argument("--match-entries", type=positive, default=10_000,
+                        help="entries a caller is matched against (measured in-process)")
+    parser.add_argument("--match-calls", type=positive, default=5000, help="callers matched")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (agent log, swtpm state) and say where it is")
     parser.add_argument("--waiting-caller", nargs=2, metavar=("SOCKET", "UID"), help=argparse.SUPPRESS)
