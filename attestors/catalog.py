@@ -22,6 +22,7 @@ from vouchd.attestors.base import WorkloadAttestor
 from vouchd.attestors.errors import CatalogError
 from vouchd.attestors.workload.container import ContainerAttestor
 from vouchd.attestors.workload.hashing import ExecutableHasher
+from vouchd.attestors.workload.interpreter import InterpreterAttestor
 from vouchd.attestors.workload.lineage import LineageAttestor
 from vouchd.attestors.workload.systemd import SystemdAttestor
 from vouchd.attestors.workload.unix import UnixAttestor
@@ -44,6 +45,7 @@ WorkloadAttestorFactory = Callable[..., WorkloadAttestor]
 
 BUILTIN_WORKLOAD_ATTESTORS: Mapping[str, WorkloadAttestorFactory] = MappingProxyType({
     "container": ContainerAttestor,
+    "interpreter": InterpreterAttestor,
     "lineage": LineageAttestor,
     "systemd": SystemdAttestor,
     "unix": UnixAttestor,

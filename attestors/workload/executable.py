@@ -46,6 +46,7 @@ __all__ = [
     "ExecutableFile",
     "ExecutableReader",
     "FileIdentity",
+    "NoAnswerError",
     "RefusedFileSystemError",
     "check_file_system",
     "file_system_kind",
@@ -250,7 +251,7 @@ class ExecutableReader:
                 "cannot read the executable of pid %d: no ptrace access; omitting path and sha256",
                 process.pid, extra={"pid": process.pid},
             )
-        except (RefusedFileSystemError, _NoAnswerError) as err:
+        except (RefusedFileSystemError, NoAnswerError) as err:
             extra: dict[str, object] = {"pid": process.pid, "reason": str(err)}
             if isinstance(err, RefusedFileSystemError) and err.mount is not None:
                 extra.update(file_system=err.mount.fs_type, mount_point=err.mount.mount_point)
@@ -271,7 +272,7 @@ class ExecutableReader:
             return await self._run(process, functools.partial(open_executable, process.pid, identity,
                                                               proc_root=self._proc_root, mounts=self._mounts),
                                    discard=os.close)
-        except _NoAnswerError as err:
+        except NoAnswerError as err:
             self._warnings.warn(
                 process.uid, "no_answer",
                 "not reading the executable of pid %d uid %d: %s; omitting sha256",
@@ -279,20 +280,31 @@ class ExecutableReader:
             )
             return None
 
+    async def run(self, process: WorkloadProcess, call: Callable[[], T], *,
+                  discard: Callable[[T], object] | None = None) -> T:
+        """Run another blocking read of `process`'s files on this reader's pool, within its uid's share and
+        the wait limit: the interpreter attestor reads callers' scripts this way, so one uid's hanging
+        files hold only that uid's threads, whichever attestor reads them.
+
+        Raises NoAnswerError when no thread ran `call` in time (its result then goes to `discard`), and
+        whatever `call` raises.
+        """
+        return await self._run(process, call, discard=discard)
+
     async def _run(self, process: WorkloadProcess, call: Callable[[], T], *,
                    discard: Callable[[T], object] | None = None) -> T:
         try:
             async with asyncio.timeout(self.wait_limit) as scope:
                 return await self.pool.run(process.uid, call, discard=discard)
         except PoolBusyError as err:
-            raise _NoAnswerError(str(err)) from err
+            raise NoAnswerError(str(err)) from err
         except TimeoutError as err:
             if not scope.expired():
                 raise  # the read itself failed with ETIMEDOUT
             held = [call.seconds for call in self.pool.busy() if call.uid == process.uid]
             detail = f"; {len(held)} reads of its uid running for up to {max(held):.0f} s" if held else ""
-            raise _NoAnswerError(f"no answer within {self.wait_limit:g} s{detail}") from err
+            raise NoAnswerError(f"no answer within {self.wait_limit:g} s{detail}") from err
 
 
-class _NoAnswerError(VouchdError):
-    """No thread read the executable in time: the pool refused, or the read did not return."""
+class NoAnswerError(VouchdError):
+    """No thread read the file in time: the pool refused, or the read did not return."""

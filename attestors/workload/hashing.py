@@ -1,4 +1,5 @@
-"""sha256 of callers' executables: size-bounded, cached, budgeted per uid, on threads of its own.
+"""sha256 of callers' executables (and of the scripts the interpreter attestor finds): size-bounded, cached,
+budgeted per uid, on threads of its own.
 
 Hashing is the one expensive step of the `unix` attestor, and any local user can trigger it (a chmod
 or a copy makes a file the cache has never seen). So it is bounded in bytes (a HashBudget, shared and
@@ -19,7 +20,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vouchd.attestors.base import WorkloadProcess
@@ -40,6 +41,7 @@ __all__ = [
     "HASH_THREADS",
     "HASH_WAIT_LIMIT",
     "MIN_HASH_COST",
+    "ChangedWhileHashedError",
     "ExecutableHasher",
     "HashBudget",
     "HashRefusal",
@@ -146,6 +148,10 @@ class HashBudget:
             del self._per_uid[uid]
 
 
+class ChangedWhileHashedError(AttestorError):
+    """The file changed while it was read: its digest is of neither version."""
+
+
 class _NotHashedError(VouchdError):
     """A hash under way was given up before a thread read the file: every caller waiting for it gets no sha256."""
 
@@ -234,15 +240,37 @@ class ExecutableHasher:
         not on a pid: a caller whose process exits meanwhile cannot make the others fail (a file once
         opened stays readable after its process is gone).
         """
-        identity = executable.identity
+        return await self.sha256_of_file(
+            process, executable.path, executable.identity,
+            functools.partial(self.reader.open, process, executable.identity), what="executable",
+        )
+
+    async def sha256_of_file(
+        self,
+        process: WorkloadProcess,
+        path: str,
+        identity: FileIdentity,
+        open_file: Callable[[], Awaitable[int | None]],
+        *,
+        what: str,
+    ) -> str | None:
+        """Hex sha256 of another file of `process` (the interpreter attestor's scripts), under the same
+        size limit, cache, budget, queue and threads as executables, or None when it is not hashed now.
+
+        `identity` is the file's as its finder saw it; `open_file` is called only on a cache miss that
+        fits the limit, and returns a descriptor open for reading on that very file (the hasher closes
+        it), or None when it cannot be opened now (it has said why). It must have checked the file's
+        file system as the ExecutableReader does. `path` and `what` ("script") name the file in warnings.
+        Raises what `open_file` raises, and ChangedWhileHashedError if the file changed while read.
+        """
         if identity.size > self._max_bytes:
-            self._warn_not_hashed(process, executable, f"{identity.size} bytes is above the {self._max_bytes} limit")
+            self._warn_not_hashed(process, path, what, f"{identity.size} bytes is above the {self._max_bytes} limit")
             return None
         if (cached := self._cached(identity)) is not None:
             return cached
-        fd = await self.reader.open(process, identity)
+        fd = await open_file()
         if fd is None:
-            return None  # the reader said why
+            return None  # the opener said why
         try:
             hashing = self._in_flight.get(identity)
             if hashing is None:
@@ -251,14 +279,14 @@ class ExecutableHasher:
                     return cached
                 refusal = self._admit(process.uid, identity.size)
                 if refusal is not None:
-                    self._warn_not_hashed(process, executable, refusal.value)
+                    self._warn_not_hashed(process, path, what, refusal.value)
                     return None
-                hashing = self._start_hash(process.uid, fd, identity)
+                hashing = self._start_hash(process.uid, fd, identity, what)
             # The worker thread cannot be interrupted: a caller hitting its deadline leaves the hash to
             # finish and fill the cache; its cost is already paid and its queue place stays taken.
             return await asyncio.shield(hashing)
         except _NotHashedError as err:
-            self._warn_not_hashed(process, executable, str(err))
+            self._warn_not_hashed(process, path, what, str(err))
             return None
         finally:
             os.close(fd)
@@ -277,18 +305,18 @@ class ExecutableHasher:
             return HashRefusal.UID_QUEUE_FULL
         return self._budget.spend(uid, size)
 
-    def _start_hash(self, uid: int, fd: int, identity: FileIdentity) -> asyncio.Task[str]:
+    def _start_hash(self, uid: int, fd: int, identity: FileIdentity, what: str) -> asyncio.Task[str]:
         # The read gets its own descriptor: it may outlive the caller that started it.
         job = _HashJob(os.dup(fd))
-        hashing = asyncio.ensure_future(self._hash(uid, job, identity))
+        hashing = asyncio.ensure_future(self._hash(uid, job, identity, what))
         self._in_flight[identity] = hashing
         self._in_flight_per_uid[uid] = self._in_flight_per_uid.get(uid, 0) + 1
         hashing.add_done_callback(lambda done: self._finish(uid, identity, done))
         return hashing
 
-    async def _hash(self, uid: int, job: _HashJob, identity: FileIdentity) -> str:
+    async def _hash(self, uid: int, job: _HashJob, identity: FileIdentity, what: str) -> str:
         try:
-            return await self.pool.run(uid, functools.partial(self._hash_file, job, identity),
+            return await self.pool.run(uid, functools.partial(self._hash_file, job, identity, what),
                                        max_wait=self._wait_limit)
         except PoolBusyError as err:
             raise _NotHashedError(str(err)) from err
@@ -316,7 +344,7 @@ class ExecutableHasher:
         while len(self._cache) > self._cache_entries:
             self._cache.popitem(last=False)
 
-    def _hash_file(self, job: _HashJob, identity: FileIdentity) -> str:
+    def _hash_file(self, job: _HashJob, identity: FileIdentity, what: str) -> str:
         fd = job.take()
         if fd is None:
             raise _NotHashedError("the hash was given up before it started")
@@ -324,13 +352,13 @@ class ExecutableHasher:
             digest = self.digest_file(executable.fileno())
             if FileIdentity.of(os.fstat(executable.fileno())) != identity:
                 # Every caller of this file shares the read: name the file, not one caller's process.
-                raise AttestorError(_ATTESTOR, f"executable (inode {identity.inode}) changed while it was hashed")
+                raise ChangedWhileHashedError(_ATTESTOR, f"{what} (inode {identity.inode}) changed while it was hashed")
             return digest
 
-    def _warn_not_hashed(self, process: WorkloadProcess, executable: ExecutableFile, reason: str) -> None:
+    def _warn_not_hashed(self, process: WorkloadProcess, path: str, what: str, reason: str) -> None:
         self._warnings.warn(
             process.uid, "hash",
-            "not hashing %s, the executable of pid %d uid %d: %s; omitting sha256",
-            executable.path, process.pid, process.uid, reason,
-            extra={"pid": process.pid, "executable": executable.path},
+            "not hashing %s, the %s of pid %d uid %d: %s; omitting sha256",
+            path, what, process.pid, process.uid, reason,
+            extra={"pid": process.pid, what: path},
         )

@@ -115,6 +115,11 @@ class LineageAttestor:
         self._max_ancestors = max_ancestors
         self._proc_root = proc_root
 
+    @property
+    def holders(self) -> HolderLookup:
+        """The record this attestor asks (the agent's own)."""
+        return self._holders
+
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector | Evidence]:
         try:
             # A few small /proc reads; off the loop all the same, as every attestor's file access is.

@@ -156,6 +156,11 @@ class UnixAttestor:
             ),
         )
 
+    @property
+    def hasher(self) -> ExecutableHasher:
+        """The hasher (and its reader): for other attestors that read callers' files, so all share one budget."""
+        return self._hasher
+
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
         try:
             # Name lookups go through NSS (possibly LDAP): keep them off the event loop. /proc/<pid>/status

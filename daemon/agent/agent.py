@@ -79,7 +79,7 @@ def workload_attestors_from(config: Config, holders: IdentityHolders | None = No
         return []
     try:
         return build_workload_attestors(config.agent.workload_attestors,
-                                        services={"holders": holders or IdentityHolders()})
+                                        services={"holders": holders if holders is not None else IdentityHolders()})
     except ConfigError as err:
         raise ConfigError(f"{config.source}: agent.workload_attestors: {err}") from None
 

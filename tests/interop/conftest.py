@@ -109,11 +109,12 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
 @contextlib.contextmanager
 def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str = "1h",
                   attestation_interval: str = "60s", tpm_unreachable_limit: str = "60s",
-                  extra_entries: Sequence[tuple[str, str]] = (),
+                  extra_entries: Sequence[tuple[str, str]] = (), root_entry: bool = True,
                   environment: dict[str, str] | None = None, state: Path | None = None) -> Iterator[RunningAgent]:
     """Provision a swtpm, simulate a measured boot, start the agent and wait until it is healthy.
 
-    The agent's entries always include spiffe://example.org/user/root for uid 0 (the tests' uid).
+    The agent's entries include spiffe://example.org/user/root for uid 0 (the tests' uid) unless
+    `root_entry` is false.
     `state`: where the agent's and the authority's state folders go (default: `base`).
     """
     swtpm_mod.provision(base / "swtpm")
@@ -130,7 +131,8 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
         config = _write_config(base, runtime, tpm, event_log, x509_svid_ttl=x509_svid_ttl,
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
                                tpm_unreachable_limit=tpm_unreachable_limit, state=state or base,
-                               entries=[("spiffe://example.org/user/root", "unix:uid:0"), *extra_entries])
+                               entries=[*([("spiffe://example.org/user/root", "unix:uid:0")] if root_entry else []),
+                                        *extra_entries])
         running = RunningAgent(runtime / "agent.sock", runtime / "admin.sock", base / "agent.log", config, tpm,
                                event_log, dict(environment or {}))
         running.start()

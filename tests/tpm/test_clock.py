@@ -21,7 +21,7 @@ from vouchd.authority.server import Authority
 from vouchd.decisions import DecisionKind
 from vouchd.entries import Entry
 from vouchd.protocol.errors import RemoteError, SignatureError
-from vouchd.protocol.messages import X509SvidRequest
+from vouchd.protocol.messages import JwtSvidRequest, X509SvidRequest
 from vouchd.protocol.transport import LocalTransport
 from vouchd.selectors import Selector
 from vouchd.spiffe import SpiffeId, make_csr
@@ -87,3 +87,25 @@ async def test_nothing_is_issued_across_a_clock_step_the_authority_cannot_justif
 
     clock.jump(-step)
     assert (await issue(node)).not_valid_after_utc.timestamp() == pytest.approx(clock.now() + 3600, abs=2)
+
+
+async def test_a_bound_asked_for_shortens_the_svid_and_one_in_the_past_is_refused(
+        node: NodeIdentity, clock: FakeClock) -> None:
+    # A child's SVID never outlives its parent's: the agent asks for the parent's expiry as not_after.
+    bound = int(clock.now()) + 120  # below both TTLs (X.509 1 h, JWT 5 min)
+    csr = make_csr(ec.generate_private_key(ec.SECP256R1()))
+    response = await node.request(x509_svids=[X509SvidRequest("web", csr, not_after=bound)],
+                                  jwt_svids=[JwtSvidRequest("web", ("api",), not_after=bound)])
+    (issued,) = response.x509_svids
+    certificate = x509.load_der_x509_certificate(issued.cert_chain)
+    assert bound - 2 <= certificate.not_valid_after_utc.timestamp() <= bound
+    (token,) = response.jwt_svids
+    assert bound - 2 <= token.expires_at <= bound
+
+    late = await node.request(x509_svids=[X509SvidRequest("web", csr, not_after=int(clock.now()) - 1)],
+                              jwt_svids=[JwtSvidRequest("web", ("api",), not_after=int(clock.now()))])
+    assert (late.x509_svids, late.jwt_svids) == ((), ())
+    assert [(e.code, e.message) for e in late.errors] == [("bad_request", "not_after is not in the future")] * 2
+
+    unbounded = await node.request(x509_svids=[X509SvidRequest("web", csr, not_after=bound + 7200)])
+    assert unbounded.x509_svids[0].expires_at == pytest.approx(clock.now() + 3600, abs=2), "the entry's TTL is less"

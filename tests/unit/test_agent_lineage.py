@@ -25,16 +25,18 @@ from tests.unit.test_agent_svids import (
     revocations,
     running,
 )
+from vouchd.agent.agent import workload_attestors_from
 from vouchd.agent.holders import HoldersFullError, IdentityHolders
 from vouchd.agent.lineage import held_by_ancestors
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.identities import NoIdentityError
 from vouchd.attestors import AttestorError
 from vouchd.attestors.base import Evidence, WorkloadProcess
-from vouchd.attestors.workload.lineage import LineageAttestor
+from vouchd.attestors.workload.lineage import LineageAttestor, ancestry
 from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.decisions import Decision, DecisionBus, DecisionKind
+from vouchd.config import parse_config
 from vouchd.entries import Entry
 from vouchd.errors import ConfigError
 from vouchd.selectors import Selector, selector_set
@@ -209,6 +211,19 @@ async def test_a_caller_that_is_no_longer_the_attested_process_fails_attestation
         await LineageAttestor(holders=Held()).attest(stale)
 
 
+def test_the_agent_hands_its_own_record_to_the_lineage_attestor_even_while_it_is_empty(tmp_path: Path) -> None:
+    config = parse_config("trust_domain: example.org\nagent: {}\n", tmp_path / "vouchd.yaml", {})
+    holders = IdentityHolders()  # empty: falsy, and still the one the agent records into
+
+    attestors = {a.name: a for a in workload_attestors_from(config, holders)}
+
+    lineage = attestors["lineage"]
+    assert isinstance(lineage, LineageAttestor)
+    assert lineage.holders is holders
+    unix, interpreter = attestors["unix"], attestors["interpreter"]
+    assert vars(interpreter)["_hasher"] is vars(unix)["_hasher"], "one hashing budget and cache"
+
+
 def test_lineage_needs_the_agent_and_checks_its_option() -> None:
     with pytest.raises(ConfigError, match=r"runs only inside an agent"):
         LineageAttestor()
@@ -321,3 +336,26 @@ async def test_when_the_parent_svid_expires_the_child_svid_goes_with_it(ca: Cert
                 await manager.wait_for_change(manager.version)
 
     assert manager.parents.expiry(PARENT_ID) is None
+
+
+def fake_proc(root: Path, *processes: tuple[int, int, int]) -> Path:
+    """A /proc of (pid, ppid, start time) stat files, for what real processes cannot be made to do."""
+    for pid, ppid, start_time in processes:
+        (root / str(pid)).mkdir(parents=True)
+        fields = ["S", str(ppid), *["0"] * 17, str(start_time), "0"]
+        (root / str(pid) / "stat").write_text(f"{pid} (python3) {' '.join(fields)}\n")
+    return root
+
+
+def test_a_parent_pid_reused_by_a_later_process_is_not_an_ancestor(tmp_path: Path) -> None:
+    # The caller's parent exited and its pid went to a process started after the caller: that one
+    # holds an identity, and is not the caller's parent.
+    proc = fake_proc(tmp_path, (300, 200, 500), (200, 1, 900), (1, 0, 1))
+    held = Held()
+    held.held[(200, 900)] = (PARENT_ID,)
+    caller = WorkloadProcess(pid=300, uid=0, gid=0, start_time=500)
+
+    assert ancestry(caller, held, proc_root=proc).parent_pid is None
+    held.held[(200, 400)] = (PARENT_ID,)
+    proc_with_real_parent = fake_proc(tmp_path / "real", (300, 200, 500), (200, 1, 400), (1, 0, 1))
+    assert ancestry(caller, held, proc_root=proc_with_real_parent).parent_spiffe_ids == (PARENT_ID,)

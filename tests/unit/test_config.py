@@ -61,10 +61,15 @@ class InterpreterAttestor(FakeAttestor):
     produces = (SelectorKind("script", "path"), SelectorKind("script", "sha256"))
 
 
+class LineageAttestor(FakeAttestor):
+    name = "lineage"
+    produces = (SelectorKind("lineage", "parent_spiffe_id"), SelectorKind("lineage", "depth"))
+
+
 # The attestors these tests know: not whatever plugins happen to be installed where they run.
 FACTORIES: dict[str, WorkloadAttestorFactory] = {
     "unix": UnixAttestor, "systemd": SystemdAttestor, "container": ContainerAttestor,
-    "interpreter": InterpreterAttestor, "mesh": FakeAttestor,
+    "interpreter": InterpreterAttestor, "lineage": LineageAttestor, "mesh": FakeAttestor,
 }
 
 
@@ -121,7 +126,7 @@ def test_an_empty_agent_section_takes_every_default(source: Path) -> None:
     assert agent.admin_socket_path == Path("/run/vouchd/admin.sock")
     assert (agent.tpm.tcti, agent.tpm.ek) == ("device:/dev/tpmrm0", "rsa2048")
     assert agent.event_log_path is None
-    assert agent.workload_attestors == {"unix": {}}
+    assert agent.workload_attestors == {name: {} for name in ("unix", "interpreter", "systemd", "container", "lineage")}
     assert agent.attestation_deadline == timedelta(seconds=5)
     assert agent.attestation_interval == timedelta(seconds=60)
 
@@ -237,8 +242,11 @@ def test_parsed_values_are_frozen(source: Path) -> None:
          "agent.socket_path: expected a string, got a list"),
         ("trust_domain: example.org\nagent: {workload_attestors: [unix]}\n",
          "agent.workload_attestors: expected a mapping of name to options, got a list"),
-        ("trust_domain: example.org\nagent: {workload_attestors: {unix: yes}}\n",
-         "agent.workload_attestors.unix: expected a mapping of options"),
+        ("trust_domain: example.org\nagent: {workload_attestors: {unix: 3}}\n",
+         "agent.workload_attestors.unix: expected a mapping of options, or true or false"),
+        ("trust_domain: example.org\nagent: {workload_attestors: {unix: false}}\n",
+         "agent.workload_attestors: switches every workload attestor off: no workload could be attested "
+         "(leave the key out for the defaults)"),
         ("trust_domain: example.org\nauthority: {ek_trust: {enrolment: everyone}}\n",
          "authority.ek_trust.enrolment: expected one of allowlist, approve, any-genuine, got 'everyone'"),
         ("trust_domain: example.org\nauthority: {ek_trust: {roots: /etc/roots}}\n",
@@ -788,7 +796,8 @@ DECIMAL_ID = "a decimal number (no sign, spaces or leading zeros) below 42949672
                                               "as the kernel reports it, e.g. unix:path:/usr/bin/python3.12"),
         (["unix:uid:0", "systemd:unit:"], "selectors[1]: systemd:unit:: a unit is a name"),
         (["unix:uid:0", "dockr:id:x"],
-         f"selectors[1]: dockr:id is not {INSTALLED} (known types: container, k8s, mesh, script, systemd, unix)"),
+         f"selectors[1]: dockr:id is not {INSTALLED} (known types: container, k8s, lineage, mesh, script, systemd, "
+         "unix)"),
         # a typo in the only anchor is named as the typo, not as a missing anchor
         (["unix:path:/usr/bin/web", "unix:uidd:1000"],
          f"selectors[1]: unix:uidd is not {INSTALLED} (unix produces: {UNIX_KEYS})"),
@@ -836,7 +845,8 @@ def test_a_plugin_that_declares_nothing_may_be_given_any_selector_of_its_type(so
 
 def test_with_an_agent_section_only_its_enabled_attestors_count(source: Path) -> None:
     entry = "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0', 'systemd:unit:web.service']}\n"
-    unix_only = f"trust_domain: example.org\nagent: {{}}\nentries:\n{entry}"
+    unix_only = f"trust_domain: example.org\nagent: {{workload_attestors: {{unix: true, systemd: false}}}}\n" \
+                f"entries:\n{entry}"
     with_systemd = f"trust_domain: example.org\nagent: {{workload_attestors: {{unix: {{}}, systemd: {{}}}}}}\n" \
                    f"entries:\n{entry}"
 
@@ -851,8 +861,8 @@ def test_an_unknown_enabled_attestor_is_named_when_entries_need_its_selectors(so
     entries = "entries:\n  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0']}\n"
 
     assert refused(agent + entries, source) == (
-        "agent.workload_attestors: unknown workload attestor 'dockr'; known: container, interpreter, mesh, "
-        "systemd, unix"
+        "agent.workload_attestors: unknown workload attestor 'dockr'; known: container, interpreter, lineage, "
+        "mesh, systemd, unix"
     )
     assert parse(agent, source).entries == ()  # without entries, building the attestors reports it
 
