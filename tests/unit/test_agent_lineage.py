@@ -35,8 +35,8 @@ from vouchd.attestors.base import Evidence, WorkloadProcess
 from vouchd.attestors.workload.lineage import LineageAttestor, ancestry
 from vouchd.attestors.workload.procfs import read_process_stat
 from vouchd.authority.ca import CertificateAuthority
-from vouchd.decisions import Decision, DecisionBus, DecisionKind
 from vouchd.config import parse_config
+from vouchd.decisions import Decision, DecisionBus, DecisionKind
 from vouchd.entries import Entry
 from vouchd.errors import ConfigError
 from vouchd.selectors import Selector, selector_set
