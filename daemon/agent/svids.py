@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from vouchd.agent.backoff import IssuanceBackoff
 from vouchd.agent.cached import CachedSvid, cache_issued
 from vouchd.agent.lineage import ParentIdentities
 from vouchd.agent.matching import EntryMatcher
@@ -47,8 +47,6 @@ __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
 log = logging.getLogger("vouchd.agent.svids")
 
-_RETRY_AFTER_FAILURE = 5.0
-_MAX_BACKOFF = 300.0
 _IDLE_WAKE = 3600.0
 # Timers run on the monotonic clock, deadlines (rotation, expiry) on the wall clock: the loop looks
 # again at least this often, so that a wall-clock step (NTP, a resumed VM) is noticed soon.
@@ -77,13 +75,6 @@ class CredentialSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class _Backoff:
-    next_attempt: float
-    delay: float
-    reason: str
-
-
 class SvidManager:
     def __init__(self, source: CredentialSource, *, clock: Clock = SYSTEM_CLOCK,
                  decisions: DecisionSink | None = None, clock_recheck: float = CLOCK_RECHECK) -> None:
@@ -97,7 +88,7 @@ class SvidManager:
         self._parents.add_source(self._x509_expiry)
         self._svids: dict[str, CachedSvid] = {}
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._backoff: dict[str, _Backoff] = {}
+        self._backoff = IssuanceBackoff()
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._version = 0
@@ -148,7 +139,7 @@ class SvidManager:
         for entry_id in withdrawn:
             del self._svids[entry_id]
         # A changed entry starts afresh: whatever made it fail may be what changed.
-        self._backoff = {e: b for e, b in self._backoff.items() if e in new and new[e] == self._entries.get(e)}
+        self._backoff.keep_only(lambda e: e in new and new[e] == self._entries.get(e))
         self._entries = new
         self._reindex()
         self._drop_orphans()
@@ -322,9 +313,9 @@ class SvidManager:
         failures = []
         futures = []
         for entry_id in entry_ids:
-            backoff = self._backoff.get(entry_id)
-            if backoff is not None and backoff.next_attempt > now:
-                failures.append(backoff.reason)
+            refusal = self._backoff.refusal(entry_id, now)
+            if refusal is not None:
+                failures.append(refusal)
                 continue
             future = self._pending.get(entry_id)
             if future is None:
@@ -340,13 +331,9 @@ class SvidManager:
     # -- the issuance loop -------------------------------------------------------------------
     def _next_wake(self, now: float) -> float:
         """When the loop has something to do on its own: a rotation (not in backoff) or an expiry."""
-        times = [max(s.rotate_at, self._next_attempt(e)) for e, s in self._svids.items()]
+        times = [max(s.rotate_at, self._backoff.next_attempt(e)) for e, s in self._svids.items()]
         times += [s.expires_at for s in self._svids.values()]
         return min(times, default=now + _IDLE_WAKE)
-
-    def _next_attempt(self, entry_id: str) -> float:
-        backoff = self._backoff.get(entry_id)
-        return backoff.next_attempt if backoff is not None else 0.0
 
     async def _drop_expired(self, now: float) -> None:
         """Expired SVIDs leave the cache, and open streams hear of it (e.g. while the authority is down)."""
@@ -356,11 +343,6 @@ class SvidManager:
             log.warning("x509-svid expired before it could be rotated", extra={"entry_id": entry_id})
         if self._drop_orphans() or expired:
             await self._bump()
-
-    def _note_failure(self, entry_id: str, reason: str, now: float) -> None:
-        previous = self._backoff.get(entry_id)
-        delay = min(_MAX_BACKOFF, previous.delay * 2) if previous is not None else _RETRY_AFTER_FAILURE
-        self._backoff[entry_id] = _Backoff(next_attempt=now + delay, delay=delay, reason=reason)
 
     async def run(self) -> None:
         while True:
@@ -372,7 +354,7 @@ class SvidManager:
             now = self._clock.now()
             await self._drop_expired(now)
             due = {e for e, s in self._svids.items()
-                   if s.rotate_at <= now and self._next_attempt(e) <= now and e in self._entries}
+                   if s.rotate_at <= now and self._backoff.next_attempt(e) <= now and e in self._entries}
             waiting = dict(self._pending)
             self._pending.clear()
             # Callers who asked while the previous batch was in flight may already be served by it.
@@ -387,7 +369,7 @@ class SvidManager:
             if refusal is not None:
                 # Stale or banned: rotation waits too; callers hear why at once.
                 for entry_id in batch:
-                    self._note_failure(entry_id, refusal, now)
+                    self._backoff.failed(entry_id, refusal, now)
                 for future in waiting.values():
                     if not future.done():
                         future.set_exception(NoIdentityError(refusal))
@@ -404,9 +386,9 @@ class SvidManager:
             now = self._clock.now()
             for entry_id in batch:
                 if entry_id in failed:
-                    self._note_failure(entry_id, failed[entry_id], now)
+                    self._backoff.failed(entry_id, failed[entry_id], now)
                 else:
-                    self._backoff.pop(entry_id, None)
+                    self._backoff.succeeded(entry_id)
             for entry_id, future in waiting.items():
                 if future.done():
                     continue
