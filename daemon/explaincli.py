@@ -15,8 +15,6 @@ from vouchd.errors import VouchdError
 
 __all__ = ["add_explain_command"]
 
-_WIDTH = 100  # of a selector list before it wraps onto its own lines
-
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {"near_misses": args.near_misses}
@@ -39,10 +37,11 @@ def _print(answer: dict[str, Any]) -> None:
         print(f"process     pid {answer['pid']}, uid {answer['uid']}, gid {answer['gid']}")
         print("attestors")
         for run in answer["attestors"]:
-            found = (run["error"] and f"FAILED: {run['error']}") or " ".join(run["selectors"]) or "(nothing)"
-            print(f"  {run['name']:12} {run['ms']:8.2f} ms  {found}")
-            for item in run["evidence"]:
-                print(f"  {'':12} {'':11}  evidence {item}")
+            lines = [f"FAILED: {run['error']}"] if run["error"] else run["selectors"] or ["(nothing)"]
+            lines += [f"evidence {item}" for item in run["evidence"]]
+            print(f"  {run['name']:12} {run['ms']:8.2f} ms  {lines[0]}")
+            for line in lines[1:]:
+                print(f"  {'':12} {'':11}  {line}")
     else:
         print("selectors   (given)")
         for selector in answer["selectors"]:
