@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vouchd.attestors.errors import ProcessExitedError, ProcessInfoError
-from vouchd.attestors.workload.procfs import PROC_ROOT
+from vouchd.attestors.workload.procfs import PROC_ROOT, read_own_proc_text
 
 __all__ = [
     "MAX_CGROUP_FILE_BYTES",
@@ -299,18 +299,7 @@ def _names_hierarchy(option: str) -> bool:
 
 def read_cgroup_mounts(*, proc_root: Path = PROC_ROOT) -> tuple[CgroupMount, ...]:
     """The cgroup mounts of the agent's own mount namespace (where it opens cgroup directories)."""
-    path = f"{proc_root}/self/mountinfo"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise ProcessInfoError(f"cannot read {path}: {err.strerror or err}") from err
-    return parse_cgroup_mounts(b"".join(chunks).decode("utf-8", errors="replace"))
+    return parse_cgroup_mounts(read_own_proc_text("mountinfo", proc_root=proc_root))
 
 
 def cgroup_directory(mounts: tuple[CgroupMount, ...], cgroup: CgroupPath) -> str | None:

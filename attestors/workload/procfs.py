@@ -29,6 +29,7 @@ __all__ = [
     "parse_status_groups",
     "read_fd_mount_id",
     "read_mount",
+    "read_own_proc_text",
     "read_process_credentials",
     "read_process_stat",
     "read_supplementary_groups",
@@ -230,6 +231,11 @@ def read_fd_mount_id(fd: int, *, proc_root: Path = PROC_ROOT) -> int:
     FUSE mount whose server never answers still shows its mount here.
     """
     return parse_fdinfo_mount_id(_read_own_proc_text(f"fdinfo/{fd}", proc_root))
+
+
+def read_own_proc_text(name: str, *, proc_root: Path = PROC_ROOT) -> str:
+    """/proc/self/<name> of the agent itself (its mountinfo, an fd's fdinfo); ProcessInfoError if unreadable."""
+    return _read_own_proc_text(name, proc_root)
 
 
 def _read_own_proc_text(name: str, proc_root: Path) -> str:
