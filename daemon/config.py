@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-import yaml
-
+from vouchd.configfile import ConfigSection, format_duration, load_yaml, parse_duration
 from vouchd.entries import Entry, InvalidEntryError, default_entry_id
 from vouchd.entry_rules import NODE_SELECTOR_SCHEMA
 from vouchd.errors import ConfigError
@@ -50,9 +49,6 @@ __all__ = [
 EkType = Literal["rsa2048", "ecc-p256", "ecc-p384"]
 EnrolmentMode = Literal["allowlist", "approve", "any-genuine"]
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclass(frozen=True)
@@ -104,24 +100,6 @@ class Config:
     log_level: str = "info"
 
 
-def format_duration(value: timedelta) -> str:
-    """A form parse_duration reads back, as people write them: 30d, 24h, 5m, 90s, 250ms."""
-    milliseconds = round(value.total_seconds() * 1000)
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        # whole days from two days on (24h reads better than 1d); the largest whole unit otherwise
-        if milliseconds % size == 0 and (unit != "d" or milliseconds >= 2 * size):
-            return f"{milliseconds // size}{unit}"
-    return f"{milliseconds}ms"
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``5m``, ``1h``, ``30d``, ``250ms`` -> timedelta; ValueError otherwise."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration like 250ms, 90s, 5m, 1h or 30d")
-    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
-
-
 # The keys each section may hold. Checked when a section is opened, before any value is read, so a
 # misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
@@ -135,169 +113,11 @@ _ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_
                "dns_names", "hint", "labels")
 
 
-class _Section:
-    """A YAML mapping being read; keys other than `keys` are refused as soon as it is opened."""
-
-    def __init__(self, source: Path, path: str, data: object, environ: Mapping[str, str],
-                 keys: tuple[str, ...]) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {_kind(data)}")
-        self.source, self.path, self.environ = source, path, environ
-        self._data: dict[object, object] = data
-        unknown = sorted(str(key) for key in data if key not in keys)
-        if unknown:
-            raise self.error(unknown[0], "unknown key" + (f" (also unknown: {', '.join(unknown[1:])})"
-                                                          if len(unknown) > 1 else ""))
-
-    def _key_path(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self._key_path(key)}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self._data
-
-    def _raw(self, key: str) -> object:
-        return self._data.get(key)
-
-    def _expand(self, key: str, text: str) -> str:
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            value = self.environ.get(name)
-            if value is None or value == "":
-                if default is None:
-                    state = "is empty" if value == "" else "is not set"
-                    raise self.error(key, f"environment variable {name} {state} and has no default")
-                return default
-            return value
-
-        return _ENV_REFERENCE.sub(substitute, text)
-
-    def string(self, key: str, default: str | None = None) -> str:
-        value = self._raw(key)
-        if value is None:
-            if default is None:
-                raise self.error(key, "is required (a string)")
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise self.error(key, f"expected a string, got {_kind(value)}")
-        text = self._expand(key, str(value))
-        if not text:
-            raise self.error(key, "must not be empty")
-        return text
-
-    def optional_string(self, key: str) -> str | None:
-        return None if self._data.get(key) is None else self.string(key)
-
-    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self.string(key, default)
-        if value not in allowed:
-            raise self.error(key, f"expected one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._raw(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_kind(value)}")
-        return value
-
-    def duration(self, key: str, default: str | None) -> timedelta:
-        text = self.string(key, default)
-        try:
-            value = parse_duration(text)
-        except ValueError as err:
-            raise self.error(key, str(err)) from None
-        if value <= timedelta(0):
-            raise self.error(key, "must be longer than zero")
-        return value
-
-    def optional_duration(self, key: str) -> timedelta | None:
-        return None if self._data.get(key) is None else self.duration(key, None)
-
-    def path_value(self, key: str, default: str | None = None) -> Path:
-        return self._resolve(self.string(key, default))
-
-    def optional_path(self, key: str) -> Path | None:
-        return None if self._data.get(key) is None else self.path_value(key)
-
-    def _resolve(self, text: str) -> Path:
-        path = Path(text).expanduser()
-        return path if path.is_absolute() else (self.source.parent / path).resolve()
-
-    def string_list(self, key: str) -> list[str]:
-        value = self._raw(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.error(key, f"expected a list of strings, got {_kind(value)}")
-        items = []
-        for index, item in enumerate(value):
-            if isinstance(item, bool) or not isinstance(item, str | int):
-                raise self.error(f"{key}[{index}]", f"expected a string, got {_kind(item)}")
-            items.append(self._expand(f"{key}[{index}]", str(item)))
-        return items
-
-    def string_mapping(self, key: str) -> dict[str, str]:
-        """A mapping of names to strings (numbers are read as their text), such as an entry's labels."""
-        value = self._raw(key)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected a mapping of names to strings, got {_kind(value)}")
-        result: dict[str, str] = {}
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise self.error(key, f"expected names (strings) as keys, got {_kind(name)}")
-            if isinstance(item, bool) or not isinstance(item, str | int):
-                raise self.error(f"{key}.{name}", f"expected a string, got {_kind(item)}")
-            result[name] = self._expand(f"{key}.{name}", str(item))
-        return result
-
-    def path_list(self, key: str) -> tuple[Path, ...]:
-        return tuple(self._resolve(item) for item in self.string_list(key))
-
-    def section(self, key: str, keys: tuple[str, ...]) -> _Section:
-        return _Section(self.source, self._key_path(key), self._raw(key), self.environ, keys)
-
-    def sections(self, key: str, keys: tuple[str, ...]) -> Iterator[_Section]:
-        value = self._raw(key)
-        if value is None:
-            return
-        if not isinstance(value, list):
-            raise self.error(key, f"expected a list, got {_kind(value)}")
-        for index, item in enumerate(value):
-            yield _Section(self.source, f"{self._key_path(key)}[{index}]", item, self.environ, keys)
-
-    def free_mapping(self, key: str) -> dict[str, dict[str, Any]] | None:
-        """A mapping of name -> options mapping, whose contents a plugin validates itself; None when absent.
-
-        `name: false` leaves the plugin out (switched off), `name: true` or `name:` takes its defaults.
-        """
-        value = self._raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected a mapping of name to options, got {_kind(value)}")
-        result: dict[str, dict[str, Any]] = {}
-        for name, options in value.items():
-            if options is False:
-                continue
-            if not isinstance(name, str) or not isinstance(options, dict | None | bool):
-                raise self.error(f"{key}.{name}", "expected a mapping of options, or true or false")
-            result[name] = dict(options) if isinstance(options, dict) else {}
-        return result
-
-
 # What an agent runs when its file names no workload attestors: every built-in one.
 DEFAULT_WORKLOAD_ATTESTORS = ("unix", "interpreter", "systemd", "container", "lineage")
 
 
-def _workload_attestors(section: _Section) -> dict[str, dict[str, Any]]:
+def _workload_attestors(section: ConfigSection) -> dict[str, dict[str, Any]]:
     configured = section.free_mapping("workload_attestors")
     if configured is None:
         return {name: {} for name in DEFAULT_WORKLOAD_ATTESTORS}
@@ -307,15 +127,7 @@ def _workload_attestors(section: _Section) -> dict[str, dict[str, Any]]:
     return configured
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", bool: "a boolean", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[int, ...]]:
+def _parse_pcrs(section: ConfigSection, key: str, default: str) -> tuple[str, tuple[int, ...]]:
     """``sha256:0-7`` or ``sha256:0,1,2,7`` -> ("sha256", (0, 1, 2, 7))."""
     text = section.string(key, default)
     bank, _, indices_text = text.partition(":")
@@ -336,13 +148,13 @@ def _parse_pcrs(section: _Section, key: str, default: str) -> tuple[str, tuple[i
     return bank, tuple(sorted(indices))
 
 
-def _parse_tpm(section: _Section) -> TpmConfig:
+def _parse_tpm(section: ConfigSection) -> TpmConfig:
     tcti = section.string("tcti", "device:/dev/tpmrm0")
     ek = cast(EkType, section.choice("ek", get_args(EkType), "rsa2048"))
     return TpmConfig(tcti=tcti, ek=ek, unreachable_limit=section.duration("unreachable_limit", "60s"))
 
 
-def _parse_agent(section: _Section) -> AgentConfig:
+def _parse_agent(section: ConfigSection) -> AgentConfig:
     state_dir = section.path_value("state_dir", "/var/lib/vouchd/agent")
     agent = AgentConfig(
         state_dir=state_dir,
@@ -357,7 +169,7 @@ def _parse_agent(section: _Section) -> AgentConfig:
     return agent
 
 
-def _parse_authority(section: _Section) -> AuthorityConfig:
+def _parse_authority(section: ConfigSection) -> AuthorityConfig:
     state_dir = section.path_value("state_dir", "/var/lib/vouchd/authority")
     ek = section.section("ek_trust", _EK_TRUST_KEYS)
     roots = ek.path_list("roots")
@@ -392,7 +204,7 @@ def _parse_authority(section: _Section) -> AuthorityConfig:
     return authority
 
 
-def _parse_selectors(section: _Section, key: str, schema: SelectorSchema) -> frozenset[Selector]:
+def _parse_selectors(section: ConfigSection, key: str, schema: SelectorSchema) -> frozenset[Selector]:
     selectors = set()
     for index, text in enumerate(section.string_list(key)):
         try:
@@ -407,14 +219,14 @@ def _parse_selectors(section: _Section, key: str, schema: SelectorSchema) -> fro
     return frozenset(selectors)
 
 
-def _parse_spiffe_id(section: _Section, key: str, text: str) -> SpiffeId:
+def _parse_spiffe_id(section: ConfigSection, key: str, text: str) -> SpiffeId:
     try:
         return SpiffeId.parse(text)
     except SpiffeError as err:
         raise section.error(key, str(err)) from None
 
 
-def _parse_entry(section: _Section, trust_domain: TrustDomain, workload_schema: SelectorSchema,
+def _parse_entry(section: ConfigSection, trust_domain: TrustDomain, workload_schema: SelectorSchema,
                  authority: AuthorityConfig | None) -> Entry:
     spiffe_id = _parse_spiffe_id(section, "spiffe_id", section.string("spiffe_id"))
     if not spiffe_id.is_member_of(trust_domain):
@@ -466,7 +278,7 @@ def _workload_selector_schema(source: Path, agent: AgentConfig | None,
         raise ConfigError(f"{source}: {key}: {err}") from None
 
 
-def _parse_entries(top: _Section, trust_domain: TrustDomain, agent: AgentConfig | None,
+def _parse_entries(top: ConfigSection, trust_domain: TrustDomain, agent: AgentConfig | None,
                    authority: AuthorityConfig | None,
                    factories: Mapping[str, WorkloadAttestorFactory] | None) -> tuple[Entry, ...]:
     entries: dict[str, Entry] = {}
@@ -483,50 +295,6 @@ def _parse_entries(top: _Section, trust_domain: TrustDomain, agent: AgentConfig 
     return tuple(entries.values())
 
 
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: object, line: int) -> None:
-        super().__init__(key, line)
-        self.key = key
-        self.line = line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader refusing a key given twice in one mapping, which YAML forbids and PyYAML lets the last win.
-
-    Keys merged in with `<<: *anchor` may be overridden: that is what merging is for.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key: SafeLoader itself refuses it below
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str, source: Path) -> object:
-    loader = _UniqueKeyLoader(text)
-    try:
-        return loader.get_single_data()
-    except _DuplicateKeyError as err:
-        # The key, never its values: a configuration may hold secrets.
-        raise ConfigError(f"{source}: duplicate key {str(err.key)[:80]!r} at line {err.line}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None)  # the parser's words, never the offending text itself
-        raise ConfigError(f"{source}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
-    finally:
-        loader.dispose()
-
-
 def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = None, *,
                  attestor_factories: Mapping[str, WorkloadAttestorFactory] | None = None) -> Config:
     """Parse configuration text; ``source`` names the file in errors and anchors relative paths.
@@ -535,8 +303,8 @@ def parse_config(text: str, source: Path, environ: Mapping[str, str] | None = No
     built-ins and the installed plugins, vouchd.attestors.catalog.workload_attestor_factories()).
     """
     source = source.resolve()
-    data = _load_yaml(text, source)
-    top = _Section(source, "", data, os.environ if environ is None else environ, _TOP_KEYS)
+    data = load_yaml(text, source)
+    top = ConfigSection(source, "", data, os.environ if environ is None else environ, _TOP_KEYS)
     try:
         trust_domain = TrustDomain.parse(top.string("trust_domain"))
     except SpiffeError as err:
