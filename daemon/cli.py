@@ -17,6 +17,7 @@ from typing import Any
 from vouchd import __version__
 from vouchd.admincli import add_admin_commands
 from vouchd.apicli import add_api_commands
+from vouchd.auditcli import add_audit_commands
 from vouchd.errors import VouchdError
 from vouchd.explaincli import add_explain_command
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(commands, node_commands)
     add_api_commands(commands)
     add_explain_command(commands, DEFAULT_ADMIN_SOCKET)
+    add_audit_commands(commands)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentConfig",
+    "AuditConfig",
     "AuthorityConfig",
     "Config",
     "EkType",
@@ -61,6 +62,16 @@ class TpmConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The agent's audit log (docs/design.md §9)."""
+
+    directory: Path
+    anchor_every: int = 1000                                # records between TPM-quoted anchors, at most
+    anchor_interval: timedelta = timedelta(seconds=60)      # time between anchors, at most
+    max_file_bytes: int = 64 * 1024 * 1024                  # a file this large is closed and the next begun
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
     socket_path: Path
@@ -70,6 +81,7 @@ class AgentConfig:
     workload_attestors: Mapping[str, Mapping[str, Any]]
     attestation_deadline: timedelta
     attestation_interval: timedelta
+    audit: AuditConfig
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,9 @@ class Config:
 # misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
 _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_log", "workload_attestors",
-               "attestation_deadline", "attestation_interval")
+               "attestation_deadline", "attestation_interval", "audit")
 _TPM_KEYS = ("tcti", "ek", "unreachable_limit")
+_AUDIT_KEYS = ("dir", "anchor_every", "anchor_interval", "max_file_bytes")
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
                    "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
@@ -165,8 +178,21 @@ def _parse_agent(section: ConfigSection) -> AgentConfig:
         workload_attestors=_workload_attestors(section),
         attestation_deadline=section.duration("attestation_deadline", "5s"),
         attestation_interval=section.duration("attestation_interval", "60s"),
+        audit=_parse_audit(section.section("audit", _AUDIT_KEYS), state_dir),
     )
     return agent
+
+
+def _parse_audit(section: ConfigSection, state_dir: Path) -> AuditConfig:
+    interval = section.duration("anchor_interval", "60s")
+    if interval < timedelta(seconds=1):
+        raise section.error("anchor_interval", "must be at least 1s: every anchor is a TPM quote")
+    return AuditConfig(
+        directory=section.optional_path("dir") or state_dir / "audit",
+        anchor_every=section.integer("anchor_every", 1000, minimum=1),
+        anchor_interval=interval,
+        max_file_bytes=section.integer("max_file_bytes", 64 * 1024 * 1024, minimum=64 * 1024),
+    )
 
 
 def _parse_authority(section: ConfigSection) -> AuthorityConfig:

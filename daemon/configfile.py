@@ -114,6 +114,18 @@ class ConfigSection:
             raise self.error(key, f"expected true or false, got {_kind(value)}")
         return value
 
+    def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        """A whole number from `minimum` to `maximum` (YAML's, not a string of digits)."""
+        value = self._raw(key)
+        if value is None:
+            return default
+        top = f" to {maximum}" if maximum is not None else " or more"
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+                (maximum is not None and value > maximum):
+            raise self.error(key, f"expected a whole number from {minimum}{top}, got {_kind(value)}"
+                             + (f" {value}" if isinstance(value, int) and not isinstance(value, bool) else ""))
+        return value
+
     def duration(self, key: str, default: str | None) -> timedelta:
         text = self.string(key, default)
         try:

@@ -30,9 +30,10 @@ from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
 from vouchd.attestors.workload.pool import stalled_attestation
+from vouchd.audit import AuditLog, AuditWriteError, TpmAnchorSigner
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AgentConfig, Config
-from vouchd.decisions import DecisionBus
+from vouchd.decisions import Decision, DecisionBus
 from vouchd.errors import ConfigError
 from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
 from vouchd.spiffe import X509Bundle
@@ -103,6 +104,7 @@ class Agent:
         self._decisions.subscribe(self._activity.record)
         self._ready = asyncio.Event()
         self._holders = IdentityHolders(clock=self._clock)
+        self._audit: AuditLog | None = None
 
     @property
     def ready(self) -> asyncio.Event:
@@ -115,7 +117,7 @@ class Agent:
         attestors = workload_attestors_from(self._config, self._holders)
         check_socket_path(self._agent_config.socket_path)
         check_admin_socket_path(self._agent_config.admin_socket_path)
-        async with self._tpm_service() as tpm:
+        async with self._tpm_service() as tpm, self._audit_log(tpm):
             keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
             async with self._connect(tpm.ek) as link:
                 self._mode = link.mode
@@ -126,7 +128,8 @@ class Agent:
                     clock=self._clock,
                 )
                 self._node = node
-                svids = SvidManager(node, clock=self._clock, decisions=self._decisions)
+                svids = SvidManager(node, clock=self._clock, decisions=self._decisions,
+                                    issuance_gate=self._audit_refusal)
                 self._svids = svids
                 # Subscribed before attesting: nothing published from here on is missed.
                 AuthorityUpdates(node, svids).subscribe(link.events)
@@ -134,6 +137,36 @@ class Agent:
                 await node.attest()
                 await svids.sync_entries()
                 await self._serve(node, svids, attestors, link.admin_commands)
+
+    @contextlib.asynccontextmanager
+    async def _audit_log(self, tpm: TpmService) -> AsyncIterator[AuditLog]:
+        """The audit log, recording every decision of this daemon from here on, anchored in `tpm`."""
+        settings = self._agent_config.audit
+        audit = AuditLog.open(settings.directory, TpmAnchorSigner(tpm), clock=self._clock,
+                              anchor_every=settings.anchor_every,
+                              anchor_interval=settings.anchor_interval.total_seconds(),
+                              max_file_bytes=settings.max_file_bytes)
+
+        def record(decision: Decision) -> None:
+            # A failed write sets audit.failure: `vouchd status` shows it, and nothing is handed out meanwhile.
+            with contextlib.suppress(AuditWriteError):
+                audit.record(decision)
+
+        unsubscribe = self._decisions.subscribe(record)
+        self._audit = audit
+        anchoring = asyncio.create_task(audit.run(), name="audit-anchors")
+        try:
+            yield audit
+        finally:
+            unsubscribe()
+            anchoring.cancel()
+            await asyncio.gather(anchoring, return_exceptions=True)
+            await audit.close()  # a last anchor, while the TPM is still there
+
+    def _audit_refusal(self) -> str | None:
+        """Why nothing may be handed out now (the audit log cannot be written), or None."""
+        failure = self._audit.failure if self._audit is not None else None
+        return None if failure is None else f"the audit log cannot be written: {failure}"
 
     @contextlib.asynccontextmanager
     async def _tpm_service(self) -> AsyncIterator[TpmService]:
@@ -152,7 +185,7 @@ class Agent:
                                              holders=self._holders)
         deadline = self._agent_config.attestation_deadline.total_seconds()
         explain = WorkloadExplainer(attestors, svids, attest_deadline=deadline)
-        service = WorkloadApiService(identities, decisions=self._decisions,
+        service = WorkloadApiService(identities, decisions=self._decisions, issuance_gate=self._audit_refusal,
                                      attest_deadline=deadline,
                                      observer=self._activity)
         workload_api = WorkloadApiServer(service, self._agent_config.socket_path)
@@ -293,7 +326,12 @@ class Agent:
             "tpm": self._tpm_status(),
             "tpm_latency_ms": self._tpm_latency(),
             "workloads": self._activity.snapshot(),
+            "audit_log": None,
+            "audit": None,
         }
+        if self._audit is not None:
+            audit = self._audit.status()
+            result["audit_log"], result["audit"] = audit["path"], audit
         if node is not None:
             result["node"] = {
                 "id": node.node_id, "tier": node.tier, "selectors": list(node.selectors),

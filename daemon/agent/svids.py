@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -77,8 +77,11 @@ class CredentialSource(Protocol):
 
 class SvidManager:
     def __init__(self, source: CredentialSource, *, clock: Clock = SYSTEM_CLOCK,
-                 decisions: DecisionSink | None = None, clock_recheck: float = CLOCK_RECHECK) -> None:
+                 decisions: DecisionSink | None = None, clock_recheck: float = CLOCK_RECHECK,
+                 issuance_gate: Callable[[], str | None] | None = None) -> None:
+        """`issuance_gate` says why nothing may be issued now (the audit log cannot be written), or None."""
         self._source = source
+        self._issuance_gate = issuance_gate
         self._clock = clock
         self._clock_recheck = clock_recheck
         self._decisions = decisions
@@ -295,6 +298,8 @@ class SvidManager:
 
     def _issuance_refusal(self) -> str | None:
         """Why nothing new may be issued now, or None."""
+        if self._issuance_gate is not None and (gated := self._issuance_gate()) is not None:
+            return gated
         if self._banned is not None:
             return f"node is banned: {self._banned}"
         stale = self.stale_since()

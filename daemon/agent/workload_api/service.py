@@ -98,6 +98,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         observer: WorkloadApiObserver | None = None,
         clock: Clock = SYSTEM_CLOCK,
         attestations_per_uid: int = ATTESTATIONS_PER_UID,
+        issuance_gate: Callable[[], str | None] | None = None,
     ) -> None:
         if attest_deadline <= 0:
             raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
@@ -108,6 +109,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._observer = observer
         self._clock = clock
         self._attestations = AttestationSlots(attestations_per_uid)
+        self._issuance_gate = issuance_gate
 
     # -- X.509-SVID profile -------------------------------------------------------------------------
 
@@ -150,9 +152,9 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 raise RefusedError.no_identity(str(err)) from err
             if not svids:
                 raise RefusedError.no_identity("no jwt-svid for the caller's selectors")
+            self._answered(call, tuple(s.spiffe_id for s in svids))  # recorded before anything is handed out
             await stream.send_message(pb.JWTSVIDResponse(
                 svids=[pb.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token, hint=s.hint) for s in svids]))
-            self._answered(call, tuple(s.spiffe_id for s in svids))
 
     async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest, pb.JWTBundlesResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         async with self._request(stream, "FetchJWTBundles") as call:
@@ -186,8 +188,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                                    f"jwt-svid refused: {err}") from err
             response = pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id)
             response.claims.update(dict(claims))
-            await stream.send_message(response)
             self._answered(call, (spiffe_id,))
+            await stream.send_message(response)
 
     async def FetchWITSVID(self, stream: Stream[pb.WITSVIDRequest, pb.WITSVIDResponse]) -> None:  # noqa: N802 (name fixed by the proto)
         self._unimplemented(stream, "FetchWITSVID")
@@ -212,14 +214,15 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         process that was attested. `compute` raises RefusedError when the caller is owed nothing."""
         version = self._identities.version  # read before computing: no change in between is missed
         current = await compute()
+        self._answered(call, spiffe_ids(current))  # recorded before anything is handed out
         await stream.send_message(message(current))
-        self._answered(call, spiffe_ids(current))
         with self._open_stream(call):
             while True:
                 version = await self._identities.wait_for_change(version)
                 self._recheck(process)
                 latest = await compute()
                 if latest != current:
+                    self._require_record(call)
                     await stream.send_message(message(latest))
                     current = latest
                     call.spiffe_ids = spiffe_ids(current)
@@ -340,9 +343,18 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         return bundles
 
     def _answered(self, call: Call, spiffe_ids: tuple[str, ...] = ()) -> None:
+        """Decide the call handed out `spiffe_ids`, before anything is sent: an answer whose decision
+        cannot be recorded (the audit log cannot be written) is not sent."""
+        self._require_record(call)
         call.spiffe_ids = spiffe_ids
         self._decide(call.decision())
+        self._require_record(call)
         call.answered = True
+
+    def _require_record(self, call: Call) -> None:
+        refusal = self._issuance_gate() if self._issuance_gate is not None else None
+        if refusal is not None:
+            raise RefusedError(Status.UNAVAILABLE, "unavailable", "identity service unavailable", refusal)
 
 
 def _with_unique_hints(svids: Sequence[X509SvidMaterial], log: logging.Logger) -> tuple[X509SvidMaterial, ...]:
