@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "EkType",
     "EnrolmentMode",
+    "PolicyConfig",
     "TpmConfig",
     "format_duration",
     "load_config",
@@ -72,6 +73,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Request-time policy (docs/design.md §7): Cedar files, and which audiences are low-risk."""
+
+    files: tuple[Path, ...] = ()                            # files or folders of *.cedar, after the defaults
+    include_defaults: bool = True                           # the shipped default policy set first
+    audiences: Mapping[str, str] = field(default_factory=dict)  # audience -> "low" | "high"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
     socket_path: Path
@@ -82,6 +92,7 @@ class AgentConfig:
     attestation_deadline: timedelta
     attestation_interval: timedelta
     audit: AuditConfig
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,10 @@ class Config:
 # misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
 _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_log", "workload_attestors",
-               "attestation_deadline", "attestation_interval", "audit")
+               "attestation_deadline", "attestation_interval", "audit", "policy")
 _TPM_KEYS = ("tcti", "ek", "unreachable_limit")
 _AUDIT_KEYS = ("dir", "anchor_every", "anchor_interval", "max_file_bytes")
+_POLICY_KEYS = ("files", "include_defaults", "audiences")
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
                    "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
@@ -179,8 +191,18 @@ def _parse_agent(section: ConfigSection) -> AgentConfig:
         attestation_deadline=section.duration("attestation_deadline", "5s"),
         attestation_interval=section.duration("attestation_interval", "60s"),
         audit=_parse_audit(section.section("audit", _AUDIT_KEYS), state_dir),
+        policy=_parse_policy(section.section("policy", _POLICY_KEYS)),
     )
     return agent
+
+
+def _parse_policy(section: ConfigSection) -> PolicyConfig:
+    audiences = section.string_mapping("audiences")
+    for audience, risk in audiences.items():
+        if risk not in ("low", "high"):
+            raise section.error(f"audiences.{audience[:80]}", f"expected low or high, got {risk[:40]!r}")
+    return PolicyConfig(files=section.path_list("files"), include_defaults=section.boolean("include_defaults", True),
+                        audiences=audiences)
 
 
 def _parse_audit(section: ConfigSection, state_dir: Path) -> AuditConfig:

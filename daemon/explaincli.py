@@ -51,6 +51,8 @@ def _print(answer: dict[str, Any]) -> None:
     for entry in shown:
         if entry["matched"]:
             state = "refused: " + entry["refusal"] if "refusal" in entry else "matches"
+            if "policy" in entry and entry["policy"]["allowed"]:
+                state += f"; policy allows ({', '.join(entry['policy']['policy_ids'])})"
         elif entry.get("held_by_ancestor"):
             state = "held by an ancestor: never inherited"
         else:

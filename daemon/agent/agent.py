@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from vouchd.agent.holders import IdentityHolders
 from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
+from vouchd.agent.policing import NodeFacts, WorkloadPolicy
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.updates import AuthorityUpdates
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService, check_socket_path
@@ -35,8 +38,9 @@ from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AgentConfig, Config
 from vouchd.decisions import Decision, DecisionBus
 from vouchd.errors import ConfigError
+from vouchd.policy import PolicyEngine
 from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
-from vouchd.spiffe import X509Bundle
+from vouchd.spiffe import TrustTier, X509Bundle
 from vouchd.tpm import EkInfo, TpmService, TpmUnavailableError
 
 __all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "workload_attestors_from"]
@@ -69,6 +73,15 @@ class AuthorityLink:
 
 # Given the local TPM's EK, open the link to the authority (and close it when the agent stops).
 AuthorityConnector = Callable[[EkInfo], contextlib.AbstractAsyncContextManager[AuthorityLink]]
+
+
+def policy_engine_from(config: Config, *, clock: Clock) -> PolicyEngine | None:
+    """The agent's policy set, loaded and checked (a PolicyError names the file and line)."""
+    if config.agent is None:
+        return None
+    settings = config.agent.policy
+    return PolicyEngine.load(settings.files, audiences=settings.audiences, clock=clock,
+                             include_defaults=settings.include_defaults)
 
 
 def workload_attestors_from(config: Config, holders: IdentityHolders | None = None) -> list[WorkloadAttestor]:
@@ -105,6 +118,7 @@ class Agent:
         self._ready = asyncio.Event()
         self._holders = IdentityHolders(clock=self._clock)
         self._audit: AuditLog | None = None
+        self._policy_engine: PolicyEngine | None = None
 
     @property
     def ready(self) -> asyncio.Event:
@@ -115,6 +129,7 @@ class Agent:
         # What can be checked cheaply is checked before the TPM and the authority are touched: a typo in
         # the plugin options, a second agent on the same socket, a socket folder others may write to.
         attestors = workload_attestors_from(self._config, self._holders)
+        self._policy_engine = policy_engine_from(self._config, clock=self._clock)
         check_socket_path(self._agent_config.socket_path)
         check_admin_socket_path(self._agent_config.admin_socket_path)
         async with self._tpm_service() as tpm, self._audit_log(tpm):
@@ -163,6 +178,36 @@ class Agent:
             await asyncio.gather(anchoring, return_exceptions=True)
             await audit.close()  # a last anchor, while the TPM is still there
 
+    def reload_policy(self) -> None:
+        """SIGHUP: read the policy files again; a set that does not load leaves the old one in force."""
+        if self._policy_engine is None:
+            return
+        result = self._policy_engine.reload(audiences=self._agent_config.policy.audiences)
+        if result.error is not None:
+            log.error("policy reload refused, the previous policy set stays in force: %s", result.error,
+                      extra={"policy_version": result.previous_version})
+            self._note_audit("policy_reload", {"outcome": "refused", "reason": str(result.error),
+                                               "policy_version": result.previous_version})
+            return
+        log.info("policy reloaded", extra={"policy_version": result.policy_version, "changed": result.changed})
+        self._note_audit("policy_reload", {"outcome": "ok", "policy_version": result.policy_version,
+                                           "previous_version": result.previous_version})
+
+    def _note_audit(self, kind: str, fields: dict[str, object]) -> None:
+        if self._audit is not None:
+            with contextlib.suppress(AuditWriteError):
+                self._audit.note(kind, fields)
+
+    def _node_facts(self) -> NodeFacts:
+        """The node as the policy context sees it, now."""
+        node = self._node.status if self._node is not None else None
+        if node is None:
+            return NodeFacts(tier=TrustTier.HARDWARE, state="unconfirmed", quote_age_seconds=None, pcr_profile=None)
+        profile = next((s.split(":", 2)[2] for s in node.selectors if s.startswith("tpm:pcr_profile:")), None)
+        return NodeFacts(tier=TrustTier(node.tier), state=self._node_state(node.authority_error),
+                         quote_age_seconds=math.ceil(max(0.0, self._clock.now() - node.last_quote_at)),
+                         pcr_profile=profile)
+
     def _audit_refusal(self) -> str | None:
         """Why nothing may be handed out now (the audit log cannot be written), or None."""
         failure = self._audit.failure if self._audit is not None else None
@@ -181,10 +226,16 @@ class Agent:
     async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor],
                      admin_commands: Mapping[str, AdminCommand]) -> None:
         jwt_svids = JwtSvidCache(node, svids, self._config.trust_domain, clock=self._clock)
+        policy = None
+        if self._policy_engine is not None:
+            policy = WorkloadPolicy(self._policy_engine, str(self._config.trust_domain.id), self._node_facts,
+                                    clock=self._clock, parent_expiry=svids.parents.expiry)
         identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids, jwt_svids,
-                                             holders=self._holders)
+                                             holders=self._holders, policy=policy)
         deadline = self._agent_config.attestation_deadline.total_seconds()
-        explain = WorkloadExplainer(attestors, svids, attest_deadline=deadline)
+        explain = WorkloadExplainer(attestors, svids, attest_deadline=deadline, policy=policy)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals outside the main thread (tests)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policy)
         service = WorkloadApiService(identities, decisions=self._decisions, issuance_gate=self._audit_refusal,
                                      attest_deadline=deadline,
                                      observer=self._activity)

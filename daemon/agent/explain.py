@@ -16,10 +16,14 @@ from typing import Any
 from vouchd.agent.admin import AdminCommandError
 from vouchd.agent.lineage import held_by_ancestors
 from vouchd.agent.matching import EntryVerdict
+from vouchd.agent.policing import WorkloadPolicy
 from vouchd.agent.svids import SvidManager
+from vouchd.agent.workload_api.identities import CallerContext
 from vouchd.attestors.base import WorkloadAttestation, WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.attestors.errors import ProcessInfoError
 from vouchd.attestors.workload.procfs import read_process_credentials, read_process_stat
+from vouchd.entries import Entry
+from vouchd.policy import PolicyDecision
 from vouchd.selectors import InvalidSelectorError, Selector
 
 __all__ = ["ALLOWED", "REFUSED", "WorkloadExplainer"]
@@ -34,10 +38,12 @@ _MAX_SELECTORS = 1000
 class WorkloadExplainer:
     """The admin command `workload.explain` of an agent."""
 
-    def __init__(self, attestors: Sequence[WorkloadAttestor], svids: SvidManager, *, attest_deadline: float) -> None:
+    def __init__(self, attestors: Sequence[WorkloadAttestor], svids: SvidManager, *, attest_deadline: float,
+                 policy: WorkloadPolicy | None = None) -> None:
         self._attestors = list(attestors)
         self._svids = svids
         self._attest_deadline = attest_deadline
+        self._policy = policy
 
     async def __call__(self, args: dict[str, Any]) -> dict[str, Any]:
         """`{"pid": N}` or `{"selectors": ["type:key:value", ...]}`, and optionally `"near_misses": N`."""
@@ -82,7 +88,12 @@ class WorkloadExplainer:
         matched = [v for v in verdicts if v.matched]
         shown = matched + [v for v in verdicts if not v.matched][:near]
         refusals = {v.entry.id: refusal for v in matched if (refusal := self._svids.parents.cap(v.entry)[1])}
-        entries = [_entry(v, refusals.get(v.entry.id)) for v in shown]
+        judged = self._policy_verdicts(described, attestation, [v.entry for v in matched])
+        for entry_id, judgement in judged.items():
+            if not judgement.allowed and entry_id not in refusals:
+                refusals[entry_id] = (f"denied by policy {', '.join(judgement.policy_ids) or '(none permits it)'}: "
+                                      f"{'; '.join(judgement.reasons)}")
+        entries = [_entry(v, refusals.get(v.entry.id), judged.get(v.entry.id)) for v in shown]
         granted = [v.entry for v in matched if v.entry.id not in refusals]
         failure = attestation.failure
         if failure is not None:
@@ -104,9 +115,28 @@ class WorkloadExplainer:
                 "reason": reason, "spiffe_ids": [str(e.spiffe_id) for e in granted]}
 
 
-def _entry(verdict: EntryVerdict, refusal: str | None) -> dict[str, Any]:
+    def _policy_verdicts(self, described: dict[str, Any], attestation: WorkloadAttestation,
+                         entries: list[Entry]) -> dict[str, PolicyDecision]:
+        """What the policy says of handing each matched entry's X.509-SVID to this caller now."""
+        if self._policy is None or not entries:
+            return {}
+        process = WorkloadProcess(pid=described.get("pid", 1), uid=described.get("uid", _uid_of(attestation)),
+                                  gid=described.get("gid", 0), start_time=described.get("start_time", 0))
+        caller = CallerContext("FetchX509SVID", process, attestation.selectors, evidence=attestation.evidence)
+        return {e.id: self._policy.x509(caller, e, held=self._svids.holds(e.id)) for e in entries}
+
+
+def _uid_of(attestation: WorkloadAttestation) -> int:
+    """The uid named by given selectors (`--selectors`), for the policy's principal; -1 when none is."""
+    return next((int(s.value) for s in attestation.selectors if (s.type, s.key) == ("unix", "uid")), -1)
+
+
+def _entry(verdict: EntryVerdict, refusal: str | None, policy: PolicyDecision | None = None) -> dict[str, Any]:
     found: dict[str, Any] = {"id": verdict.entry.id, "spiffe_id": str(verdict.entry.spiffe_id),
                              "matched": verdict.matched, "missing": [str(s) for s in verdict.missing]}
+    if policy is not None:
+        found["policy"] = {"allowed": policy.allowed, "policy_ids": list(policy.policy_ids),
+                           "reasons": list(policy.reasons)}
     if verdict.held_by_ancestor:
         found["held_by_ancestor"] = True
     if refusal is not None:

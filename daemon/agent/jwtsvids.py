@@ -77,14 +77,15 @@ class JwtSvidCache:
         return max((t.expires_at for t in self._tokens.values() if t.spiffe_id == spiffe_id), default=None)
 
     async def jwt_svids(self, selectors: frozenset[Selector], audiences: Sequence[str],
-                        spiffe_id: str = "", *, ancestors_hold: frozenset[str] = frozenset()) -> list[JwtSvid]:
+                        spiffe_id: str = "", *, ancestors_hold: frozenset[str] = frozenset(),
+                        only: frozenset[str] | None = None) -> list[JwtSvid]:
         """The caller's JWT-SVIDs for these audiences (only `spiffe_id`'s when given), issuing the
         missing ones; NoIdentityError when the caller is entitled to none, or none could be issued.
         Never an identity in `ancestors_hold`; never one whose parent identity holds no valid SVID."""
         if self._svids.banned is not None:
             raise NoIdentityError(f"node is banned: {self._svids.banned}")
         entries = [e for e in self._svids.match(selectors, ancestors_hold=ancestors_hold)
-                   if not spiffe_id or str(e.spiffe_id) == spiffe_id]
+                   if (not spiffe_id or str(e.spiffe_id) == spiffe_id) and (only is None or e.id in only)]
         if not entries:
             raise NoIdentityError("no registration entry matches the caller"
                                   + (f" with the SPIFFE ID {spiffe_id[:200]}" if spiffe_id else ""))
@@ -106,6 +107,10 @@ class JwtSvidCache:
         if not tokens:
             raise NoIdentityError(failure or "no jwt-svid could be issued for the caller")
         return tokens
+
+    def holds(self, entry: Entry, audiences: Sequence[str]) -> bool:
+        """Whether a token of `entry` for exactly these audiences is cached and fresh (nothing new issued)."""
+        return self._fresh((entry.id, entry.revision, tuple(audiences)), self._clock.now())
 
     def _fresh(self, key: _Key, now: float) -> bool:
         token = self._tokens.get(key)

@@ -257,8 +257,12 @@ class SvidManager:
         svid = self._svids.get(entry_id)
         return svid is not None and svid.expires_at > now
 
-    async def x509_svids(self, selectors: frozenset[Selector], *,
-                         ancestors_hold: frozenset[str] = frozenset()) -> list[X509SvidMaterial]:
+    def holds(self, entry_id: str) -> bool:
+        """Whether a valid SVID of this entry is in the cache (handing it out issues nothing new)."""
+        return self._valid(entry_id, self._clock.now())
+
+    async def x509_svids(self, selectors: frozenset[Selector], *, ancestors_hold: frozenset[str] = frozenset(),
+                         only: frozenset[str] | None = None) -> list[X509SvidMaterial]:
         """Every valid SVID of the entries the caller matches; issues the missing ones first.
 
         An entry that cannot be issued right now does not take the caller's other identities away:
@@ -266,7 +270,7 @@ class SvidManager:
         """
         if self._banned is not None:
             raise NoIdentityError(f"node is banned: {self._banned}")
-        entries = self.match(selectors, ancestors_hold=ancestors_hold)
+        entries = [e for e in self.match(selectors, ancestors_hold=ancestors_hold) if only is None or e.id in only]
         if not entries:
             raise NoIdentityError("no registration entry matches the caller")
         now = self._clock.now()

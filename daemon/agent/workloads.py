@@ -7,12 +7,13 @@ server depends on.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vouchd.agent.holders import HoldersFullError, IdentityHolders
 from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.lineage import held_by_ancestors
+from vouchd.agent.policing import WorkloadPolicy, decision_details
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.workload_api.identities import (
     WORKLOAD_API_SOURCE,
@@ -24,6 +25,8 @@ from vouchd.agent.workload_api.identities import (
 )
 from vouchd.attestors.base import WorkloadAttestation, WorkloadAttestor, WorkloadProcess, attest_workload
 from vouchd.decisions import Decision, Outcome
+from vouchd.entries import Entry
+from vouchd.policy import PolicyDecision
 from vouchd.spiffe import InvalidSvidError, TrustDomain
 
 __all__ = ["AgentWorkloadIdentities", "WorkloadActivity"]
@@ -34,12 +37,29 @@ _UNKNOWN = -1  # pid or uid of a caller the Workload API could not identify
 
 class AgentWorkloadIdentities:
     def __init__(self, trust_domain: TrustDomain, attestors: Sequence[WorkloadAttestor], svids: SvidManager,
-                 jwt_svids: JwtSvidCache, holders: IdentityHolders | None = None) -> None:
+                 jwt_svids: JwtSvidCache, *, holders: IdentityHolders | None = None,
+                 policy: WorkloadPolicy | None = None) -> None:
         self._trust_domain_id = str(trust_domain.id)
         self._attestors = list(attestors)
         self._svids = svids
         self._jwt_svids = jwt_svids
         self._holders = holders
+        self._policy = policy
+
+    def _permitted(self, caller: CallerContext, judge: Callable[[Entry], PolicyDecision]) -> frozenset[str] | None:
+        """The ids of the caller's matched entries the policy permits (None: no policy), its verdicts
+        recorded for the call's decision; NoIdentityError naming the policies when it permits none."""
+        if self._policy is None:
+            return None
+        matched = self._svids.match(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence))
+        verdicts = [(entry, judge(entry)) for entry in matched]
+        caller.details[:] = decision_details(verdicts)
+        permitted = frozenset(entry.id for entry, verdict in verdicts if verdict.allowed)
+        if matched and not permitted:
+            _, verdict = verdicts[0]
+            raise NoIdentityError(f"denied by policy {', '.join(verdict.policy_ids) or '(none permits it)'}: "
+                                  f"{'; '.join(verdict.reasons)}")
+        return permitted
 
     def _handing(self, caller: CallerContext, spiffe_ids: Iterable[str]) -> None:
         """Remember that the caller holds these identities, for the lineage of its children."""
@@ -58,16 +78,28 @@ class AgentWorkloadIdentities:
         return bool(self._svids.match(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence)))
 
     async def x509_svids(self, caller: CallerContext) -> Sequence[X509SvidMaterial]:
-        svids = await self._svids.x509_svids(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence))
+        permitted = self._permitted(caller, lambda entry: self._x509_verdict(caller, entry))
+        svids = await self._svids.x509_svids(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence),
+                                             only=permitted)
         self._handing(caller, (svid.spiffe_id for svid in svids))
         return svids
+
+    def _x509_verdict(self, caller: CallerContext, entry: Entry) -> PolicyDecision:
+        assert self._policy is not None
+        return self._policy.x509(caller, entry, held=self._svids.holds(entry.id))
+
+    def _jwt_verdict(self, caller: CallerContext, entry: Entry) -> PolicyDecision:
+        assert self._policy is not None
+        return self._policy.jwt(caller, entry, caller.audiences,
+                                held=self._jwt_svids.holds(entry, caller.audiences))
 
     def x509_bundles(self) -> Mapping[str, bytes]:
         return {self._trust_domain_id: self._svids.bundle_der()}
 
     async def jwt_svids(self, caller: CallerContext) -> Sequence[JwtSvidMaterial]:
+        permitted = self._permitted(caller, lambda entry: self._jwt_verdict(caller, entry))
         svids = await self._jwt_svids.jwt_svids(caller.selectors, caller.audiences, caller.spiffe_id,
-                                                ancestors_hold=held_by_ancestors(caller.evidence))
+                                                ancestors_hold=held_by_ancestors(caller.evidence), only=permitted)
         self._handing(caller, (svid.spiffe_id for svid in svids))
         return [JwtSvidMaterial(spiffe_id=svid.spiffe_id, token=svid.token, hint=svid.hint) for svid in svids]
 

@@ -73,6 +73,7 @@ class Call:
     selectors: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
     spiffe_ids: tuple[str, ...] = ()
+    details: list[tuple[str, str]] = field(default_factory=list)  # the agent's own (policy verdicts)
     answered: bool = False  # a stream sent its first message: a later decision is the stream's end
 
     def __post_init__(self) -> None:
@@ -103,7 +104,7 @@ class Call:
     def decision(self, code: str = "", reason: str = "") -> Decision:
         """The call's decision: handed out when `code` is empty, else refused or failed with `reason`."""
         kind, outcome = _DECISIONS[code] if code else (DecisionKind.ISSUE, Outcome.OK)
-        details = [("duration_ms", f"{self.duration_ms():.3f}")]
+        details = [("duration_ms", f"{self.duration_ms():.3f}"), *self.details]
         if code:
             details.append(("code", code))
         if self.answered and code:

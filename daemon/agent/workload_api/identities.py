@@ -70,6 +70,9 @@ class CallerContext:
     audiences: tuple[str, ...] = ()      # FetchJWTSVID: the audiences asked for
     spiffe_id: str = ""                  # FetchJWTSVID: the one identity asked for, if any
     evidence: tuple[Evidence, ...] = ()  # what attestation recorded but nothing matches on
+    # What the agent adds to the call's decision while answering it (the policy's verdicts): the one
+    # mutable part, written by the lookups, read by the Workload API when it records the decision.
+    details: list[tuple[str, str]] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

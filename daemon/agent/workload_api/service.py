@@ -119,7 +119,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             caller = await self._attest(stream, call)
 
             async def svid_set() -> _X509SvidSet:
-                return await self._x509_svid_set(caller)
+                return await self._x509_svid_set(caller, call)
 
             await self._stream(stream, call, caller.process, compute=svid_set, message=_X509SvidSet.message,
                                spiffe_ids=lambda current: tuple(svid.spiffe_id for svid in current.svids))
@@ -150,6 +150,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                 svids = await self._identities.jwt_svids(caller)
             except NoIdentityError as err:
                 raise RefusedError.no_identity(str(err)) from err
+            finally:
+                call.details = list(caller.details)
             if not svids:
                 raise RefusedError.no_identity("no jwt-svid for the caller's selectors")
             self._answered(call, tuple(s.spiffe_id for s in svids))  # recorded before anything is handed out
@@ -317,11 +319,13 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         if not process_unchanged(process):
             raise RefusedError.attestation_failed(f"process {process.pid} exited or changed after attestation")
 
-    async def _x509_svid_set(self, caller: CallerContext) -> _X509SvidSet:
+    async def _x509_svid_set(self, caller: CallerContext, call: Call) -> _X509SvidSet:
         try:
             svids = _with_unique_hints(await self._identities.x509_svids(caller), self._log)
         except NoIdentityError as err:
             raise RefusedError.no_identity(str(err)) from err
+        finally:
+            call.details = list(caller.details)
         if not svids:
             raise RefusedError.no_identity("no x509 svid for the caller's selectors")
         own_trust_domains = {svid.trust_domain_id for svid in svids}
