@@ -74,9 +74,11 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     from vouchd.config import load_config
 
     config = load_config(Path(args.file))
-    from vouchd.agent.agent import workload_attestors_from
+    from vouchd.agent.agent import policy_engine_from, workload_attestors_from
+    from vouchd.clock import SYSTEM_CLOCK
 
     workload_attestors_from(config)  # plugin names and options, checked as the agent will
+    policy_engine_from(config, clock=SYSTEM_CLOCK)  # policy files: syntax and schema, naming file and line
     parts = [name for name in ("agent", "authority") if getattr(config, name) is not None]
     count = len(config.entries)
     print(f"{config.source}: ok (trust domain {config.trust_domain}; sections: {', '.join(parts) or 'none'}; "
