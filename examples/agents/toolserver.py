@@ -22,7 +22,7 @@ TOOLS = {"search": "tool:search", "payments": "tool:payments"}
 class ToolHandler(BaseHTTPRequestHandler):
     client: WorkloadApiClient
 
-    def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+    def do_POST(self) -> None:
         name = self.path.removeprefix("/tools/")
         audience = TOOLS.get(name)
         if audience is None:
@@ -44,7 +44,7 @@ class ToolHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the http.server API)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
