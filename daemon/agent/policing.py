@@ -92,11 +92,12 @@ class WorkloadPolicy:
 
 def decision_details(decisions: Sequence[tuple[Entry, PolicyDecision]]) -> list[tuple[str, str]]:
     """What a call's decision records of the policy: each entry's verdict and the policies that decided it."""
-    details = []
+    if not decisions:
+        return []
+    verdicts = []
     for entry, decision in decisions:
         verdict = "allow" if decision.allowed else "deny"
-        details.append(("policy", f"{entry.id} {verdict} by {','.join(decision.policy_ids) or 'no policy'}"
-                                  + ("" if decision.allowed else f": {'; '.join(decision.reasons)}")))
-    if decisions:
-        details.append(("policy_version", decisions[0][1].policy_version))
-    return details
+        verdicts.append(f"{entry.id} {verdict} by {','.join(decision.policy_ids) or 'no policy'}"
+                        + ("" if decision.allowed else f": {'; '.join(decision.reasons)}"))
+    # One `policy` detail: a log line keeps one value per name.
+    return [("policy", " | ".join(verdicts)), ("policy_version", decisions[0][1].policy_version)]

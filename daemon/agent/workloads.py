@@ -51,7 +51,8 @@ class AgentWorkloadIdentities:
         recorded for the call's decision; NoIdentityError naming the policies when it permits none."""
         if self._policy is None:
             return None
-        matched = self._svids.match(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence))
+        matched = [e for e in self._svids.match(caller.selectors, ancestors_hold=held_by_ancestors(caller.evidence))
+                   if not caller.spiffe_id or str(e.spiffe_id) == caller.spiffe_id]  # FetchJWTSVID may name one
         verdicts = [(entry, judge(entry)) for entry in matched]
         caller.details[:] = decision_details(verdicts)
         permitted = frozenset(entry.id for entry, verdict in verdicts if verdict.allowed)
