@@ -18,6 +18,8 @@ __all__ = ["add_explain_command"]
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {"near_misses": args.near_misses}
+    if args.audience:
+        arguments["audiences"] = args.audience
     if args.pid is not None:
         arguments["pid"] = args.pid
     else:
@@ -52,7 +54,7 @@ def _print(answer: dict[str, Any]) -> None:
         if entry["matched"]:
             state = "refused: " + entry["refusal"] if "refusal" in entry else "matches"
             if "policy" in entry and entry["policy"]["allowed"]:
-                state += f"; policy allows ({', '.join(entry['policy']['policy_ids'])})"
+                state += f"; allowed by policy {', '.join(entry['policy']['policy_ids'])}"
         elif entry.get("held_by_ancestor"):
             state = "held by an ancestor: never inherited"
         else:
@@ -71,6 +73,9 @@ def add_explain_command(commands: argparse._SubParsersAction,  # type: ignore[ty
                         help="a process that is not running: match these selectors")
     explain.add_argument("--near-misses", type=int, default=5, metavar="N",
                          help="entries that did not match to show, nearest first (default 5)")
+    explain.add_argument("--audience", action="append", metavar="AUDIENCE",
+                         help="the policy's verdict on a JWT-SVID for this audience (repeat for several) "
+                              "rather than on an X.509-SVID")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.add_argument("--admin-socket", help=f"default: $VOUCHD_ADMIN_SOCKET or {default_admin_socket}")
     explain.set_defaults(handler=_cmd_explain)

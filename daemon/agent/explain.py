@@ -46,8 +46,9 @@ class WorkloadExplainer:
         self._policy = policy
 
     async def __call__(self, args: dict[str, Any]) -> dict[str, Any]:
-        """`{"pid": N}` or `{"selectors": ["type:key:value", ...]}`, and optionally `"near_misses": N`."""
-        unknown = sorted(set(args) - {"pid", "selectors", "near_misses"})
+        """`{"pid": N}` or `{"selectors": ["type:key:value", ...]}`, and optionally `"near_misses": N` and
+        `"audiences": [...]` (the policy's verdict on a JWT-SVID for them rather than an X.509-SVID)."""
+        unknown = sorted(set(args) - {"pid", "selectors", "near_misses", "audiences"})
         if unknown:
             raise AdminCommandError(f"unknown argument {', '.join(map(repr, unknown))[:200]}")
         near = args.get("near_misses", _DEFAULT_NEAR_MISSES)
@@ -55,13 +56,18 @@ class WorkloadExplainer:
             raise AdminCommandError(f"near_misses must be a whole number from 0 to {_MAX_NEAR_MISSES}")
         if ("pid" in args) == ("selectors" in args):
             raise AdminCommandError("give either a pid or selectors")
+        audiences = args.get("audiences", [])
+        if not isinstance(audiences, list) or len(audiences) > 16 or \
+                not all(isinstance(a, str) and 0 < len(a) <= 512 for a in audiences):
+            raise AdminCommandError("audiences must be a list of at most 16 audiences of 1 to 512 characters")
+        wanted = tuple(audiences)
         if "pid" in args:
-            return await self._explain_process(args["pid"], near)
+            return await self._explain_process(args["pid"], near, wanted)
         selectors = _parse_selectors(args["selectors"])
         return self._verdict({"selectors": sorted(map(str, selectors)), "attestors": [], "evidence": []},
-                             WorkloadAttestation(selectors), near)
+                             WorkloadAttestation(selectors), near, wanted)
 
-    async def _explain_process(self, pid: object, near: int) -> dict[str, Any]:
+    async def _explain_process(self, pid: object, near: int, audiences: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise AdminCommandError("pid must be a positive whole number")
         process = _describe(pid)
@@ -80,15 +86,16 @@ class WorkloadExplainer:
                           for run in attestation.runs],
             "evidence": [str(e) for e in attestation.evidence],
         }
-        return self._verdict(described, attestation, near)
+        return self._verdict(described, attestation, near, audiences)
 
-    def _verdict(self, described: dict[str, Any], attestation: WorkloadAttestation, near: int) -> dict[str, Any]:
+    def _verdict(self, described: dict[str, Any], attestation: WorkloadAttestation, near: int,
+                 audiences: tuple[str, ...]) -> dict[str, Any]:
         held = held_by_ancestors(attestation.evidence)
         verdicts = self._svids.matcher.verdicts(attestation.selectors, ancestors_hold=held)
         matched = [v for v in verdicts if v.matched]
         shown = matched + [v for v in verdicts if not v.matched][:near]
         refusals = {v.entry.id: refusal for v in matched if (refusal := self._svids.parents.cap(v.entry)[1])}
-        judged = self._policy_verdicts(described, attestation, [v.entry for v in matched])
+        judged = self._policy_verdicts(described, attestation, [v.entry for v in matched], audiences)
         for entry_id, judgement in judged.items():
             if not judgement.allowed and entry_id not in refusals:
                 refusals[entry_id] = (f"denied by policy {', '.join(judgement.policy_ids) or '(none permits it)'}: "
@@ -116,12 +123,17 @@ class WorkloadExplainer:
 
 
     def _policy_verdicts(self, described: dict[str, Any], attestation: WorkloadAttestation,
-                         entries: list[Entry]) -> dict[str, PolicyDecision]:
-        """What the policy says of handing each matched entry's X.509-SVID to this caller now."""
+                         entries: list[Entry], audiences: tuple[str, ...]) -> dict[str, PolicyDecision]:
+        """What the policy says of handing each matched entry's X.509-SVID (or, given audiences, a
+        JWT-SVID for them) to this caller now."""
         if self._policy is None or not entries:
             return {}
         process = WorkloadProcess(pid=described.get("pid", 1), uid=described.get("uid", _uid_of(attestation)),
                                   gid=described.get("gid", 0), start_time=described.get("start_time", 0))
+        if audiences:
+            caller = CallerContext("FetchJWTSVID", process, attestation.selectors, audiences=audiences,
+                                   evidence=attestation.evidence)
+            return {e.id: self._policy.jwt(caller, e, audiences, held=False) for e in entries}
         caller = CallerContext("FetchX509SVID", process, attestation.selectors, evidence=attestation.evidence)
         return {e.id: self._policy.x509(caller, e, held=self._svids.holds(e.id)) for e in entries}
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -54,12 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tools", default="http://127.0.0.1:8642", help="the tool server's URL")
     parser.add_argument("--sub-agent", action="store_true", help="run as the sub-agent (the orchestrator does this)")
+    parser.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                        help="the sub-agent stays this long after using the tools (time for `vouchd explain`)")
     args = parser.parse_args()
     if args.sub_agent:
         use_tools("sub-agent", SUB_AGENT, args.tools)
+        time.sleep(args.linger)
         return
     use_tools("orchestrator", ORCHESTRATOR, args.tools)
-    subprocess.run([sys.executable, __file__, "--sub-agent", "--tools", args.tools], check=True, timeout=60)
+    subprocess.run([sys.executable, __file__, "--sub-agent", "--tools", args.tools, "--linger", str(args.linger)],
+                   check=True, timeout=60 + args.linger)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,17 @@ async def test_explain_shows_the_policy_verdict_and_its_ids(ca: CertificateAutho
     (shown,) = answer["entries"]
     assert shown["policy"]["allowed"] is False
     assert shown["policy"]["policy_ids"] == ["vouchd.static-secret-x509"]
+
+
+async def test_explain_judges_a_jwt_svid_for_the_audiences_given(ca: CertificateAuthority) -> None:
+    _, policy, svids = await agent_parts(ca, TrustTier.STATIC_SECRET, entry("agent"))
+    explain = WorkloadExplainer([], svids, attest_deadline=DEADLINE, policy=policy)
+
+    async with asyncio.timeout(DEADLINE):
+        high = await explain({"selectors": ["unix:uid:1000"], "audiences": ["payments"]})
+        low = await explain({"selectors": ["unix:uid:1000"], "audiences": ["weather"]})
+
+    assert high["outcome"] == "refused"
+    assert high["entries"][0]["policy"]["policy_ids"] == ["vouchd.static-secret-jwt-audience"]
+    assert low["outcome"] == "allowed"
+    assert low["entries"][0]["policy"]["allowed"] is True
