@@ -80,11 +80,20 @@ class RunningAgent:
 
 def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_log: Path, *,
                   x509_svid_ttl: str, node_svid_ttl: str, attestation_interval: str,
-                  tpm_unreachable_limit: str, entries: Sequence[tuple[str, str]], state: Path) -> Path:
+                  tpm_unreachable_limit: str, entries: Sequence[tuple[str, str]], state: Path,
+                  audit_anchor_every: int | None = None, audit_anchor_interval: str | None = None,
+                  agent_settings: str = "") -> Path:
     config = directory / "standalone.yaml"
     entry_lines = "".join(f"""
           - spiffe_id: {spiffe_id}
             selectors: ["{selector}"]""" for spiffe_id, selector in entries)
+    audit = {key: value for key, value in (("anchor_every", audit_anchor_every),
+                                           ("anchor_interval", audit_anchor_interval)) if value is not None}
+    # agent.audit only when a test asks for it (indented as the lines below are, before dedent)
+    settings = ", ".join(f"{key}: {value}" for key, value in audit.items())
+    audit_line = f"\n          audit: {{{settings}}}" if audit else ""
+    if agent_settings:  # one more line of the agent section, as YAML flow style
+        audit_line += f"\n          {agent_settings}"
     config.write_text(textwrap.dedent(f"""\
         trust_domain: example.org
         agent:
@@ -93,7 +102,7 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
           admin_socket_path: {runtime}/admin.sock
           tpm: {{tcti: "{tpm.tcti}", ek: rsa2048, unreachable_limit: {tpm_unreachable_limit}}}
           event_log: {event_log}
-          attestation_interval: {attestation_interval}
+          attestation_interval: {attestation_interval}{audit_line}
         authority:
           state_dir: {state}/authority
           ek_trust:
@@ -110,12 +119,16 @@ def _write_config(directory: Path, runtime: Path, tpm: swtpm_mod.Swtpm, event_lo
 def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str = "1h",
                   attestation_interval: str = "60s", tpm_unreachable_limit: str = "60s",
                   extra_entries: Sequence[tuple[str, str]] = (), root_entry: bool = True,
-                  environment: dict[str, str] | None = None, state: Path | None = None) -> Iterator[RunningAgent]:
+                  environment: dict[str, str] | None = None, state: Path | None = None,
+                  audit_anchor_every: int | None = None,
+                  audit_anchor_interval: str | None = None, agent_settings: str = "") -> Iterator[RunningAgent]:
     """Provision a swtpm, simulate a measured boot, start the agent and wait until it is healthy.
 
     The agent's entries include spiffe://example.org/user/root for uid 0 (the tests' uid) unless
     `root_entry` is false.
     `state`: where the agent's and the authority's state folders go (default: `base`).
+    `audit_anchor_every`, `audit_anchor_interval`: agent.audit's keys (default: left out of the file).
+    `agent_settings`: one more `key: value` line for the agent section (e.g. `policy: {...}`).
     """
     swtpm_mod.provision(base / "swtpm")
     tpm = swtpm_mod.start(base / "swtpm")
@@ -131,6 +144,8 @@ def running_agent(base: Path, *, x509_svid_ttl: str = "1h", node_svid_ttl: str =
         config = _write_config(base, runtime, tpm, event_log, x509_svid_ttl=x509_svid_ttl,
                                node_svid_ttl=node_svid_ttl, attestation_interval=attestation_interval,
                                tpm_unreachable_limit=tpm_unreachable_limit, state=state or base,
+                               audit_anchor_every=audit_anchor_every, audit_anchor_interval=audit_anchor_interval,
+                               agent_settings=agent_settings,
                                entries=[*([("spiffe://example.org/user/root", "unix:uid:0")] if root_entry else []),
                                         *extra_entries])
         running = RunningAgent(runtime / "agent.sock", runtime / "admin.sock", base / "agent.log", config, tpm,
