@@ -45,6 +45,7 @@ DEADLINE = 30.0
 REVOCATION_GOAL_MS = 500
 FIRST_SVID_GOAL_MS = 100
 MATCH_GOAL_MS = 1.0
+POLICY_GOAL_MS = 1.0
 
 
 class BenchError(Exception):
@@ -422,10 +423,46 @@ def measure_matching(entry_count: int, rounds: int) -> dict[str, Any]:
             "p99_goal_us": MATCH_GOAL_MS * 1000, "entries_matched_per_call": round(matched / rounds, 2)}
 
 
+def measure_policy(requests: int) -> dict[str, Any]:
+    """The cost of one policy decision (the shipped defaults plus examples/agents/policy.cedar), in this
+    process: `requests` different requests (each a cache miss), then the same ones again (hits)."""
+    from vouchd.clock import SYSTEM_CLOCK
+    from vouchd.policy import Audience, PolicyAction, PolicyContext, PolicyEngine, PolicyRequest, Workload
+    from vouchd.spiffe import TrustTier
+
+    root = Path(__file__).resolve().parent.parent
+    engine = PolicyEngine.load([root / "examples" / "agents" / "policy.cedar"], clock=SYSTEM_CLOCK,
+                               audiences={"tool:search": "low", "tool:payments": "high"})
+    selectors = ("unix:uid:1000", "interpreter:name:python", "lineage:depth:1")
+    batch = [PolicyRequest(
+        Workload(spiffe_id=f"spiffe://example.org/agent/{n}", tier=TrustTier.HARDWARE, selectors=selectors, uid=1000,
+                 entry_id=f"e-{n}", parent_spiffe_id="spiffe://example.org/agent/parent", lineage_depth=n % 2),
+        PolicyAction.FETCH_JWT_SVID, Audience("tool:payments" if n % 3 else "tool:search"),
+        PolicyContext(node_state="trusted", ttl_seconds=300, audiences=("tool:search",), quote_age_seconds=20))
+        for n in range(requests)]
+
+    def timed() -> list[float]:
+        times = []
+        for request in batch:
+            started = time.perf_counter_ns()
+            engine.evaluate(request)
+            times.append((time.perf_counter_ns() - started) / 1000)
+        return sorted(times)
+
+    def summary(ordered: list[float]) -> dict[str, float]:
+        return {"p50": round(statistics.median(ordered), 1),
+                "p99": round(ordered[math.ceil(len(ordered) * 0.99) - 1], 1), "max": round(ordered[-1], 1)}
+
+    misses, hits = timed(), timed()
+    return {"policies": len(engine.policies), "requests": requests, "uncached_us": summary(misses),
+            "cached_us": summary(hits), "p99_goal_us": POLICY_GOAL_MS * 1000}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.interop.conftest import running_agent
 
     matching = measure_matching(args.match_entries, args.match_calls)
+    policy = measure_policy(args.policy_requests)
     base = Path(tempfile.mkdtemp(prefix="vouchd-bench-"))
     try:
         started = time.perf_counter()
@@ -455,6 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "revocation_to_open_stream": revocation,
         "entry_create_to_waiting_caller": first_svid,
         "matching": matching,
+        "policy_decision": policy,
         "agent_rss_mib": {"idle": round(rss_idle / 2**20, 1), "after_load": round(rss_after / 2**20, 1)},
         "tpm_latency_ms": status.get("tpm_latency_ms"),
     }
@@ -485,6 +523,8 @@ def main() -> None:
     parser.add_argument("--match-entries", type=positive, default=10_000,
                         help="entries a caller is matched against (measured in-process)")
     parser.add_argument("--match-calls", type=positive, default=5000, help="callers matched")
+    parser.add_argument("--policy-requests", type=positive, default=5000,
+                        help="different policy requests decided (measured in-process)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (agent log, swtpm state) and say where it is")
     parser.add_argument("--waiting-caller", nargs=2, metavar=("SOCKET", "UID"), help=argparse.SUPPRESS)
