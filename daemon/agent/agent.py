@@ -229,7 +229,8 @@ class Agent:
         policy = None
         if self._policy_engine is not None:
             policy = WorkloadPolicy(self._policy_engine, str(self._config.trust_domain.id), self._node_facts,
-                                    clock=self._clock, parent_expiry=svids.parents.expiry)
+                                    clock=self._clock, parent_expiry=svids.parents.expiry,
+                                    parent_audiences=jwt_svids.audiences_of)
         identities = AgentWorkloadIdentities(self._config.trust_domain, attestors, svids, jwt_svids,
                                              holders=self._holders, policy=policy)
         deadline = self._agent_config.attestation_deadline.total_seconds()

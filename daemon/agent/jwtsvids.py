@@ -108,6 +108,14 @@ class JwtSvidCache:
             raise NoIdentityError(failure or "no jwt-svid could be issued for the caller")
         return tokens
 
+    def audiences_of(self, spiffe_id: str) -> tuple[str, ...] | None:
+        """The audiences this identity holds valid JWT-SVIDs for (a child asks for no others), or None
+        when it holds none (then nothing bounds its children's audiences but the policy's other rules)."""
+        now = self._clock.now()
+        held = {audience for (_, _, audiences), token in self._tokens.items()
+                if token.spiffe_id == spiffe_id and token.expires_at > now for audience in audiences}
+        return tuple(sorted(held)) if held else None
+
     def holds(self, entry: Entry, audiences: Sequence[str]) -> bool:
         """Whether a token of `entry` for exactly these audiences is cached and fresh (nothing new issued)."""
         return self._fresh((entry.id, entry.revision, tuple(audiences)), self._clock.now())

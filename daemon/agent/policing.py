@@ -44,12 +44,14 @@ class WorkloadPolicy:
     """The agent's questions to the policy engine, one per (caller, entry, action)."""
 
     def __init__(self, engine: PolicyEngine, trust_domain: str, node: Callable[[], NodeFacts], *,
-                 clock: Clock, parent_expiry: Callable[[str], float | None]) -> None:
+                 clock: Clock, parent_expiry: Callable[[str], float | None],
+                 parent_audiences: Callable[[str], tuple[str, ...] | None] = lambda _: None) -> None:
         self._engine = engine
         self._trust_domain = trust_domain
         self._node = node
         self._clock = clock
         self._parent_expiry = parent_expiry
+        self._parent_audiences = parent_audiences
 
     @property
     def engine(self) -> PolicyEngine:
@@ -81,6 +83,7 @@ class WorkloadPolicy:
             spiffe_id=str(entry.spiffe_id), tier=self._node().tier,
             selectors=tuple(sorted(str(s) for s in caller.selectors)), uid=caller.process.uid, entry_id=entry.id,
             labels=entry.labels, parent_spiffe_id=parent, lineage_depth=depth,
+            parent_audiences=self._parent_audiences(parent) if parent is not None else None,
             parent_ttl_seconds=parent_ttl)
 
     def _context(self, *, new_credential: bool, ttl: int, audiences: tuple[str, ...] = ()) -> PolicyContext:

@@ -57,7 +57,7 @@ async def agent_parts(ca: CertificateAuthority, tier: TrustTier, *entries: Entry
     jwt = JwtSvidCache(node, svids, TD, clock=clock)  # type: ignore[arg-type]
     engine = PolicyEngine.load(policy_files, audiences={"weather": "low", "payments": "high"}, clock=clock)
     policy = WorkloadPolicy(engine, "example.org", lambda: NodeFacts(tier, state, 5, None), clock=clock,
-                            parent_expiry=svids.parents.expiry)
+                            parent_expiry=svids.parents.expiry, parent_audiences=jwt.audiences_of)
     return AgentWorkloadIdentities(TD, [], svids, jwt, policy=policy), policy, svids
 
 
@@ -153,3 +153,21 @@ async def test_explain_judges_a_jwt_svid_for_the_audiences_given(ca: Certificate
     assert high["entries"][0]["policy"]["policy_ids"] == ["vouchd.static-secret-jwt-audience"]
     assert low["outcome"] == "allowed"
     assert low["entries"][0]["policy"]["allowed"] is True
+
+
+async def test_a_child_is_refused_an_audience_its_parent_identity_holds_no_token_for(
+        ca: CertificateAuthority) -> None:
+    parent = Entry(id="parent", spiffe_id=SpiffeId.parse("spiffe://example.org/parent"),
+                   selectors=selector_set(["unix:uid:1000", "unix:path:/opt/parent"]), revision=1)
+    child = Entry(id="child", spiffe_id=SpiffeId.parse("spiffe://example.org/child"), revision=1,
+                  selectors=selector_set(["unix:uid:1000", "lineage:parent_spiffe_id:spiffe://example.org/parent"]))
+    identities, _ = await identities_on(ca, TrustTier.HARDWARE, parent, child)
+    as_child = selector_set(["unix:uid:1000", "lineage:parent_spiffe_id:spiffe://example.org/parent",
+                             "lineage:depth:1"])
+
+    async with asyncio.timeout(DEADLINE):
+        await identities.jwt_svids(CallerContext("FetchJWTSVID", PROCESS, parent.selectors, audiences=("weather",)))
+        (token,) = await identities.jwt_svids(CallerContext("FetchJWTSVID", PROCESS, as_child, audiences=("weather",)))
+        assert token.spiffe_id == "spiffe://example.org/child"
+        with pytest.raises(NoIdentityError, match=r"denied by policy vouchd\.lineage-audience"):
+            await identities.jwt_svids(CallerContext("FetchJWTSVID", PROCESS, as_child, audiences=("payments",)))
