@@ -124,6 +124,10 @@ def _print_status(status: dict[str, Any]) -> None:
     for selector in node.get("selectors", []):
         print(f"  selector     {selector}")
     print(f"workload api   {status['workload_api_socket']}  ({'ready' if status['ready'] else 'starting'})")
+    audit = status.get("audit")
+    if audit:
+        state = f"FAILING: {audit['failure']}" if audit.get("failure") else f"{audit.get('records', 0)} records"
+        print(f"audit log      {audit.get('path')}  ({state})")
     print(f"entries        {len(status['entries'])}")
     for entry in status["entries"]:
         print(f"  {entry['id']:24} {entry['spiffe_id']}  [{', '.join(entry['selectors'])}]")
@@ -159,6 +163,9 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     tpm = status.get("tpm") or {}
     if tpm.get("state") not in (None, "ok"):
         problems.append(str(tpm.get("reason") or f"tpm is {tpm.get('state')}"))
+    audit = status.get("audit") or {}
+    if audit.get("failure"):
+        problems.append(f"the audit log cannot be written ({audit['failure']}): nothing is handed out")
     if not node:
         problems.append("node is not attested")
     else:

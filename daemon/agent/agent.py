@@ -164,8 +164,12 @@ class Agent:
 
         def record(decision: Decision) -> None:
             # A failed write sets audit.failure: `vouchd status` shows it, and nothing is handed out meanwhile.
+            failing = audit.failure is not None
             with contextlib.suppress(AuditWriteError):
                 audit.record(decision)
+            if failing and audit.failure is None and self._svids is not None:
+                log.info("the audit log can be written again: issuance resumes")
+                self._svids.retry_now()  # what the failure held back is not left to its backoff
 
         unsubscribe = self._decisions.subscribe(record)
         self._audit = audit

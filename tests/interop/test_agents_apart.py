@@ -157,7 +157,10 @@ def test_explain_shows_an_allowed_and_a_refused_process(agent: RunningAgent, ent
     assert good["outcome"] == "allowed" and good["spiffe_ids"] == [f"{AGENT}/worker"]
     assert f"script:path:{script.resolve()}" in good["selectors"]
     assert {run["name"] for run in good["attestors"]} == {"unix", "interpreter", "systemd", "container", "lineage"}
-    assert good["entries"][0] == {"id": entries[-1], "spiffe_id": f"{AGENT}/worker", "matched": True, "missing": []}
+    first = good["entries"][0]
+    assert (first["id"], first["spiffe_id"], first["matched"], first["missing"]) == (entries[-1], f"{AGENT}/worker",
+                                                                                     True, [])
+    assert first["policy"]["allowed"] and first["policy"]["policy_ids"] == ["vouchd.permit-trusted-node"]
     assert bad["outcome"] == "refused"
     assert bad["reason"] == "no registration entry matches the caller's selectors"
     assert bad["entries"][0]["missing"] == [f"script:sha256:{sha256(script)}"]

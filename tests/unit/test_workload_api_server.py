@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.server import Stream as ServerStream
 
 from tests.fakes import FakeClock
 from vouchd.agent.workload_api import NoIdentityError, X509SvidMaterial
@@ -1088,3 +1089,179 @@ async def test_validate_answers_the_spiffe_id_and_claims_or_invalid_argument(api
     with pytest.raises(GRPCError) as missing:
         await api.stub.ValidateJWTSVID(pb.ValidateJWTSVIDRequest(audience="db"), metadata=HEADER)
     assert missing.value.status is Status.INVALID_ARGUMENT and missing.value.message == "svid must be specified"
+
+
+# -- the issuance gate: nothing is handed out without its record (the audit log) --------------------------
+
+
+AUDIT_DOWN = ("the audit log cannot be written: cannot write audit record to "
+              "/var/lib/vouchd/agent/audit/audit-000001.jsonl: No space left on device")
+
+
+class IssuanceGate:
+    """What the agent's `_audit_refusal` answers: why nothing may be handed out (the audit log's
+    failure), or None. The test (or a sink) closes and opens it."""
+
+    def __init__(self, refusal: str | None = None) -> None:
+        self.refusal = refusal
+
+    def __call__(self) -> str | None:
+        return self.refusal
+
+
+class AuditingSink(RecordingDecisions):
+    """A DecisionSink standing in for the audit log: notes when each decision arrives in `events`,
+    and, with `fail_issues`, fails to write every issue it is handed: the gate closes, as the
+    agent's does when AuditLog.record raises."""
+
+    def __init__(self, gate: IssuanceGate, events: list[tuple[str, str]], *, fail_issues: bool = False) -> None:
+        super().__init__()
+        self.gate = gate
+        self.events = events
+        self.fail_issues = fail_issues
+
+    def emit(self, decision: Decision) -> None:
+        super().emit(decision)
+        self.events.append(("decision", f"{decision.kind} {decision.outcome}"))
+        if self.fail_issues and (decision.kind, decision.outcome) == (DecisionKind.ISSUE, Outcome.OK):
+            self.gate.refusal = AUDIT_DOWN
+
+
+@dataclass
+class Gated:
+    stub: SpiffeWorkloadAPIStub
+    identities: FakeIdentities
+    ca: TestCa
+    gate: IssuanceGate
+    decisions: AuditingSink
+    events: list[tuple[str, str]]   # decisions as the sink got them, messages as the server sent them
+
+
+@asynccontextmanager
+async def gated_api(socket_dir: Path, monkeypatch: pytest.MonkeyPatch, *, refusal: str | None = None,
+                    fail_issues: bool = False) -> AsyncIterator[Gated]:
+    """A service with an issuance gate and a sink that records; every message the server sends is
+    noted in `events` as it goes out."""
+    ca = TestCa()
+    identities = FakeIdentities({TRUST_DOMAIN: ca.bundle_der})
+    identities.svids = [ca.issue(f"{TRUST_DOMAIN}/web")]
+    events: list[tuple[str, str]] = []
+    gate = IssuanceGate(refusal)
+    decisions = AuditingSink(gate, events, fail_issues=fail_issues)
+    send_message = ServerStream.send_message
+
+    async def noted_send(self: Any, message: Any, **kwargs: Any) -> None:
+        events.append(("sent", type(message).__name__))
+        await send_message(self, message, **kwargs)
+
+    monkeypatch.setattr(ServerStream, "send_message", noted_send)
+    service = WorkloadApiService(identities, decisions=decisions, issuance_gate=gate, clock=FakeClock())
+    async with serving(service, socket_dir / "agent.sock") as stub:
+        yield Gated(stub, identities, ca, gate, decisions, events)
+
+
+async def everything_received(method: Any, request: object) -> tuple[list[Any], GRPCError | None]:
+    """Open the RPC, send `request`, and read until it ends: the messages, and the error it ended with."""
+    received: list[Any] = []
+    async with asyncio.timeout(DEADLINE), method.open(metadata=HEADER) as stream:
+        await stream.send_message(request, end=True)
+        try:
+            while (message := await stream.recv_message()) is not None:
+                received.append(message)
+            await stream.recv_trailing_metadata()
+        except GRPCError as err:
+            return received, err
+    return received, None
+
+
+GATED_METHODS = [
+    ("FetchX509SVID", pb.X509SVIDRequest()),
+    ("FetchX509Bundles", pb.X509BundlesRequest()),
+    ("FetchJWTSVID", pb.JWTSVIDRequest(audience=["db"])),
+    ("FetchJWTBundles", pb.JWTBundlesRequest()),
+    ("ValidateJWTSVID", pb.ValidateJWTSVIDRequest(audience="db", svid="header.payload.signature")),
+]
+UNARY_METHODS = {"FetchJWTSVID", "ValidateJWTSVID"}
+
+
+@pytest.mark.parametrize(("method", "request_message"), GATED_METHODS, ids=[m for m, _ in GATED_METHODS])
+async def test_a_closed_gate_is_unavailable_and_nothing_is_sent(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch, method: str, request_message: object
+) -> None:
+    async with gated_api(socket_dir, monkeypatch, refusal=AUDIT_DOWN) as api:
+        received, error = await everything_received(getattr(api.stub, method), request_message)
+
+    assert received == []
+    assert not [event for event in api.events if event[0] == "sent"], "not one message left the server"
+    assert error is not None
+    assert (error.status, error.message) == (Status.UNAVAILABLE, "identity service unavailable"), \
+        "the workload hears a generic reason; the decision has the detail"
+    # The issue's record is attempted all the same (the first one the log takes again reopens the
+    # gate), then the call ends unavailable.
+    attempted, decision = api.decisions.all
+    assert (attempted.kind, attempted.outcome) == (DecisionKind.ISSUE, Outcome.OK)
+    assert (decision.kind, decision.outcome, decision.method) == (DecisionKind.ISSUE, Outcome.ERROR, method)
+    assert decision.reason == AUDIT_DOWN
+    assert dict(decision.details)["code"] == "unavailable"
+
+
+@pytest.mark.parametrize(("method", "request_message"), GATED_METHODS[:1] + GATED_METHODS[2:3],
+                         ids=["FetchX509SVID", "FetchJWTSVID"])
+async def test_an_identity_whose_record_fails_is_not_sent(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch, method: str, request_message: object
+) -> None:
+    # The gate is open when the request arrives; writing the issue's record is what fails.
+    async with gated_api(socket_dir, monkeypatch, fail_issues=True) as api:
+        received, error = await everything_received(getattr(api.stub, method), request_message)
+
+    assert received == [], "the SVID whose record could not be written never reached the workload"
+    assert error is not None and error.status is Status.UNAVAILABLE
+    assert api.events == [("decision", "issue ok"), ("decision", "issue error")], "and nothing was sent"
+    issued, refused = api.decisions.all
+    assert refused.reason == AUDIT_DOWN and dict(refused.details)["code"] == "unavailable"
+    assert "stream" not in dict(refused.details), "the stream never answered"
+    assert issued.spiffe_ids == refused.spiffe_ids == (f"{TRUST_DOMAIN}/web",)
+
+
+@pytest.mark.parametrize(("method", "request_message"), GATED_METHODS, ids=[m for m, _ in GATED_METHODS])
+async def test_the_decision_is_emitted_before_the_answer_is_sent(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch, method: str, request_message: object
+) -> None:
+    async with gated_api(socket_dir, monkeypatch) as api, asyncio.timeout(DEADLINE), \
+            getattr(api.stub, method).open(metadata=HEADER) as stream:
+        await stream.send_message(request_message, end=True)
+        assert await stream.recv_message() is not None
+        if method in UNARY_METHODS:
+            await stream.recv_trailing_metadata()
+        else:
+            await stream.cancel()  # a stream: it would go on
+
+    (sent,) = [event for event in api.events if event[0] == "sent"]
+    assert api.events == [("decision", "issue ok"), sent], "recorded first, then handed out"
+
+
+async def test_a_stream_whose_gate_closes_gets_no_update_and_ends_unavailable(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with gated_api(socket_dir, monkeypatch) as api, asyncio.timeout(DEADLINE):
+        async with api.stub.FetchX509SVID.open(metadata=HEADER) as stream:
+            await stream.send_message(pb.X509SVIDRequest(), end=True)
+            assert await stream.recv_message() is not None
+            api.gate.refusal = AUDIT_DOWN
+            await api.identities.change(svids=[api.ca.issue(f"{TRUST_DOMAIN}/web")])  # a rotation
+            with pytest.raises(GRPCError) as ended:
+                assert await stream.recv_message() is None, "the rotated SVID must not be sent"
+                await stream.recv_trailing_metadata()
+        assert ended.value.status is Status.UNAVAILABLE
+        assert [event for event in api.events if event[0] == "sent"] == [("sent", "X509SVIDResponse")]
+        first, refused = api.decisions.all
+        assert (first.kind, first.outcome) == (DecisionKind.ISSUE, Outcome.OK)
+        assert (refused.kind, refused.outcome, refused.reason) == (DecisionKind.ISSUE, Outcome.ERROR, AUDIT_DOWN)
+        assert dict(refused.details)["stream"] == "ended"
+
+        api.gate.refusal = None  # the log can be written again: so is the next answer
+        async with api.stub.FetchX509SVID.open(metadata=HEADER) as again:
+            await again.send_message(pb.X509SVIDRequest(), end=True)
+            served = await again.recv_message()
+            await again.cancel()
+        assert served is not None and [svid.spiffe_id for svid in served.svids] == [f"{TRUST_DOMAIN}/web"]

@@ -348,8 +348,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
 
     def _answered(self, call: Call, spiffe_ids: tuple[str, ...] = ()) -> None:
         """Decide the call handed out `spiffe_ids`, before anything is sent: an answer whose decision
-        cannot be recorded (the audit log cannot be written) is not sent."""
-        self._require_record(call)
+        cannot be recorded (the audit log cannot be written) is not sent. The record is attempted even
+        while the log is failing: the first one that can be written again reopens the gate."""
         call.spiffe_ids = spiffe_ids
         self._decide(call.decision())
         self._require_record(call)
