@@ -208,7 +208,10 @@ class Agent:
         if node is None:
             return NodeFacts(tier=TrustTier.HARDWARE, state="unconfirmed", quote_age_seconds=None, pcr_profile=None)
         profile = next((s.split(":", 2)[2] for s in node.selectors if s.startswith("tpm:pcr_profile:")), None)
-        return NodeFacts(tier=TrustTier(node.tier), state=self._node_state(node.authority_error),
+        # The authority's verdict as this agent knows it: banned, stale, or trusted. An exchange that
+        # failed (`unconfirmed` in status) is not one: the next request asks the authority afresh,
+        # and refusing everything new until the next heartbeat would turn a blip into an outage.
+        return NodeFacts(tier=TrustTier(node.tier), state=self._node_state(None),
                          quote_age_seconds=math.ceil(max(0.0, self._clock.now() - node.last_quote_at)),
                          pcr_profile=profile)
 
