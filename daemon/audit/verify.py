@@ -85,6 +85,15 @@ def tpm_quote_checker(ak_public: bytes) -> QuoteChecker:
         try:
             verify_signature(ak, quote.signature, quote.attest)
         except VouchdError as err:
+            # The quote names the key that signed it: say when that is another AK (the TPM was
+            # cleared, or the agent's key files replaced), which no edit of the log would explain.
+            try:
+                signer = Attest.parse(quote.attest).qualified_signer
+            except VouchdError:
+                signer = b""
+            if signer and signer != ak.name:
+                raise VerificationError(f"quote signature invalid: signed by another AK (name {signer.hex()}, "
+                                        f"not {ak.name.hex()}); verify the records it anchors with that AK") from None
             raise VerificationError(f"quote signature invalid: {err}") from None
         if Attest.parse(quote.attest).extra_data != extra_data:
             raise VerificationError("quote extraData is not the chain head it covers")

@@ -78,6 +78,7 @@ async def test_anchors_quoted_by_the_ak_verify_and_edits_fail(tpm: TpmService, t
     # Another TPM key is not the AK: its public does not verify the anchors.
     other = verify_log([state / "audit"], (state / "tpm" / "node_key.pub").read_bytes())
     assert other.problem is not None and other.problem.seq == 5
+    assert "signed by another AK (name " in other.problem.reason, "the quote names its signer: said so"
     assert other.problem.reason.startswith("anchor quote signature invalid: ")
 
     # A record edited after anchoring, by someone who rewrites every prev after it: the quote tells.
