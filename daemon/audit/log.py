@@ -172,10 +172,15 @@ class AuditLog:
             self._write(line)
         except (OSError, AuditLogError) as err:
             why = err.strerror or str(err) if isinstance(err, OSError) else str(err)
-            self._failure = f"cannot write audit record to {self._path}: {why}"
-            log.error("audit record not written", extra={"kind": kind, "reason": self._failure})
-            raise AuditWriteError(self._failure) from err
-        self._failure = None
+            failure = f"cannot write audit record to {self._path}: {why}"
+            # Once per failure, not once per refused request: the journal may be on the same full disk.
+            level = logging.ERROR if failure != self._failure else logging.DEBUG
+            self._failure = failure
+            log.log(level, "audit record not written", extra={"kind": kind, "reason": failure})
+            raise AuditWriteError(failure) from err
+        if self._failure is not None:
+            log.warning("audit log written again after a failure", extra={"previous_failure": self._failure})
+            self._failure = None
         self._seq, self._head = seq, line_digest(line)
         self._size += len(line)
         if kind != "anchor":

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -422,3 +423,26 @@ def test_a_really_full_disk_fails_the_record_until_there_is_room(small_disk: Pat
     assert audit.failure is None
     report = verify_log([small_disk / "audit"], None, checker=signer.check)
     assert report.ok and report.partial_tail is None
+
+
+def test_a_lasting_failure_is_logged_once_and_the_recovery_once(
+        audit_dir: Path, signer: FakeSigner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    audit = AuditLog.open(audit_dir, signer)
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with caplog.at_level(logging.DEBUG, logger="vouchd.audit"):
+        for _ in range(5):  # every refused request tries to write its record
+            with pytest.raises(AuditWriteError):
+                audit.record(decision())
+        monkeypatch.setattr(os, "write", real_write)
+        audit.record(decision())
+        audit.record(decision())
+
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "vouchd.audit"]
+    assert levels.count((logging.ERROR, "audit record not written")) == 1, "not once per refused request"
+    assert levels.count((logging.DEBUG, "audit record not written")) == 4
+    assert levels.count((logging.WARNING, "audit log written again after a failure")) == 1
