@@ -15,6 +15,7 @@ import gc
 import logging
 import math
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,14 @@ class Agent:
             await asyncio.gather(anchoring, return_exceptions=True)
             await audit.close()  # a last anchor, while the TPM is still there
 
+    def _reload_on_sighup(self) -> None:
+        """SIGHUP reloads the policy. Signal handlers belong to the main thread: an agent run on
+        another one (embedded in a test or a larger program) reloads through reload_policy() only."""
+        if threading.current_thread() is not threading.main_thread():
+            log.info("not in the main thread: SIGHUP does not reload the policy; call reload_policy()")
+            return
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policy)
+
     def reload_policy(self) -> None:
         """SIGHUP: read the policy files again; a set that does not load leaves the old one in force."""
         if self._policy_engine is None:
@@ -242,8 +251,7 @@ class Agent:
                                              holders=self._holders, policy=policy)
         deadline = self._agent_config.attestation_deadline.total_seconds()
         explain = WorkloadExplainer(attestors, svids, attest_deadline=deadline, policy=policy)
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals outside the main thread (tests)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policy)
+        self._reload_on_sighup()
         service = WorkloadApiService(identities, decisions=self._decisions, issuance_gate=self._audit_refusal,
                                      attest_deadline=deadline,
                                      observer=self._activity)

@@ -79,9 +79,6 @@ class IdentityHolders:
     def held_by(self, pid: int, start_time: int) -> tuple[str, ...]:
         return tuple(sorted(self._held.get((pid, start_time), ())))
 
-    def __len__(self) -> int:
-        return len(self._held)
-
     def _forget_exited(self) -> None:
         # A /proc read per record: at most once a second, so that callers arriving while the record is
         # full of live processes cost nothing more than their refusal.

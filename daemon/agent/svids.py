@@ -22,10 +22,8 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from vouchd.agent.backoff import IssuanceBackoff
-from vouchd.agent.cached import CachedSvid, cache_issued
+from vouchd.agent.cached import CachedSvid, IssuanceRound
 from vouchd.agent.lineage import ParentIdentities
 from vouchd.agent.matching import EntryMatcher
 from vouchd.agent.revocation import HeldSvid, Withdrawal, withdrawal
@@ -41,7 +39,6 @@ from vouchd.protocol.messages import (
     X509SvidRequest,
 )
 from vouchd.selectors import Selector
-from vouchd.spiffe import SpiffeError, make_csr
 
 __all__ = ["CachedSvid", "CredentialSource", "SvidManager"]
 
@@ -407,52 +404,23 @@ class SvidManager:
                     future.set_result(None)
 
     async def _issue(self, entry_ids: Sequence[str]) -> dict[str, str]:
-        keys: dict[str, ec.EllipticCurvePrivateKey] = {}
-        requests = []
-        failed: dict[str, str] = {}
-        for entry_id in entry_ids:
-            if entry_id not in self._entries:
-                failed[entry_id] = "entry is no longer assigned to this node"
-                continue
-            cap, refusal = self._parents.cap(self._entries[entry_id])
-            if refusal is not None:
-                failed[entry_id] = refusal
-                continue
-            key = ec.generate_private_key(ec.SECP256R1())
-            keys[entry_id] = key
-            requests.append(X509SvidRequest(entry_id=entry_id, csr=make_csr(key), not_after=int(cap or 0)))
-        if not requests:
-            return failed
-        replaced = {e: self._svids[e].serial for e in keys if e in self._svids}
-        response = await self._source.request(x509_svids=requests)
+        batch = IssuanceRound.prepare(entry_ids, self._entries, self._parents.cap)
+        if not batch.requests:
+            return batch.failed
+        replaced = {e: self._svids[e].serial for e in batch.keys if e in self._svids}
+        response = await self._source.request(x509_svids=batch.requests)
         now = self._clock.now()
-        for item in response.errors:
-            failed[item.entry_id] = f"{item.code}: {item.message}"
-        cached_now: set[str] = set()
-        for issued in response.x509_svids:
-            issued_key = keys.get(issued.entry_id)
-            if issued_key is None or issued.entry_id not in self._entries:
-                continue
-            try:
-                cached = cache_issued(issued, issued_key, entry_revision=self._entries[issued.entry_id].revision,
-                                      now=now)
-            except (SpiffeError, ValueError) as err:
-                failed[issued.entry_id] = str(err)
-                continue
-            self._svids[issued.entry_id] = cached
-            cached_now.add(issued.entry_id)
+        for entry_id, cached in batch.take(response, self._entries, now).items():
+            self._svids[entry_id] = cached
+            previous = replaced.get(entry_id)
             self._emit(Decision(
-                kind=DecisionKind.ROTATE if issued.entry_id in replaced else DecisionKind.ISSUE,
-                outcome=Outcome.OK, at=now, source="svid_cache", method="x509-svid",
-                entry_ids=(issued.entry_id,), spiffe_ids=(issued.spiffe_id,), svid_serials=(cached.serial,),
-                details=(("previous_serial", replaced[issued.entry_id]),) if issued.entry_id in replaced else (),
+                kind=DecisionKind.ISSUE if previous is None else DecisionKind.ROTATE, outcome=Outcome.OK, at=now,
+                source="svid_cache", method="x509-svid", entry_ids=(entry_id,), spiffe_ids=(cached.spiffe_id,),
+                svid_serials=(cached.serial,), details=() if previous is None else (("previous_serial", previous),),
             ))
-        for request in requests:
-            if request.entry_id not in cached_now:
-                failed.setdefault(request.entry_id, "authority did not issue an SVID")
         self._apply_revocations()  # a newer document may have come with the reply
         await self._bump()
-        return failed
+        return batch.failed
 
     async def sync_entries(self) -> None:
         """Fetch the node's entry set (and any newer revocation document) and apply both as one change."""

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from vouchd.agent.matching import EntryMatcher, lineage_parents
 from vouchd.entries import Entry
-from vouchd.selectors import Selector, selector_set
+from vouchd.selectors import selector_set
 from vouchd.spiffe import SpiffeId
 
 
@@ -97,4 +97,3 @@ def test_lineage_parents_are_the_values_of_the_parent_selectors() -> None:
 
     assert lineage_parents(child) == ("spiffe://example.org/a", "spiffe://example.org/b")
     assert lineage_parents(entry("plain", "unix:uid:0")) == ()
-    assert Selector.parse("lineage:depth:1") in child.selectors
