@@ -15,9 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
 from vouchd.audit.records import log_file_number, log_files, parse_record
-from vouchd.audit.verify import VerifyReport, verify_log
+from vouchd.audit.verify import QuoteChecker, VerifyReport, node_key_checker, tpm_quote_checker, verify_log
 from vouchd.errors import VouchdError
+from vouchd.protocol.keyproof import NODE_KEY_PUBLIC_FILE
 
 __all__ = ["DEFAULT_AUDIT_DIR", "add_audit_commands", "follow_records", "format_record"]
 
@@ -38,38 +42,63 @@ next starts.
 """
 
 
-def _read_ak(args: argparse.Namespace) -> bytes | None:
+_WITH_AK, _WITH_NODE_KEY = "the AK", "the node key"
+
+
+def _anchor_checker(args: argparse.Namespace) -> tuple[QuoteChecker | None, str]:
+    """How to check anchors, and with what: the AK (hardware tier) or the node key (static-secret
+    tier); (None, "") when no key was given."""
     if args.ak_public:
-        path = Path(args.ak_public)
-    elif args.state_dir:
-        path = Path(args.state_dir) / "tpm" / "ak.pub"
-    else:
-        return None
+        return tpm_quote_checker(_read_key_file(Path(args.ak_public), "the AK public")), _WITH_AK
+    if args.node_key:
+        return node_key_checker(_node_key_der(Path(args.node_key))), _WITH_NODE_KEY
+    if not args.state_dir:
+        return None, ""
+    state = Path(args.state_dir)
+    ak_path = state / "tpm" / "ak.pub"
+    node_key_path = state / "node" / NODE_KEY_PUBLIC_FILE
+    if not ak_path.exists() and node_key_path.exists():
+        return node_key_checker(_node_key_der(node_key_path)), _WITH_NODE_KEY
+    return tpm_quote_checker(_read_key_file(ak_path, "the AK public")), _WITH_AK
+
+
+def _read_key_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise VouchdError(f"cannot read the AK public {path}: {err.strerror}") from err
+        raise VouchdError(f"cannot read {what} {path}: {err.strerror}") from err
+
+
+def _node_key_der(path: Path) -> bytes:
+    pem = _read_key_file(path, "the node key")
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        raise VouchdError(f"{path}: not a PEM public key (the agent's node/{NODE_KEY_PUBLIC_FILE})") from None
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    report = verify_log(args.paths, _read_ak(args))
+    checker, key_name = _anchor_checker(args)
+    report = verify_log(args.paths, None, checker=checker)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        _print_report(report)
+        _print_report(report, key_name)
     if not report.ok:
         return EXIT_BAD
     return EXIT_OK if report.anchors_checked else EXIT_UNCHECKED
 
 
-def _print_report(report: VerifyReport) -> None:
+def _print_report(report: VerifyReport, key_name: str) -> None:
     print(f"files      {', '.join(Path(f).name for f in report.files)}")
     if report.first_seq is None:
         print("records    none")
     else:
         start = "the first record" if report.from_genesis else "a record whose predecessors were not given"
         print(f"records    {report.records} verified (seq {report.first_seq} to {report.last_seq}; starts at {start})")
-    how = "verified with the AK" if report.anchors_checked else "NOT CHECKED: give --ak-public or --state-dir"
+    how = (f"verified with {key_name}" if report.anchors_checked
+           else "NOT CHECKED: give --state-dir, --ak-public or --node-key")
     print(f"anchors    {report.anchors} ({how})")
     if report.anchored_through is None:
         print(f"anchored   nothing; {report.unanchored} records unanchored")
@@ -83,7 +112,7 @@ def _print_report(report: VerifyReport) -> None:
     elif report.anchors_checked:
         print("result     OK")
     else:
-        print("result     chain OK; anchors could not be checked without the AK")
+        print("result     chain OK; anchors could not be checked without the AK or node key")
 
 
 def format_record(line: bytes) -> str:
@@ -222,7 +251,10 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     verify.add_argument("paths", nargs="+", metavar="PATH", help="audit log files in order, or folders of them")
     key = verify.add_mutually_exclusive_group()
     key.add_argument("--ak-public", metavar="FILE", help="the AK's marshaled TPM2B_PUBLIC (the agent's tpm/ak.pub)")
-    key.add_argument("--state-dir", metavar="DIR", help="the agent's state folder: the AK is its tpm/ak.pub")
+    key.add_argument("--node-key", metavar="FILE",
+                     help=f"a static-secret node's public key, PEM (the agent's node/{NODE_KEY_PUBLIC_FILE})")
+    key.add_argument("--state-dir", metavar="DIR",
+                     help=f"the agent's state folder: its tpm/ak.pub, or node/{NODE_KEY_PUBLIC_FILE} without a TPM")
     verify.add_argument("--json", action="store_true", help="machine-readable report")
     verify.set_defaults(handler=_cmd_verify)
 

@@ -20,6 +20,7 @@ from vouchd.apicli import add_api_commands
 from vouchd.auditcli import add_audit_commands
 from vouchd.errors import VouchdError
 from vouchd.explaincli import add_explain_command
+from vouchd.tpmcli import add_tpm_commands
 
 __all__ = ["main"]
 
@@ -47,8 +48,9 @@ def _run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> None:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from vouchd.agent.agent import Agent
+    from vouchd.agent.agent import Agent, policy_engine_from
     from vouchd.attestors.catalog import selector_schema
+    from vouchd.clock import SYSTEM_CLOCK
     from vouchd.config import load_config
     from vouchd.decisions import DecisionBus, LogDecisions
     from vouchd.logs import configure_logging
@@ -63,9 +65,12 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, args.log_format)
     decisions = DecisionBus()  # one per daemon: the agent's and the embedded authority's decisions
     decisions.subscribe(LogDecisions())
+    # One policy set for both: the embedded authority judges again what the agent judged, and one
+    # SIGHUP reloads it for both.
+    policy = policy_engine_from(config, clock=SYSTEM_CLOCK)
     connector = standalone_connector(config, workload_schema=selector_schema(config.agent.workload_attestors),
-                                     decisions=decisions)
-    agent = Agent(config, connector, decisions=decisions)
+                                     decisions=decisions, policy=policy)
+    agent = Agent(config, connector, decisions=decisions, policy_engine=policy)
     _run_until_signalled(agent.run())
     return 0
 
@@ -113,14 +118,17 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"  tier/state   {node.get('tier', '-')} / {node.get('state', '-')}")
     print(f"  node svid    serial {node.get('svid_serial', '-')}, "
           f"expires in {node.get('svid_expires_in_seconds', '-')} s")
-    print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
+    if node.get("last_quote_age_seconds") is None and node.get("tier") not in (None, "hardware"):
+        print(f"  last proof   {node.get('last_exchange_age_seconds', '-')} s ago (node key; no TPM quote)")
+    else:
+        print(f"  last quote   {node.get('last_quote_age_seconds', '-')} s ago")
     print(f"  authority    {node.get('authority_link', '-')}")
     tpm = status.get("tpm") or {}
     if tpm.get("state") == "unreachable":
         print(f"  tpm          {tpm['reason']} (for {tpm['unreachable_for_seconds']} s; the agent exits after "
               f"{tpm['exit_after_seconds']:g} s)")
     else:
-        print(f"  tpm          {tpm.get('state', '-')} ({tpm.get('tcti', '-')})")
+        print(f"  tpm          {tpm.get('state', '-')} ({tpm.get('tcti') or tpm.get('reason') or '-'})")
     for selector in node.get("selectors", []):
         print(f"  selector     {selector}")
     print(f"workload api   {status['workload_api_socket']}  ({'ready' if status['ready'] else 'starting'})")
@@ -161,7 +169,7 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     if not status.get("ready"):
         problems.append("workload api is not serving yet")
     tpm = status.get("tpm") or {}
-    if tpm.get("state") not in (None, "ok"):
+    if tpm.get("state") not in (None, "ok", "none"):
         problems.append(str(tpm.get("reason") or f"tpm is {tpm.get('state')}"))
     audit = status.get("audit") or {}
     if audit.get("failure"):
@@ -171,8 +179,12 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     else:
         if node.get("svid_expires_in_seconds", 0) <= 0:
             problems.append("node svid has expired")
-        if node.get("last_quote_age_seconds", float("inf")) > args.max_quote_age:
-            problems.append(f"last quote is older than {args.max_quote_age} s")
+        # A static-secret node never quotes: the freshness of its last signed exchange stands in.
+        age = node.get("last_quote_age_seconds")
+        if age is None and node.get("tier") not in (None, "hardware"):
+            age = node.get("last_exchange_age_seconds")
+        if (float("inf") if age is None else age) > args.max_quote_age:
+            problems.append(f"last quote (or node key proof) is older than {args.max_quote_age} s")
     if problems:
         print("unhealthy: " + "; ".join(problems), file=sys.stderr)
         return 1
@@ -280,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_commands(commands)
     add_explain_command(commands, DEFAULT_ADMIN_SOCKET)
     add_audit_commands(commands)
+    add_tpm_commands(commands, DEFAULT_ADMIN_SOCKET)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

@@ -93,6 +93,10 @@ class AgentConfig:
     attestation_interval: timedelta
     audit: AuditConfig
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # hardware: the TPM proves the node. static-secret: a host without a TPM, proven by a key file in
+    # <state_dir>/node; its workloads get only what that tier allows (docs/design.md §4.5). Never
+    # chosen on the agent's own: a TPM that fails must not quietly lower the node's tier.
+    tier: TrustTier = TrustTier.HARDWARE
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ class Config:
 # The keys each section may hold. Checked when a section is opened, before any value is read, so a
 # misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
-_AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tpm", "event_log", "workload_attestors",
+_AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tier", "tpm", "event_log", "workload_attestors",
                "attestation_deadline", "attestation_interval", "audit", "policy")
 _TPM_KEYS = ("tcti", "ek", "unreachable_limit")
 _AUDIT_KEYS = ("dir", "anchor_every", "anchor_interval", "max_file_bytes")
@@ -156,7 +160,11 @@ def _parse_pcrs(section: ConfigSection, key: str, default: str) -> tuple[str, tu
     """``sha256:0-7`` or ``sha256:0,1,2,7`` -> ("sha256", (0, 1, 2, 7))."""
     text = section.string(key, default)
     bank, _, indices_text = text.partition(":")
-    if bank not in ("sha1", "sha256", "sha384", "sha512") or not indices_text:
+    if bank == "sha1":
+        # Event-log profiles trust digests: in a collision-broken bank two different events can share one.
+        raise section.error(key, f"the sha1 PCR bank is refused: sha1 is collision-broken; use sha256 "
+                                 f"(e.g. sha256:{indices_text or '0-7'}), got {text!r}")
+    if bank not in ("sha256", "sha384", "sha512") or not indices_text:
         raise section.error(key, f"expected BANK:INDICES such as sha256:0-7, got {text!r}")
     indices: set[int] = set()
     try:
@@ -192,6 +200,7 @@ def _parse_agent(section: ConfigSection) -> AgentConfig:
         attestation_interval=section.duration("attestation_interval", "60s"),
         audit=_parse_audit(section.section("audit", _AUDIT_KEYS), state_dir),
         policy=_parse_policy(section.section("policy", _POLICY_KEYS)),
+        tier=TrustTier(section.choice("tier", tuple(tier.value for tier in TrustTier), TrustTier.HARDWARE.value)),
     )
     return agent
 

@@ -32,7 +32,7 @@ RESERVED_PATH_PREFIX = "/vouchd/"
 
 # Selectors that name one machine or an operator-assigned group; a genuine-TPM selector alone
 # would match any machine.
-_NODE_BINDING_SELECTORS = frozenset({("tpm", "ek_hash"), ("node", "label")})
+_NODE_BINDING_SELECTORS = frozenset({("tpm", "ek_hash"), ("node", "key_hash"), ("node", "label")})
 
 # What the authority says about a node (DESIGN §4): node attestation's tpm:* selectors and the
 # authority's own node:* ones. The pcr_profile names are those `vouchd node learn --name` accepts.
@@ -53,6 +53,9 @@ NODE_SELECTOR_SCHEMA = SelectorSchema(
             SelectorKind("node", "tier", matching(
                 "|".join(tier.value for tier in TrustTier),
                 f"a tier is one of {', '.join(tier.value for tier in TrustTier)}, e.g. node:tier:hardware")),
+            SelectorKind("node", "key_hash", matching(
+                r"[0-9a-f]{64}", "a key_hash is 64 lowercase hex digits, as at the end of a static-secret node's "
+                "SPIFFE ID")),
             SelectorKind("node", "label", matching(
                 r"[^:]+:.+", "a node label is KEY:VALUE, e.g. node:label:role:web")),
         ),

@@ -27,14 +27,16 @@ from vouchd.agent.jwtsvids import JwtSvidCache
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.policing import NodeFacts, WorkloadPolicy
+from vouchd.agent.provers import KeyProver, NodeProver, TpmProver, load_or_create_node_key
 from vouchd.agent.svids import SvidManager
+from vouchd.agent.tpmadmin import tpm_admin_commands
 from vouchd.agent.updates import AuthorityUpdates
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService, check_socket_path
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
 from vouchd.attestors import WorkloadAttestor
 from vouchd.attestors.catalog import build_workload_attestors
 from vouchd.attestors.workload.pool import stalled_attestation
-from vouchd.audit import AuditLog, AuditWriteError, TpmAnchorSigner
+from vouchd.audit import AnchorSigner, AuditLog, AuditWriteError, KeyAnchorSigner, TpmAnchorSigner
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AgentConfig, Config
 from vouchd.decisions import Decision, DecisionBus
@@ -44,7 +46,7 @@ from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
 from vouchd.spiffe import TrustTier, X509Bundle
 from vouchd.tpm import EkInfo, TpmService, TpmUnavailableError
 
-__all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "workload_attestors_from"]
+__all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "LocalNode", "workload_attestors_from"]
 
 log = logging.getLogger("vouchd.agent")
 
@@ -72,8 +74,17 @@ class AuthorityLink:
     admin_commands: Mapping[str, AdminCommand] = field(default_factory=dict)
 
 
-# Given the local TPM's EK, open the link to the authority (and close it when the agent stops).
-AuthorityConnector = Callable[[EkInfo], contextlib.AbstractAsyncContextManager[AuthorityLink]]
+@dataclass(frozen=True)
+class LocalNode:
+    """What a connector learns of this host: its TPM's EK (hardware tier), or the DER
+    SubjectPublicKeyInfo of its software node key (static-secret tier, no TPM)."""
+
+    ek: EkInfo | None = None
+    node_key_public: bytes | None = None
+
+
+# Given this host's node, open the link to the authority (and close it when the agent stops).
+AuthorityConnector = Callable[[LocalNode], contextlib.AbstractAsyncContextManager[AuthorityLink]]
 
 
 def policy_engine_from(config: Config, *, clock: Clock) -> PolicyEngine | None:
@@ -101,7 +112,9 @@ def workload_attestors_from(config: Config, holders: IdentityHolders | None = No
 
 class Agent:
     def __init__(self, config: Config, connect: AuthorityConnector, *, decisions: DecisionBus,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, policy_engine: PolicyEngine | None = None) -> None:
+        """`policy_engine`: the policy set, when the caller shares it (with an embedded authority);
+        otherwise the agent loads its own from the configuration."""
         if config.agent is None:
             raise ConfigError(f"{config.source}: agent: section is required to run the agent")
         self._config = config
@@ -119,7 +132,7 @@ class Agent:
         self._ready = asyncio.Event()
         self._holders = IdentityHolders(clock=self._clock)
         self._audit: AuditLog | None = None
-        self._policy_engine: PolicyEngine | None = None
+        self._policy_engine: PolicyEngine | None = policy_engine
 
     @property
     def ready(self) -> asyncio.Event:
@@ -130,35 +143,48 @@ class Agent:
         # What can be checked cheaply is checked before the TPM and the authority are touched: a typo in
         # the plugin options, a second agent on the same socket, a socket folder others may write to.
         attestors = workload_attestors_from(self._config, self._holders)
-        self._policy_engine = policy_engine_from(self._config, clock=self._clock)
+        if self._policy_engine is None:
+            self._policy_engine = policy_engine_from(self._config, clock=self._clock)
         check_socket_path(self._agent_config.socket_path)
         check_admin_socket_path(self._agent_config.admin_socket_path)
-        async with self._tpm_service() as tpm, self._audit_log(tpm):
-            keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
-            async with self._connect(tpm.ek) as link:
-                self._mode = link.mode
-                node = NodeIdentity(
-                    tpm=tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
-                    transport=link.transport, trust_domain=self._config.trust_domain,
-                    initial_bundle=link.initial_bundle, event_log_path=self._agent_config.event_log_path,
-                    clock=self._clock,
-                )
-                self._node = node
-                svids = SvidManager(node, clock=self._clock, decisions=self._decisions,
-                                    issuance_gate=self._audit_refusal)
-                self._svids = svids
-                # Subscribed before attesting: nothing published from here on is missed.
-                AuthorityUpdates(node, svids).subscribe(link.events)
-                notify("STATUS=attesting node")
-                await node.attest()
-                await svids.sync_entries()
-                await self._serve(node, svids, attestors, link.admin_commands)
+        async with contextlib.AsyncExitStack() as stack:
+            prover: NodeProver
+            if self._agent_config.tier is TrustTier.HARDWARE:
+                tpm = await stack.enter_async_context(self._tpm_service())
+                keys = await tpm.ensure_node_keys(self._agent_config.state_dir / "tpm")
+                prover = TpmProver(tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
+                                   trust_domain=self._config.trust_domain,
+                                   event_log_path=self._agent_config.event_log_path)
+                anchors: AnchorSigner = TpmAnchorSigner(tpm)
+                local = LocalNode(ek=tpm.ek)
+            else:
+                # No TPM: the node key on disk is the node (static-secret tier, docs/design.md §4.5).
+                key = load_or_create_node_key(self._agent_config.state_dir / "node")
+                prover = KeyProver(key, trust_domain=self._config.trust_domain)
+                anchors = KeyAnchorSigner(key)
+                local = LocalNode(node_key_public=prover.public_key_der)
+            await stack.enter_async_context(self._audit_log(anchors))
+            link = await stack.enter_async_context(self._connect(local))
+            self._mode = link.mode
+            node = NodeIdentity(prover=prover, transport=link.transport, trust_domain=self._config.trust_domain,
+                                initial_bundle=link.initial_bundle, clock=self._clock)
+            self._node = node
+            svids = SvidManager(node, clock=self._clock, decisions=self._decisions,
+                                issuance_gate=self._audit_refusal)
+            self._svids = svids
+            # Subscribed before attesting: nothing published from here on is missed.
+            AuthorityUpdates(node, svids).subscribe(link.events)
+            notify("STATUS=attesting node")
+            await node.attest()
+            await svids.sync_entries()
+            await self._serve(node, svids, attestors, link.admin_commands)
 
     @contextlib.asynccontextmanager
-    async def _audit_log(self, tpm: TpmService) -> AsyncIterator[AuditLog]:
-        """The audit log, recording every decision of this daemon from here on, anchored in `tpm`."""
+    async def _audit_log(self, anchors: AnchorSigner) -> AsyncIterator[AuditLog]:
+        """The audit log, recording every decision of this daemon from here on, anchored by `anchors`
+        (TPM quotes; the node key's signatures at the static-secret tier)."""
         settings = self._agent_config.audit
-        audit = AuditLog.open(settings.directory, TpmAnchorSigner(tpm), clock=self._clock,
+        audit = AuditLog.open(settings.directory, anchors, clock=self._clock,
                               anchor_every=settings.anchor_every,
                               anchor_interval=settings.anchor_interval.total_seconds(),
                               max_file_bytes=settings.max_file_bytes)
@@ -181,7 +207,7 @@ class Agent:
             unsubscribe()
             anchoring.cancel()
             await asyncio.gather(anchoring, return_exceptions=True)
-            await audit.close()  # a last anchor, while the TPM is still there
+            await audit.close()  # a last anchor, while the TPM is still there (closed after this)
 
     def _reload_on_sighup(self) -> None:
         """SIGHUP reloads the policy. Signal handlers belong to the main thread: an agent run on
@@ -220,9 +246,10 @@ class Agent:
         # The authority's verdict as this agent knows it: banned, stale, or trusted. An exchange that
         # failed (`unconfirmed` in status) is not one: the next request asks the authority afresh,
         # and refusing everything new until the next heartbeat would turn a blip into an outage.
-        return NodeFacts(tier=TrustTier(node.tier), state=self._node_state(None),
-                         quote_age_seconds=math.ceil(max(0.0, self._clock.now() - node.last_quote_at)),
-                         pcr_profile=profile)
+        tier = TrustTier(node.tier)
+        quote_age = (math.ceil(max(0.0, self._clock.now() - node.last_quote_at))
+                     if tier is TrustTier.HARDWARE else None)  # a static-secret node never quotes
+        return NodeFacts(tier=tier, state=self._node_state(None), quote_age_seconds=quote_age, pcr_profile=profile)
 
     def _audit_refusal(self) -> str | None:
         """Why nothing may be handed out now (the audit log cannot be written), or None."""
@@ -257,7 +284,8 @@ class Agent:
                                      observer=self._activity)
         workload_api = WorkloadApiServer(service, self._agent_config.socket_path)
         admin = AdminServer(self._agent_config.admin_socket_path,
-                            {"status": without_args(self.status), "workload.explain": explain, **admin_commands})
+                            {"status": without_args(self.status), "workload.explain": explain,
+                             **tpm_admin_commands(self._tpm), **admin_commands})
         await workload_api.start()
         try:
             await admin.start()
@@ -274,7 +302,8 @@ class Agent:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(svids.run(), name="svid-issuance")
                     tasks.create_task(self._heartbeat(node, svids), name="heartbeat")
-                    tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
+                    if self._tpm is not None:
+                        tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
                     interval = watchdog_interval()
                     if interval is not None:
                         tasks.create_task(self._watchdog(interval, attestors), name="watchdog")
@@ -405,7 +434,10 @@ class Agent:
                 "state": self._node_state(node.authority_error),
                 "authority_link": "ok" if node.authority_error is None else node.authority_error,
                 "svid_serial": node.svid_serial, "svid_expires_in_seconds": round(node.svid_expires_at - now),
-                "last_quote_age_seconds": round(now - node.last_quote_at, 1),
+                "last_quote_age_seconds": (round(now - node.last_quote_at, 1)
+                                           if node.tier == TrustTier.HARDWARE.value else None),
+                # the last exchange the authority accepted (each carries a quote or a node key signature)
+                "last_exchange_age_seconds": round(now - node.last_quote_at, 1),
                 "revocations": self._revocations_status(now),
             }
         if self._svids is not None:
@@ -436,6 +468,8 @@ class Agent:
                 "revoked_entries": len(document.entries), "revoked_nodes": len(document.nodes)}
 
     def _tpm_status(self) -> dict[str, Any]:
+        if self._agent_config.tier is not TrustTier.HARDWARE:
+            return {"state": "none", "reason": f"agent.tier is {self._agent_config.tier.value}: no TPM is used"}
         if self._tpm is None:
             return {"state": "starting", "tcti": self._agent_config.tpm.tcti}
         problem = self._tpm_problem()

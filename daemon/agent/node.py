@@ -1,76 +1,53 @@
-"""The node's identity: attestation to the authority and quote-bound requests (DESIGN §4, §5).
+"""The node's identity: attestation to the authority and proven requests (DESIGN §4, §5).
 
-`NodeIdentity` is the only part of the agent that talks to the authority. It attests the node
-(EK, AK, Certify of the node key, credential activation, quote over the demanded PCRs), keeps the
-single-use nonce the authority handed out, and carries every later request in a TPM quote whose
-extraData is the sha256 of the request's exact bytes. One request is in flight at a time.
+`NodeIdentity` is the only part of the agent that talks to the authority. Its prover
+(vouchd.agent.provers) attests the node, with the TPM or with the static-secret node key, and
+carries every later request in its proof: a TPM quote whose extraData is the sha256 of the
+request's exact bytes, or the node key's signature over them. NodeIdentity keeps the single-use
+nonce the authority handed out, the bundles and the revocation document. One request is in flight
+at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from cryptography import x509
 
+from vouchd.agent.provers import NodeAttestationError, NodeProver, NodeTpm, TpmProver
 from vouchd.clock import SYSTEM_CLOCK, Clock
-from vouchd.evidence import TpmPublic
 from vouchd.protocol.codec import encode
 from vouchd.protocol.errors import RemoteError, SignatureError
-from vouchd.protocol.identities import ek_hash, node_spiffe_id
 from vouchd.protocol.messages import (
-    AttestRequest,
-    AttestResult,
-    Challenge,
-    ChallengeResponse,
     CredentialResponse,
     JwtSvidRequest,
     NodeEvent,
     NonceGrant,
     NonceRequest,
-    QuotedRequest,
     RequestBody,
     RevocationDocument,
-    TpmEvidence,
     X509SvidRequest,
 )
 from vouchd.protocol.signing import ReplyVerifier
 from vouchd.protocol.transport import (
-    ATTEST_TOPIC,
     REQUEST_TOPIC,
     REVOCATIONS_TOPIC,
     AuthorityTransport,
     node_events_topic,
 )
 from vouchd.spiffe import TrustDomain, X509Bundle, serial_hex
-from vouchd.tpm import EkInfo, TpmError, TpmQuote
+from vouchd.tpm import TpmError
 
 __all__ = ["NodeAttestationError", "NodeIdentity", "NodeTpm", "OlderRevocationsError"]
 
 log = logging.getLogger("vouchd.agent.node")
 
 _TIMEOUT = 30.0
-_MAX_EVENT_LOG_BYTES = 16 * 1024 * 1024
-
-
-class NodeTpm(Protocol):
-    """What node attestation needs from the TPM (vouchd.tpm.TpmService provides it)."""
-
-    @property
-    def ek(self) -> EkInfo: ...
-    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes: ...
-    async def quote(self, bank: str, pcrs: Sequence[int], qualifying_data: bytes) -> TpmQuote: ...
-    async def certify_node_key(self, qualifying_data: bytes) -> TpmQuote: ...
-
-
-class NodeAttestationError(RemoteError):
-    """The authority refused to attest this node."""
 
 
 class OlderRevocationsError(SignatureError):
@@ -101,19 +78,14 @@ class NodeIdentity:
     def __init__(
         self,
         *,
-        tpm: NodeTpm,
-        ak_public: bytes,
-        node_key_public: bytes,
+        prover: NodeProver,
         transport: AuthorityTransport,
         trust_domain: TrustDomain,
         initial_bundle: Callable[[], X509Bundle],
-        event_log_path: Path | None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._tpm = tpm
+        self._prover = prover
         self._clock = clock
-        self._ak_public = ak_public
-        self._node_key_public = node_key_public
         self._transport = transport
         self._trust_domain = trust_domain
         self._bundle_source = initial_bundle
@@ -121,16 +93,23 @@ class NodeIdentity:
         self._bundle_der = b""  # as the authority sent it: what workloads get, not re-encoded per request
         self._jwt_bundle = b""  # the JWKS as the authority sent it
         self._verifier = ReplyVerifier(trust_domain, self.bundle, clock)
-        self._event_log_path = event_log_path
-        self.node_id = str(node_spiffe_id(trust_domain, ek_hash(TpmPublic.from_tpm2b(tpm.ek.public))))
+        self.node_id = prover.node_id
         self._nonce: bytes | None = None
         self._nonce_expires = 0.0
-        self._pcr_bank = "sha256"
-        self._pcr_indices: tuple[int, ...] = ()
         self._status: NodeStatus | None = None
         self._revocations: RevocationDocument | None = None
         # DESIGN §5: one request in flight per node; callers queue here and the SVID manager batches.
         self._in_flight = asyncio.Lock()
+
+    @classmethod
+    def with_tpm(cls, *, tpm: NodeTpm, ak_public: bytes, node_key_public: bytes, event_log_path: Path | None,
+                 transport: AuthorityTransport, trust_domain: TrustDomain, initial_bundle: Callable[[], X509Bundle],
+                 clock: Clock = SYSTEM_CLOCK) -> NodeIdentity:
+        """A hardware-tier node: its TPM proves it."""
+        prover = TpmProver(tpm, ak_public=ak_public, node_key_public=node_key_public, trust_domain=trust_domain,
+                           event_log_path=event_log_path)
+        return cls(prover=prover, transport=transport, trust_domain=trust_domain, initial_bundle=initial_bundle,
+                   clock=clock)
 
     def bundle(self) -> X509Bundle:
         return self._bundle if self._bundle is not None else self._bundle_source()
@@ -183,49 +162,14 @@ class NodeIdentity:
             raise SignatureError(f"{topic} carried something other than an event for this node")
         return event
 
-    def _read_event_log(self) -> bytes | None:
-        if self._event_log_path is None:
-            return None
-        try:
-            with self._event_log_path.open("rb") as handle:
-                data = handle.read(_MAX_EVENT_LOG_BYTES + 1)
-        except FileNotFoundError:
-            return None  # a host without measured boot; the authority's policy decides
-        except OSError as err:
-            raise NodeAttestationError("local", f"{self._event_log_path}: cannot read the event log: "
-                                                f"{err.strerror}") from None
-        if len(data) > _MAX_EVENT_LOG_BYTES:
-            raise NodeAttestationError("local", f"{self._event_log_path}: event log is over 16 MiB")
-        return data
-
     async def _call(self, topic: str, request: object) -> object:
         data = encode(request)
         reply = await self._transport.call(topic, data, timeout=_TIMEOUT)
         return self._verifier.open(reply, node_id=self.node_id, request=data)
 
     async def attest(self) -> None:
-        """Full node attestation (DESIGN §4 steps 1-4)."""
-        certify_nonce = os.urandom(32)
-        certify = await self._tpm.certify_node_key(certify_nonce)
-        event_log = self._read_event_log()
-        request = AttestRequest(
-            node_id=self.node_id, ek_type=self._tpm.ek.ek_type, ek_public=self._tpm.ek.public,
-            ek_certificate=self._tpm.ek.certificate, ak_public=self._ak_public,
-            node_key_public=self._node_key_public,
-            node_key_certify=TpmEvidence(certify.attest, certify.signature),
-            certify_nonce=certify_nonce, event_log=event_log,
-        )
-        challenge = await self._call(ATTEST_TOPIC, request)
-        if not isinstance(challenge, Challenge):
-            raise SignatureError(f"authority answered an attestation request with {type(challenge).__name__}")
-        secret = await self._tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
-        quote = await self._tpm.quote(challenge.pcr_bank, challenge.pcr_indices,
-                                      hashlib.sha256(challenge.server_nonce + secret).digest())
-        result = await self._call(ATTEST_TOPIC, ChallengeResponse(
-            node_id=self.node_id, session=challenge.session, quote=TpmEvidence(quote.attest, quote.signature)))
-        if not isinstance(result, AttestResult):
-            raise SignatureError(f"authority answered a challenge response with {type(result).__name__}")
-        self._pcr_bank, self._pcr_indices = challenge.pcr_bank, tuple(challenge.pcr_indices)
+        """Full node attestation (DESIGN §4 steps 1-4, or §4.5 for the static-secret tier)."""
+        result = await self._prover.attest(self._call)
         self._accept_bundle(result.bundle)
         self._jwt_bundle = result.jwt_bundle or self._jwt_bundle
         self._nonce, self._nonce_expires = result.nonce, float(result.nonce_expires_at)
@@ -248,12 +192,12 @@ class NodeIdentity:
         grant = await self._call(REQUEST_TOPIC, NonceRequest(node_id=self.node_id, request_id=os.urandom(16)))
         if not isinstance(grant, NonceGrant):
             raise SignatureError(f"authority answered a nonce request with {type(grant).__name__}")
-        self._pcr_bank, self._pcr_indices = grant.pcr_bank, tuple(grant.pcr_indices)
+        self._prover.note_grant(grant)
         return grant.nonce
 
     async def request(self, *, x509_svids: Sequence[X509SvidRequest] = (), sync_entries: bool = False,
                       jwt_svids: Sequence[JwtSvidRequest] = ()) -> CredentialResponse:
-        """One quote-bound request; re-attests once when the authority asks for it."""
+        """One proven request; re-attests once when the authority asks for it."""
         async with self._in_flight:
             try:
                 response = await self._request_locked(tuple(x509_svids), sync_entries, tuple(jwt_svids))
@@ -290,7 +234,7 @@ class NodeIdentity:
                               jwt_svids: tuple[JwtSvidRequest, ...]) -> CredentialResponse:
         for attempt in range(3):
             try:
-                return await self._quoted_request(x509_svids, sync_entries, jwt_svids)
+                return await self._proven_request(x509_svids, sync_entries, jwt_svids)
             except RemoteError as err:
                 if attempt == 2:
                     raise
@@ -301,15 +245,13 @@ class NodeIdentity:
                     raise
         raise AssertionError("unreachable")
 
-    async def _quoted_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool,
+    async def _proven_request(self, x509_svids: tuple[X509SvidRequest, ...], sync_entries: bool,
                               jwt_svids: tuple[JwtSvidRequest, ...]) -> CredentialResponse:
         nonce = await self._fresh_nonce()
         body = encode(RequestBody(node_id=self.node_id, nonce=nonce, sent_at=int(self._clock.now()),
                                   x509_svids=x509_svids, sync_entries=sync_entries, jwt_svids=jwt_svids,
                                   revocations_version=self._revocations.version if self._revocations else 0))
-        quote = await self._tpm.quote(self._pcr_bank, self._pcr_indices, hashlib.sha256(body).digest())
-        response = await self._call(REQUEST_TOPIC, QuotedRequest(
-            node_id=self.node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature)))
+        response = await self._call(REQUEST_TOPIC, await self._prover.prove(body))
         if not isinstance(response, CredentialResponse):
             raise SignatureError(f"authority answered a credential request with {type(response).__name__}")
         self._nonce, self._nonce_expires = response.nonce, float(response.nonce_expires_at)

@@ -12,6 +12,7 @@ from vouchd.audit.log import (
     DEFAULT_ANCHOR_INTERVAL,
     DEFAULT_MAX_FILE_BYTES,
     AuditLog,
+    KeyAnchorSigner,
     TpmAnchorSigner,
 )
 from vouchd.audit.records import (
@@ -26,7 +27,7 @@ from vouchd.audit.records import (
     log_files,
     parse_record,
 )
-from vouchd.audit.verify import Problem, QuoteChecker, VerifyReport, tpm_quote_checker, verify_log
+from vouchd.audit.verify import Problem, QuoteChecker, VerifyReport, node_key_checker, tpm_quote_checker, verify_log
 
 __all__ = [
     "DEFAULT_ANCHOR_EVERY",
@@ -39,6 +40,7 @@ __all__ = [
     "AuditLog",
     "AuditLogError",
     "AuditWriteError",
+    "KeyAnchorSigner",
     "Problem",
     "QuoteChecker",
     "TpmAnchorSigner",
@@ -46,6 +48,7 @@ __all__ = [
     "canonical_line",
     "line_digest",
     "log_files",
+    "node_key_checker",
     "parse_record",
     "tpm_quote_checker",
     "verify_log",

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from vouchd.audit.records import (
+    KEY_ANCHOR_PCRS,
     AnchorQuote,
     AnchorSigner,
     AuditError,
@@ -46,13 +49,14 @@ from vouchd.audit.records import (
 )
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.decisions import Decision
+from vouchd.protocol.keyproof import ANCHOR_CONTEXT, sign_with_node_key
 from vouchd.securefiles import fsync_directory
 
 if TYPE_CHECKING:
     from vouchd.tpm import TpmService
 
 __all__ = ["DEFAULT_ANCHOR_EVERY", "DEFAULT_ANCHOR_INTERVAL", "DEFAULT_MAX_FILE_BYTES", "AuditLog",
-           "TpmAnchorSigner"]
+           "KeyAnchorSigner", "TpmAnchorSigner"]
 
 log = logging.getLogger("vouchd.audit")
 
@@ -76,6 +80,17 @@ class TpmAnchorSigner:
     async def quote(self, extra_data: bytes) -> AnchorQuote:
         quote = await self._tpm.quote(self._bank, self._pcrs, extra_data)
         return AnchorQuote(quote.attest, quote.signature, f"{self._bank}:{','.join(map(str, self._pcrs))}")
+
+
+class KeyAnchorSigner:
+    """Anchors of a node without a TPM (static-secret tier): the node key's signature over the chain
+    head. `attest` is the head itself and `pcrs` is KEY_ANCHOR_PCRS: nothing about the boot is quoted."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+
+    async def quote(self, extra_data: bytes) -> AnchorQuote:
+        return AnchorQuote(extra_data, sign_with_node_key(self._key, ANCHOR_CONTEXT, extra_data), KEY_ANCHOR_PCRS)
 
 
 @dataclass(frozen=True)

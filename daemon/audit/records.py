@@ -132,6 +132,10 @@ def decision_record(decision: Decision) -> dict[str, object]:
     return body
 
 
+# The `pcrs` of an anchor signed by a static-secret node's key rather than quoted by a TPM.
+KEY_ANCHOR_PCRS = "none (node key)"
+
+
 @dataclass(frozen=True)
 class AnchorQuote:
     """A signature over the chain head: for the TPM, a TPM2_Quote whose extraData is that head.

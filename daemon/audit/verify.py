@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vouchd.audit.records import (
     GENESIS_PREV,
+    KEY_ANCHOR_PCRS,
     AnchorQuote,
     AuditError,
     line_digest,
@@ -26,8 +27,10 @@ from vouchd.audit.records import (
 )
 from vouchd.errors import VouchdError
 from vouchd.evidence import Attest, PcrSelection, TpmPublic, VerificationError, verify_quote, verify_signature
+from vouchd.protocol.keyproof import ANCHOR_CONTEXT, load_node_key_public, verify_node_key_signature
 
-__all__ = ["Problem", "QuoteChecker", "VerifyReport", "expand_paths", "tpm_quote_checker", "verify_log"]
+__all__ = ["Problem", "QuoteChecker", "VerifyReport", "expand_paths", "node_key_checker", "tpm_quote_checker",
+           "verify_log"]
 
 QuoteChecker = Callable[[AnchorQuote, bytes], None]
 """Checks that a quote signs `extra_data`; raises VouchdError or ValueError naming what failed."""
@@ -98,6 +101,27 @@ def tpm_quote_checker(ak_public: bytes) -> QuoteChecker:
         if Attest.parse(quote.attest).extra_data != extra_data:
             raise VerificationError("quote extraData is not the chain head it covers")
         verify_quote(ak, quote.attest, quote.signature, extra_data=extra_data, selection=selection, pcr_values=None)
+
+    return check
+
+
+def node_key_checker(spki_der: bytes) -> QuoteChecker:
+    """Checks anchors as signatures by a static-secret node's key (DER SubjectPublicKeyInfo)."""
+    try:
+        load_node_key_public(spki_der)
+    except VouchdError as err:
+        raise AuditError(f"the node key: {err}") from None
+
+    def check(quote: AnchorQuote, extra_data: bytes) -> None:
+        if quote.pcrs != KEY_ANCHOR_PCRS:
+            raise VerificationError(f"anchor is a TPM quote ({quote.pcrs[:40]!r}), not a node key signature; "
+                                    "verify with the node's AK")
+        if quote.attest != extra_data:
+            raise VerificationError("anchor does not sign the chain head it covers")
+        try:
+            verify_node_key_signature(spki_der, ANCHOR_CONTEXT, extra_data, quote.signature)
+        except VouchdError as err:
+            raise VerificationError(f"anchor signature invalid: {err}") from None
 
     return check
 

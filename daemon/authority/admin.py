@@ -36,6 +36,9 @@ _ENTRY_FIELDS = ("spiffe_id", "selectors", "parent", "node_selectors", "min_tier
 
 
 _RESERVED_LABEL_PREFIX = "vouchd/"
+# The labels under vouchd/ that are the operator's to set: switches the default policy reads
+# (docs/design.md §7). Every other vouchd/ label is vouchd's own bookkeeping.
+OPERATOR_SWITCH_LABELS = frozenset({"vouchd/static-secret-x509"})
 
 
 class AdminRequestError(AuthorityError):
@@ -342,11 +345,15 @@ def _tier(args: Mapping[str, Any]) -> TrustTier:
 
 def _operator_labels(args: Mapping[str, Any], base: Entry | None) -> tuple[tuple[str, str], ...]:
     labels = _labels(args, "labels")
-    reserved = sorted(k for k in labels if k.startswith(_RESERVED_LABEL_PREFIX))
-    if reserved:
-        raise AdminRequestError(f"labels: {reserved[0][:64]!r}: keys under {_RESERVED_LABEL_PREFIX} are vouchd's own")
+    def reserved(key: str) -> bool:
+        return key.startswith(_RESERVED_LABEL_PREFIX) and key not in OPERATOR_SWITCH_LABELS
+
+    refused = sorted(filter(reserved, labels))
+    if refused:
+        raise AdminRequestError(f"labels: {refused[0][:64]!r}: keys under {_RESERVED_LABEL_PREFIX} are vouchd's own "
+                                f"(an operator may set {', '.join(sorted(OPERATOR_SWITCH_LABELS))})")
     # vouchd's own labels (where a file entry came from) stay whatever the operator sets.
-    kept = {k: v for k, v in (base.labels if base is not None else ()) if k.startswith(_RESERVED_LABEL_PREFIX)}
+    kept = {k: v for k, v in (base.labels if base is not None else ()) if reserved(k)}
     return Entry.label_pairs({**labels, **kept})
 
 

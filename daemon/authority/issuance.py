@@ -1,8 +1,9 @@
 """Signing what a node asked for in one quote-bound request: X.509-SVIDs and JWT-SVIDs (DESIGN §5).
 
 The request's quote, nonce and node were checked by the Authority before; here each item is checked
-against the entry index (the entry must be assigned to this node and allow its tier) and signed, or
-refused with an ItemError, and every outcome is a decision.
+against the entry index (the entry must be assigned to this node and allow its tier), then put to the
+policy with what the authority knows (vouchd.authority.policing), and signed, or refused with an
+ItemError; every outcome is a decision, and a policy's carries the ids of the policies that decided.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.entries import EntryIndex
 from vouchd.authority.errors import CaError
+from vouchd.authority.policing import AuthorityPolicy, NodeStanding
 from vouchd.clock import Clock
 from vouchd.config import AuthorityConfig
 from vouchd.decisions import Decision, DecisionKind, DecisionSink, NodeEvidence, Outcome
 from vouchd.entries import Entry
+from vouchd.policy import PolicyDecision
 from vouchd.protocol.messages import IssuedJwtSvid, IssuedX509Svid, ItemError, JwtSvidRequest, X509SvidRequest
 from vouchd.selectors import Selector
 from vouchd.spiffe import (
@@ -36,6 +39,13 @@ from vouchd.spiffe import (
 )
 
 __all__ = ["NodeView", "SvidSigner", "audience_problem", "ec_public_key"]
+
+
+def _policy_details(verdict: PolicyDecision | None) -> tuple[tuple[str, str], ...]:
+    """What a decision records of the policy's verdict: the deciding ids and the set's version."""
+    if verdict is None:
+        return ()
+    return (("policy_ids", ",".join(verdict.policy_ids)), ("policy_version", verdict.policy_version))
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,12 @@ class SvidSigner:
     """Signs the items of one request with the CA and JWT keys as they are at that moment."""
 
     def __init__(self, config: AuthorityConfig, index: EntryIndex, *, ca: CertificateAuthority,
-                 jwt_keys: CertificateAuthority, clock: Clock, decisions: DecisionSink) -> None:
+                 jwt_keys: CertificateAuthority, clock: Clock, decisions: DecisionSink,
+                 policy: AuthorityPolicy | None = None, standing: NodeStanding | None = None) -> None:
+        """`policy` and `standing`: the policy to judge each item by, and the node as the authority's
+        records have it; without them only the entry index and the TTL caps decide."""
+        self._policy = policy if standing is not None else None
+        self._standing = standing
         self._config = config
         self._index = index
         self._ca = ca
@@ -92,6 +107,13 @@ class SvidSigner:
             self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
                          evidence=evidence, method="x509-svid")
             return None
+        verdict = None
+        if self._policy is not None and self._standing is not None:
+            verdict = self._policy.x509_svid(entry, self._standing, ttl_seconds=int(ttl.total_seconds()),
+                                             not_after=item.not_after)
+            if not verdict.allowed:
+                self._denied_by_policy(errors, entry, verdict, evidence, method="x509-svid")
+                return None
         try:
             cert = self._ca.sign_x509_svid(public_key, entry.spiffe_id, ttl=ttl, tier=node.tier,
                                            dns_names=entry.dns_names,
@@ -100,7 +122,7 @@ class SvidSigner:
             self._refuse(errors, entry.id, "cannot_sign", str(err), outcome=Outcome.ERROR, evidence=evidence,
                          method="x509-svid")
             return None
-        self._issued(entry, evidence, "x509-svid", serials=(serial_hex(cert),))
+        self._issued(entry, evidence, "x509-svid", serials=(serial_hex(cert),), details=_policy_details(verdict))
         return IssuedX509Svid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id),
                               cert_chain=cert.public_bytes(Encoding.DER),
                               expires_at=int(cert.not_valid_after_utc.timestamp()))
@@ -122,13 +144,21 @@ class SvidSigner:
             self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
                          evidence=evidence, method="jwt-svid")
             return None
+        verdict = None
+        if self._policy is not None and self._standing is not None:
+            verdict = self._policy.jwt_svid(entry, self._standing, audiences=item.audiences,
+                                            ttl_seconds=int(ttl.total_seconds()), not_after=item.not_after)
+            if not verdict.allowed:
+                self._denied_by_policy(errors, entry, verdict, evidence, method="jwt-svid")
+                return None
         expires = now + int(ttl.total_seconds())
         token = mint_jwt_svid(self._jwt_keys.sign, key_id=jwt_key_id(ec_public_key(self._jwt_keys.certificate
                                                                                   .public_key())),
                               spiffe_id=entry.spiffe_id, audiences=item.audiences, issued_at=now, expires_at=expires,
                               claims={JWT_TIER_CLAIM: node.tier.value, "vouchd_entry": entry.id,
                                       "vouchd_rev": entry.revision, "vouchd_node": node_id})
-        self._issued(entry, evidence, "jwt-svid", details=(("audiences", ",".join(item.audiences)),))
+        self._issued(entry, evidence, "jwt-svid",
+                     details=(("audiences", ",".join(item.audiences)), *_policy_details(verdict)))
         return IssuedJwtSvid(entry_id=entry.id, spiffe_id=str(entry.spiffe_id), audiences=item.audiences,
                              token=token, expires_at=expires)
 
@@ -155,11 +185,18 @@ class SvidSigner:
         return entry
 
     def _refuse(self, errors: list[ItemError], entry_id: str, code: str, reason: str, *, outcome: Outcome,
-                evidence: NodeEvidence, method: str) -> None:
+                evidence: NodeEvidence, method: str, details: tuple[tuple[str, str], ...] = ()) -> None:
         errors.append(ItemError(entry_id, code, reason))
         self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=outcome, at=self._clock.now(),
                                       source="authority", method=method, reason=reason, node=evidence,
-                                      entry_ids=(entry_id,)))
+                                      entry_ids=(entry_id,), details=details))
+
+    def _denied_by_policy(self, errors: list[ItemError], entry: Entry, verdict: PolicyDecision,
+                          evidence: NodeEvidence, *, method: str) -> None:
+        ids = ", ".join(verdict.policy_ids) or "none (no policy permits it)"
+        reason = f"denied by policy {ids}: {'; '.join(verdict.reasons)}"
+        self._refuse(errors, entry.id, "policy", reason, outcome=Outcome.DENIED, evidence=evidence, method=method,
+                     details=_policy_details(verdict))
 
     def _issued(self, entry: Entry, evidence: NodeEvidence, method: str, *, serials: tuple[str, ...] = (),
                 details: tuple[tuple[str, str], ...] = ()) -> None:

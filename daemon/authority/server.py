@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -19,6 +22,7 @@ from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.issuance import NodeView, SvidSigner, ec_public_key
 from vouchd.authority.keys import CaKeeper
+from vouchd.authority.policing import AuthorityPolicy, NodeStanding
 from vouchd.authority.registry import Registry
 from vouchd.authority.revocations import RevocationPublisher
 from vouchd.authority.store import NodeRecord, NodeState, Store, StoreError
@@ -28,16 +32,26 @@ from vouchd.authority.verifier import (
     begin_attestation,
     check_quote_continuity,
     complete_attestation,
+    legacy_profile_accepts,
+    match_profile,
     verify_request_quote,
 )
 from vouchd.clock import Clock
 from vouchd.config import AuthorityConfig
 from vouchd.decisions import Decision, DecisionKind, DecisionSink, NodeEvidence, Outcome
 from vouchd.entries import Entry
-from vouchd.evidence import EvidenceError, TpmPublic
+from vouchd.evidence import Attest, EvidenceError, TpmPublic
+from vouchd.policy import PolicyEngine
 from vouchd.protocol.codec import decode, decode_as
-from vouchd.protocol.errors import MessageError
-from vouchd.protocol.identities import authority_spiffe_id, ek_hash, node_spiffe_id
+from vouchd.protocol.errors import MessageError, SignatureError
+from vouchd.protocol.identities import authority_spiffe_id, ek_hash, key_node_spiffe_id, node_spiffe_id
+from vouchd.protocol.keyproof import (
+    CHALLENGE_CONTEXT,
+    REQUEST_CONTEXT,
+    load_node_key_public,
+    node_key_hash,
+    verify_node_key_signature,
+)
 from vouchd.protocol.messages import (
     MAX_JWT_SVIDS_PER_REQUEST,
     MAX_X509_SVIDS_PER_REQUEST,
@@ -48,10 +62,14 @@ from vouchd.protocol.messages import (
     CredentialResponse,
     ErrorReply,
     ItemError,
+    KeyAttestRequest,
+    KeyChallenge,
+    KeyChallengeResponse,
     NonceGrant,
     NonceRequest,
     QuotedRequest,
     RequestBody,
+    SignedRequest,
 )
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, Publisher
@@ -66,6 +84,8 @@ from vouchd.spiffe import (
 )
 
 __all__ = ["Authority"]
+
+_P = TypeVar("_P")
 
 log = logging.getLogger("vouchd.authority")
 
@@ -86,7 +106,8 @@ class Authority:
 
     def __init__(self, config: AuthorityConfig, trust_domain: TrustDomain, *, store: Store, ca: CaKeeper,
                  jwt_keys: CaKeeper, ek_trust: EkTrust, signing_key: ec.EllipticCurvePrivateKey, clock: Clock,
-                 publisher: Publisher, decisions: DecisionSink, standalone: bool = False) -> None:
+                 publisher: Publisher, decisions: DecisionSink, standalone: bool = False,
+                 policy: PolicyEngine | None = None) -> None:
         """`jwt_keys`: the JWT-SVID signing keys, kept and rotated like CA roots (prepared, active,
         previous) in a folder of their own; only their public keys are ever published (the JWKS)."""
         self._config = config
@@ -99,12 +120,16 @@ class Authority:
         self._signing_key = signing_key
         self._clock = clock
         self._decisions = decisions
+        self._policy = AuthorityPolicy(policy, str(trust_domain.id), clock) if policy is not None else None
         self._signer, self._signer_renew_at = self._mint_signer()
         longest_svid = max(config.x509_svid_max_ttl, config.node_svid_ttl).total_seconds()
         self.revocations = RevocationPublisher(store, self._publish_signed, publisher, clock,
                                                keep_seconds=longest_svid + _CLOCK_TOLERANCE)
         self.registry = Registry(store, self.revocations, publisher, sign=self._publish_signed, clock=clock,
                                  decisions=decisions)
+        # node id -> DER SubjectPublicKeyInfo of the software node keys allowed in (static-secret tier).
+        # Never kept with the enrolled EKs: a key held in software must never pass for a TPM's EK.
+        self._enrolled_node_keys: dict[str, bytes] = {}
 
     async def start(self) -> None:
         """Load what the authority serves from its store."""
@@ -156,6 +181,14 @@ class Authority:
         """Record an EK as enrolled (standalone mode enrols the local TPM's EK itself)."""
         await self._store.enrol_ek(ek_hash_hex, source, now=self._clock.now())
 
+    def enrol_node_key(self, spki_der: bytes) -> str:
+        """Let a node without a TPM in by its software node key (standalone mode enrols its own host's);
+        its node id. The node is at the static-secret tier: entries reach it only where they allow it."""
+        load_node_key_public(spki_der)
+        node_id = str(key_node_spiffe_id(self._trust_domain, node_key_hash(spki_der)))
+        self._enrolled_node_keys[node_id] = spki_der
+        return node_id
+
     def _mint_signer(self) -> tuple[ReplySigner, float]:
         cert = self._ca.loaded.sign_x509_svid(self._signing_key.public_key(),
                                               authority_spiffe_id(self._trust_domain),
@@ -202,6 +235,12 @@ class Authority:
                 return self._sign(await self._grant_nonce(message.node_id), node_id=node_id, request=request)
             if topic == REQUEST_TOPIC and isinstance(message, QuotedRequest):
                 return await self._quoted_request(message, request)
+            if topic == ATTEST_TOPIC and isinstance(message, KeyAttestRequest):
+                return self._sign(await self._begin_key(message), node_id=node_id, request=request)
+            if topic == ATTEST_TOPIC and isinstance(message, KeyChallengeResponse):
+                return self._sign(await self._complete_key(message), node_id=node_id, request=request)
+            if topic == REQUEST_TOPIC and isinstance(message, SignedRequest):
+                return await self._signed_request(message, request)
             raise RefusalError("bad_request", f"{type(message).__name__} is not accepted on {topic}")
         except (MessageError, EvidenceError) as err:
             self._decide(DecisionKind.DENY, Outcome.INVALID, method=method, reason=str(err),
@@ -319,9 +358,18 @@ class Authority:
         if session.event_log is None:
             return "none"
         profiles = await self._store.profiles()
-        for name, accepted in profiles.items():
-            if set(digests) <= accepted:
+        for name, recorded in profiles.items():
+            # A profile an older vouchd stored without event order, that this log satisfies by the
+            # older rule: stored again in log order (narrower, never wider), so an upgrade locks no
+            # host out of a boot it was accepted with.
+            if legacy_profile_accepts(recorded, digests):
+                await self._store.save_profile(name, list(digests), learned_from=session.node_id, now=self._clock.now())
+                log.info("boot profile stored again in event-log order", extra={"profile": name,
+                                                                                "node_id": session.node_id})
                 return name
+        matched = match_profile(profiles, digests)
+        if matched is not None:
+            return matched
         # Only at the node's very first attestation: once an operator removed the profile it was
         # learned as, the same boot must not be learned again behind their back.
         if not profiles and self._standalone and await self._store.node(session.node_id) is None:
@@ -330,6 +378,55 @@ class Authority:
             log.info("event log profile learned", extra={"profile": name, "node_id": session.node_id})
             return name
         raise RefusalError("policy", "event log contains measurements outside every accepted profile")
+
+    # -- node attestation, static-secret tier ---------------------------------------------------
+    async def _begin_key(self, request: KeyAttestRequest) -> KeyChallenge:
+        node_id = request.node_id
+        enrolled = self._enrolled_node_keys.get(node_id)
+        if enrolled is None:
+            raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
+        if request.node_key_public != enrolled:
+            raise RefusalError("bad_request", "node id is not derived from the presented node key")
+        if await self._store.is_banned(node_id):
+            raise RefusalError("banned", "node is banned")
+        nonce, expires = await self._new_nonce(node_id)
+        return KeyChallenge(nonce=nonce, expires_at=int(expires))
+
+    async def _complete_key(self, response: KeyChallengeResponse) -> AttestResult:
+        node_id = response.node_id
+        spki = self._enrolled_node_keys.get(node_id)
+        if spki is None:
+            raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
+        now = self._clock.now()
+        if not await self._store.consume_nonce(node_id, response.nonce, now=now):
+            raise RefusalError("session_expired", "challenge nonce is unknown, already used or expired")
+        try:
+            verify_node_key_signature(spki, CHALLENGE_CONTEXT, response.nonce + node_id.encode(), response.signature)
+        except SignatureError as err:
+            raise RefusalError("bad_evidence", f"challenge answer: {err}") from None
+        if await self._store.is_banned(node_id):
+            raise RefusalError("banned", "node is banned")
+        key_hash = node_key_hash(spki)
+        selectors = (f"node:key_hash:{key_hash}", f"node:tier:{TrustTier.STATIC_SECRET.value}")
+        node_svid = self._current_ca().sign_x509_svid(load_node_key_public(spki), SpiffeId.parse(node_id),
+                                                      ttl=self._config.node_svid_ttl, tier=TrustTier.STATIC_SECRET,
+                                                      now=self._utc_now())
+        # No EK and no quote: the record's TPM fields stay empty, and its ek_hash column (unique, shown
+        # by `vouchd node list`) names the node key instead, never in the 64-hex form of an EK hash.
+        await self._store.save_node(NodeRecord(
+            node_id=node_id, ek_hash=f"key:{key_hash}", tier=TrustTier.STATIC_SECRET.value,
+            state=NodeState.TRUSTED, ak_public=b"", node_key_public=spki, selectors=selectors,
+            pcr_bank="", pcr_indices=(), pcr_digest=b"", reset_count=0, restart_count=0, clock=0,
+            attested_at=now, last_quote_at=now,
+        ))
+        nonce, expires = await self._new_nonce(node_id)
+        self._decide(DecisionKind.ATTEST, Outcome.OK, method="attest", node=NodeEvidence(node_id),
+                     serials=(serial_hex(node_svid),))
+        revocations = await self.revocations.current()
+        return AttestResult(node_svid=node_svid.public_bytes(Encoding.DER), bundle=self.bundle().der(),
+                            selectors=selectors, tier=TrustTier.STATIC_SECRET.value, nonce=nonce,
+                            nonce_expires_at=int(expires), revocations=revocations.signed,
+                            jwt_bundle=self.jwt_bundle().to_jwks())
 
     # -- requests ----------------------------------------------------------------------------
     async def _new_nonce(self, node_id: str) -> tuple[bytes, float]:
@@ -361,13 +458,55 @@ class Authority:
 
     async def _quoted_request(self, message: QuotedRequest, raw: bytes) -> bytes:
         node = await self._trusted_node(message.node_id)
+        if node.tier != TrustTier.HARDWARE.value:
+            raise RefusalError("bad_request", f"a {node.tier} node signs its requests with its node key")
+
+        def verify() -> Attest:
+            return verify_request_quote(node, message.quote, message.body)
+
+        async def settle(attest: Attest) -> NodeEvidence:
+            try:
+                check_quote_continuity(node, attest)
+            except RefusalError:
+                await self._store.set_node_state(node.node_id, NodeState.ATTESTING)
+                raise
+            clock = attest.clock_info
+            await self._store.record_quote(node.node_id, reset_count=clock.reset_count,
+                                           restart_count=clock.restart_count, clock=clock.clock,
+                                           now=self._clock.now())
+            return NodeEvidence(node.node_id, quote_digest=hashlib.sha256(message.quote.attest).hexdigest(),
+                                pcr_profile=_profile_of(node))
+
+        return await self._credential_request(node, message.body, raw, verify, settle)
+
+    async def _signed_request(self, message: SignedRequest, raw: bytes) -> bytes:
+        node = await self._trusted_node(message.node_id)
+        if node.tier == TrustTier.HARDWARE.value:
+            raise RefusalError("bad_request", "a hardware node quotes its requests with its TPM")
+
+        def verify() -> None:
+            try:
+                verify_node_key_signature(node.node_key_public, REQUEST_CONTEXT, message.body, message.signature)
+            except SignatureError as err:
+                raise RefusalError("bad_evidence", f"request: {err}") from None
+
+        async def settle(_: None) -> NodeEvidence:
+            return NodeEvidence(node.node_id)
+
+        return await self._credential_request(node, message.body, raw, verify, settle)
+
+    async def _credential_request(self, node: NodeRecord, body_bytes: bytes, raw: bytes, verify: Callable[[], _P],
+                                  settle: Callable[[_P], Awaitable[NodeEvidence]]) -> bytes:
+        """A request of either tier: `verify` checks its proof (the TPM quote, the node key's
+        signature) before anything changes; `settle` runs once its nonce is spent and returns the
+        node evidence the decisions record."""
         # Keyed like the reply's signature (in_reply_to): the very same request bytes, nothing less.
         digest = request_digest(raw)
         cached = await self._store.answered_reply(node.node_id, digest)
         if cached is not None:
             return cached  # a redelivered request gets the very same reply
-        attest = verify_request_quote(node, message.quote, message.body)
-        body = decode_as(RequestBody, message.body)
+        proof = verify()
+        body = decode_as(RequestBody, body_bytes)
         if body.node_id != node.node_id:
             raise RefusalError("bad_request", "request body names another node")
         now = self._clock.now()
@@ -376,16 +515,7 @@ class Authority:
         # The nonce first: a replayed request is refused here and changes nothing about the node.
         if not await self._store.consume_nonce(node.node_id, body.nonce, now=now):
             raise RefusalError("nonce", "request nonce is unknown, already used or expired")
-        try:
-            check_quote_continuity(node, attest)
-        except RefusalError:
-            await self._store.set_node_state(node.node_id, NodeState.ATTESTING)
-            raise
-        clock = attest.clock_info
-        await self._store.record_quote(node.node_id, reset_count=clock.reset_count,
-                                       restart_count=clock.restart_count, clock=clock.clock, now=now)
-        evidence = NodeEvidence(node.node_id, quote_digest=hashlib.sha256(message.quote.attest).hexdigest(),
-                                pcr_profile=_profile_of(node))
+        evidence = await settle(proof)
         response = await self._serve(node, body, evidence)
         signed = self._sign(response, node_id=node.node_id, request=raw)
         await self._store.remember_reply(node.node_id, digest, signed, now=now, keep_seconds=ANSWERED_KEEP_SECONDS)
@@ -397,7 +527,8 @@ class Authority:
         view = NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors), TrustTier(node.tier))
         index = self.registry.index
         signer = SvidSigner(self._config, index, ca=self._current_ca(), jwt_keys=self._jwt_keys.current()[0],
-                            clock=self._clock, decisions=self._decisions)
+                            clock=self._clock, decisions=self._decisions, policy=self._policy,
+                            standing=_standing(node, self._clock.now()))
         errors: list[ItemError] = []
         issued = [svid for item in body.x509_svids
                   if (svid := signer.x509_svid(item, view, evidence, errors)) is not None]
@@ -414,6 +545,13 @@ class Authority:
             revocations=revocations.signed if revocations.document.version != body.revocations_version else None,
             jwt_svids=tuple(jwt_svids), jwt_bundle=self.jwt_bundle().to_jwks(),
         )
+
+
+def _standing(node: NodeRecord, now: float) -> NodeStanding:
+    tier = TrustTier(node.tier)
+    quote_age = math.ceil(max(0.0, now - node.last_quote_at)) if tier is TrustTier.HARDWARE else None
+    return NodeStanding(tier=tier, state=node.state.value, quote_age_seconds=quote_age,
+                        pcr_profile=_profile_of(node) or None)
 
 
 def _profile_of(node: NodeRecord) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -42,15 +44,26 @@ from vouchd.evidence import (
 )
 from vouchd.protocol.identities import ek_hash
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
-from vouchd.spiffe import is_ca_certificate, serial_hex, spki_der
+from vouchd.spiffe import serial_hex, spki_der
 
 __all__ = [
+    "TCG_KP_EK_CERTIFICATE",
     "AttestationSession",
+    "EkChainError",
+    "EkExtendedKeyUsageError",
+    "EkIssuerKeyUsageError",
+    "EkIssuerNotCaError",
+    "EkLeafIsCaError",
+    "EkMalformedCertificateError",
+    "EkPathLengthError",
     "EkTrust",
+    "EkUnchainedError",
+    "EkValidityError",
     "VerifiedNode",
     "begin_attestation",
     "check_quote_continuity",
     "complete_attestation",
+    "match_profile",
     "quoted_measurements",
     "selection_for",
     "verify_request_quote",
@@ -64,7 +77,58 @@ _EK_SHAPES: dict[str, tuple[TpmAlg, EccCurve | None, int]] = {
 }
 _EK_REQUIRED = (ObjectAttributes.FIXED_TPM | ObjectAttributes.FIXED_PARENT | ObjectAttributes.RESTRICTED
                 | ObjectAttributes.DECRYPT | ObjectAttributes.SENSITIVE_DATA_ORIGIN)
-_MAX_CHAIN_DEPTH = 6
+_MAX_CHAIN_DEPTH = 6                # certificates below the root, the EK certificate included
+_Extension = TypeVar("_Extension", bound=x509.ExtensionType)
+# One measurement of a profile: "<pcr>:<bank>:<n>/<count>:<digest hex>" (see quoted_measurements).
+_MEASUREMENT = re.compile(r"(\d{1,2}):(sha\d{1,3}):(\d{1,6})/(\d{1,6}):([0-9a-f]{40,128})")
+
+
+# TCG EK Credential Profile: an EK certificate that states an extended key usage must state this one.
+TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")
+
+
+class EkChainError(RefusalError):
+    """An EK certificate, or a certificate of its chain, fails a check (code ``ek_untrusted``).
+
+    `certificate` names the certificate (its subject, or its serial and issuer when the subject is
+    empty, as TCG EK certificates' often is); each subclass is one defect, named in the message.
+    """
+
+    def __init__(self, certificate: x509.Certificate, defect: str) -> None:
+        self.certificate = _describe(certificate)
+        super().__init__("ek_untrusted", f"EK certificate chain: {self.certificate} {defect}")
+
+
+class EkLeafIsCaError(EkChainError):
+    """The EK certificate itself says it is a CA (basicConstraints cA=true)."""
+
+
+class EkExtendedKeyUsageError(EkChainError):
+    """The EK certificate states an extended key usage without tcg-kp-EKCertificate."""
+
+
+class EkIssuerNotCaError(EkChainError):
+    """A certificate that signed a link of the chain is not a CA (basicConstraints)."""
+
+
+class EkIssuerKeyUsageError(EkChainError):
+    """A certificate that signed a link of the chain may not sign certificates (keyCertSign)."""
+
+
+class EkPathLengthError(EkChainError):
+    """More CA certificates below a CA than its basicConstraints pathLenConstraint allows."""
+
+
+class EkValidityError(EkChainError):
+    """A certificate of the chain is expired or not valid yet."""
+
+
+class EkMalformedCertificateError(EkChainError):
+    """A certificate of the chain whose extensions do not parse."""
+
+
+class EkUnchainedError(EkChainError):
+    """No configured root or intermediate issued a certificate of the chain, or the chain is too long."""
 
 
 class EkTrust:
@@ -80,27 +144,113 @@ class EkTrust:
 
     def verify_chain(self, certificate: x509.Certificate, extra: Sequence[x509.Certificate] = (),
                      *, now: datetime | None = None) -> None:
-        """Walk issuer links from the EK certificate to a configured root; RefusalError otherwise.
+        """Find a path from the EK certificate to a configured root whose every link passes; the
+        defect of the first failing link (an EkChainError subclass) otherwise.
 
-        EK certificates break WebPKI rules (critical SAN with a directory name, no subject), so the
-        chain is walked by hand: each link's signature, validity and CA flag are checked.
+        EK certificates break WebPKI rules (critical SAN with a directory name, often no subject),
+        so the chain is walked by hand, as RFC 5280 §6.1 would: every link's signature and validity;
+        the EK certificate is no CA and, when it states an extended key usage, states
+        tcg-kp-EKCertificate; every intermediate is a CA allowed to sign certificates (keyCertSign)
+        whose pathLenConstraint allows the CAs below it. A configured root is trusted by
+        configuration: its validity is checked, and its CA flag, key usage and path length only
+        where it states them.
         """
         now = now or datetime.now(UTC)
-        pool = self._intermediates + list(extra)
-        current = certificate
-        for _ in range(_MAX_CHAIN_DEPTH):
-            if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
-                raise RefusalError("ek_untrusted", f"certificate {_describe(current)} is not valid now")
-            for root in self._roots:
-                if _issued_by(current, root):
-                    return
-            issuer = next(
-                (c for c in pool if c is not current and _issued_by(current, c) and is_ca_certificate(c)), None
-            )
-            if issuer is None:
-                raise RefusalError("ek_untrusted", "EK certificate does not chain to a configured manufacturer root")
-            current = issuer
-        raise RefusalError("ek_untrusted", "EK certificate chain is too long")
+        _check_validity(certificate, now)
+        _check_ek_leaf(certificate)
+        defects: list[EkChainError] = []
+        if not self._extend([certificate], self._intermediates + list(extra), now, defects):
+            raise defects[0]
+
+    def _extend(self, path: list[x509.Certificate], pool: Sequence[x509.Certificate], now: datetime,
+                defects: list[EkChainError]) -> bool:
+        """Whether `path` (EK certificate first) reaches a root through links that pass; the defect
+        of every link refused on the way goes to `defects`."""
+        current = path[-1]
+        for root in self._roots:
+            if _issued_by(current, root):
+                defect = _ca_defect(root, path, now, anchor=True)
+                if defect is None:
+                    return True
+                defects.append(defect)
+        issuers = [c for c in pool if c not in path and c not in self._roots and _issued_by(current, c)]
+        if issuers and len(path) >= _MAX_CHAIN_DEPTH:
+            defects.append(EkUnchainedError(current, f"is the last of {_MAX_CHAIN_DEPTH} certificates and not "
+                                                     "signed by a configured root: chain too long"))
+            return False
+        for issuer in issuers:
+            defect = _ca_defect(issuer, path, now, anchor=False)
+            if defect is not None:
+                defects.append(defect)
+            elif self._extend([*path, issuer], pool, now, defects):
+                return True
+        if not defects:
+            defects.append(EkUnchainedError(
+                current, f"was issued by {current.issuer.rfc4514_string() or 'an empty name'!r}, which is no "
+                         "configured root or intermediate: EK certificate does not chain to a configured "
+                         "manufacturer root"))
+        return False
+
+
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    try:
+        return cert.extensions
+    except ValueError as err:  # a duplicate or undecodable extension
+        raise EkMalformedCertificateError(cert, f"has extensions that do not parse: {err}") from None
+
+
+def _extension(cert: x509.Certificate, kind: type[_Extension]) -> _Extension | None:
+    try:
+        return _extensions(cert).get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_validity(cert: x509.Certificate, now: datetime) -> None:
+    if now > cert.not_valid_after_utc:
+        raise EkValidityError(cert, f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if now < cert.not_valid_before_utc:
+        raise EkValidityError(cert, f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _check_ek_leaf(cert: x509.Certificate) -> None:
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise EkLeafIsCaError(cert, "is a CA certificate (basicConstraints cA=true), not an EK certificate")
+    usage = _extension(cert, x509.ExtendedKeyUsage)
+    if usage is not None and TCG_KP_EK_CERTIFICATE not in usage:
+        stated = ", ".join(oid.dotted_string for oid in usage) or "none"
+        raise EkExtendedKeyUsageError(cert, f"states an extended key usage ({stated}) without "
+                                            f"tcg-kp-EKCertificate ({TCG_KP_EK_CERTIFICATE.dotted_string})")
+
+
+def _ca_defect(ca: x509.Certificate, below: Sequence[x509.Certificate], now: datetime,
+               *, anchor: bool) -> EkChainError | None:
+    """Why `ca` may not sign the last certificate of `below` (the path from the EK certificate up to
+    it), or None. A configured root (`anchor`) is only held to the constraints it states."""
+    try:
+        _check_validity(ca, now)
+        constraints = _extension(ca, x509.BasicConstraints)
+        usage = _extension(ca, x509.KeyUsage)
+    except EkChainError as defect:
+        return defect
+    role = "root" if anchor else "intermediate"
+    if constraints is None and not anchor:
+        return EkIssuerNotCaError(ca, f"signed {_describe(below[-1])} but has no basicConstraints: it is no CA")
+    if constraints is not None and not constraints.ca:
+        return EkIssuerNotCaError(ca, f"signed {_describe(below[-1])} but is no CA (basicConstraints cA=false)")
+    if usage is None and not anchor:
+        return EkIssuerKeyUsageError(ca, f"signed {_describe(below[-1])} but has no key usage extension, "
+                                         "so it does not allow certificate signing (keyCertSign)")
+    if usage is not None and not usage.key_cert_sign:
+        return EkIssuerKeyUsageError(ca, f"signed {_describe(below[-1])} but its key usage lacks "
+                                         "certificate signing (keyCertSign)")
+    # RFC 5280 §4.2.1.9: pathLen counts the CAs below this one, self-issued ones excepted.
+    cas_below = sum(1 for c in below[1:] if c.issuer != c.subject)
+    if constraints is not None and constraints.path_length is not None and cas_below > constraints.path_length:
+        return EkPathLengthError(ca, f"({role}) allows {constraints.path_length} CA certificate(s) below it "
+                                     f"(pathLenConstraint) but has {cas_below}")
+    return None
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -114,7 +264,10 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {serial_hex(cert)}"
+    subject = cert.subject.rfc4514_string()
+    if subject:
+        return repr(subject)
+    return f"serial {serial_hex(cert)} issued by {cert.issuer.rfc4514_string()!r}"
 
 
 def _issuer_common_name(cert: x509.Certificate) -> str | None:
@@ -222,10 +375,12 @@ def begin_attestation(
             raise RefusalError("bad_evidence", "EK certificate does not certify the presented EK")
         if trust.configured:
             trust.verify_chain(certificate, now=datetime.fromtimestamp(now, UTC))
+            # Only a checked chain vouches for the issuer's name: anyone can write one into a certificate.
+            issuer_cn = _issuer_common_name(certificate)
         elif require_certificate:
             raise RefusalError("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
-        # else: the operator enrolled this exact EK by its hash, which pins more than any chain could.
-        issuer_cn = _issuer_common_name(certificate)
+        # else: the operator enrolled this exact EK by its hash, which pins more than any chain could;
+        # without roots nothing vouches for its issuer, so the node gets no tpm:ek_issuer_cn selector.
     elif require_certificate:
         raise RefusalError("ek_untrusted", "an EK without a certificate must be enrolled beforehand")
 
@@ -277,7 +432,7 @@ class VerifiedNode:
     """The outcome of a completed attestation: what the quote proved."""
 
     attest: Attest                     # its pcr_digest is the node's attested PCR state
-    event_digests: tuple[str, ...]     # "<pcr>:<bank>:<hex>" of every quoted measurement, for profile policy
+    event_digests: tuple[str, ...]     # every quoted measurement, as quoted_measurements gives them
 
 
 def complete_attestation(session: AttestationSession, quote: TpmEvidence, *, now: float) -> VerifiedNode:
@@ -307,14 +462,89 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence, *, now
 
 
 def quoted_measurements(event_log: EventLog, selection: PcrSelection) -> tuple[str, ...]:
-    """The measurements a profile is made of: "<pcr>:<bank>:<digest hex>" for every event on the
-    selected PCRs in the selected bank. Only these are vouched for by replaying them to the quoted
-    PCR values, so policy reads nothing else."""
+    """The measurements a profile is made of: "<pcr>:<bank>:<n>/<count>:<digest hex>" for every event
+    on the selected PCRs in the selected bank, the n-th of the `count` events of that PCR in log order.
+
+    Only these are vouched for by replaying them to the quoted PCR values, so policy reads nothing
+    else. Position and count are part of each measurement because a PCR's value depends on the order
+    of its extends: a profile is a sequence per PCR, not a bag of digests. A profile stored as a set
+    of these strings therefore keeps the order, and a log whose measurements are all in a profile
+    has, on each of its PCRs, exactly the profile's events in the profile's order.
+    """
     bank = selection.hash_alg.name.lower()
-    return tuple(sorted({
-        f"{pcr}:{bank}:{digest.hex()}"
-        for pcr, _type, digest in event_log.digests(selection.hash_alg, selection.pcrs)
-    }))
+    per_pcr: dict[int, list[bytes]] = {}
+    for pcr, _type, digest in event_log.digests(selection.hash_alg, selection.pcrs):
+        per_pcr.setdefault(pcr, []).append(digest)
+    return tuple(
+        f"{pcr}:{bank}:{position}/{len(digests)}:{digest.hex()}"
+        for pcr, digests in sorted(per_pcr.items())
+        for position, digest in enumerate(digests, start=1)
+    )
+
+
+def _sequences(measurements: Iterable[str]) -> dict[tuple[int, str], tuple[str, ...]] | None:
+    """Per (PCR, bank), the digests in log order; None unless every measurement has the form
+    quoted_measurements gives (a profile stored by an older vouchd has "<pcr>:<bank>:<hex>")."""
+    slots: dict[tuple[int, str], list[str | None]] = {}
+    for measurement in measurements:
+        match = _MEASUREMENT.fullmatch(measurement)
+        if match is None:
+            return None
+        pcr, bank, position, count, digest = match.groups()
+        events = slots.setdefault((int(pcr), bank), [None] * int(count))
+        if len(events) != int(count) or not 1 <= int(position) <= len(events) or events[int(position) - 1]:
+            return None
+        events[int(position) - 1] = digest
+    sequences = {key: tuple(e for e in events if e is not None) for key, events in slots.items()}
+    if any(len(sequences[key]) != len(events) for key, events in slots.items()):
+        return None
+    return sequences
+
+
+def match_profile(profiles: Mapping[str, Iterable[str]], measurements: Iterable[str]) -> str | None:
+    """The first profile, in `profiles`' order, that has on every PCR the log measures the same
+    events in the same order (DESIGN §4.4); None when none has.
+
+    A profile stored by an older vouchd is a bag of "<pcr>:<bank>:<hex>" without order and cannot
+    be checked: when nothing else matches, the refusal names it and how to record it again.
+    """
+    wanted = _sequences(measurements)
+    if wanted is None:
+        raise ValueError("measurements are not in the form quoted_measurements gives")
+    unreadable = []
+    for name, recorded in profiles.items():
+        sequences = _sequences(recorded)
+        if sequences is None:
+            unreadable.append(name)
+        elif all(sequences.get(key) == events for key, events in wanted.items()):
+            return name
+    if unreadable:
+        names = ", ".join(unreadable)
+        raise RefusalError(
+            "policy", f"boot profile(s) {names} hold unordered measurements (recorded by an older vouchd) and "
+                      f"cannot be checked in event-log order: on a boot you trust, record it again with "
+                      f"`vouchd node learn --name {unreadable[0]}`, or drop it with `vouchd profile remove`")
+    return None
+
+
+def legacy_profile_accepts(recorded: Iterable[str], measurements: Iterable[str]) -> bool:
+    """Whether `recorded` is a profile stored by an older vouchd (unordered "<pcr>:<bank>:<hex>")
+    that accepts `measurements` by the older rule: every digest of the log is among the profile's.
+
+    Such a profile can be stored again as `measurements`, in log order: that narrows what it
+    accepts to one boot it already accepted, and never widens it.
+    """
+    recorded = frozenset(recorded)
+    if not recorded or _sequences(recorded) is not None:
+        return False
+    unordered = set()
+    for measurement in measurements:
+        match = _MEASUREMENT.fullmatch(measurement)
+        if match is None:
+            return False
+        pcr, bank, _position, _count, digest = match.groups()
+        unordered.add(f"{pcr}:{bank}:{digest}")
+    return unordered <= recorded
 
 
 def selection_for(bank: str, pcr_indices: Sequence[int]) -> PcrSelection:

@@ -220,10 +220,11 @@ def _workload_entity(workload: Workload) -> dict[str, Any]:
         "spiffe_id": workload.spiffe_id,
         "tier": workload.tier.value,
         "selectors": list(workload.selectors),
-        "uid": workload.uid,
         "entry_id": workload.entry_id,
         "lineage_depth": workload.lineage_depth,
     }
+    if workload.uid is not None:
+        attrs["uid"] = workload.uid
     if workload.parent_spiffe_id is not None:
         attrs["parent"] = workload.parent_spiffe_id
     if workload.parent_audiences is not None:

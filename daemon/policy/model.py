@@ -60,7 +60,7 @@ class Workload:
     spiffe_id: str
     tier: TrustTier
     selectors: tuple[str, ...]
-    uid: int
+    uid: int | None                                   # None where the evaluator cannot know it (the authority)
     entry_id: str
     labels: tuple[tuple[str, str], ...] = ()          # the entry's labels: Cedar tags
     parent_spiffe_id: str | None = None

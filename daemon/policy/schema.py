@@ -9,7 +9,9 @@ Choices that shape how policies read:
   a Cedar record cannot hold keys chosen by operators, tags can.
 - What only some requests have is optional (`?`): `quote_age_seconds` and `pcr_profile` (a node of
   the static-secret tier has no quote), `parent`, `parent_audiences`, `parent_ttl_seconds` (only a
-  workload started by a holder of another identity has them). Cedar's validator then insists on a
+  workload started by a holder of another identity has them), and `uid`: the agent sees the
+  process and always knows it; the authority, which evaluates the policy again before it signs, sees
+  only the entry and knows a uid only where the entry pins one (docs/design.md §7). Cedar's validator then insists on a
   `has` test before each use, so no policy can error on a request that lacks them (an erroring
   forbid would otherwise simply not apply).
 - Audience and TrustDomain carry their own name as an attribute: Cedar cannot read an entity's id.
@@ -46,7 +48,7 @@ entity Workload = {
   "spiffe_id": String,
   "tier": String,               // "hardware" or "static-secret": how its node proved itself
   "selectors": Set<String>,     // what attestation derived from the process, e.g. "unix:uid:1000"
-  "uid": Long,
+  "uid"?: Long,                 // the process's uid (absent where the evaluator cannot see the process)
   "entry_id": String,
   "lineage_depth": Long,        // how many holders of an identity are above it among its ancestors
   "parent"?: String,            // the SPIFFE ID its nearest such ancestor holds

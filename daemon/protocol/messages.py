@@ -6,8 +6,11 @@ Agent -> authority:
   NonceRequest         asks for a fresh single-use request nonce
   QuotedRequest        any credential request: the exact bytes of a RequestBody plus a TPM quote
                        whose extraData is sha256 of those bytes (§5)
+  KeyAttestRequest     first step of a static-secret node's attestation: its software node key
+  KeyChallengeResponse the node key's signature over the authority's challenge
+  SignedRequest        a static-secret node's credential request: a RequestBody signed by its node key
 Authority -> agent, always inside a SignedReply:
-  Challenge, AttestResult, NonceGrant, CredentialResponse, ErrorReply
+  Challenge, KeyChallenge, AttestResult, NonceGrant, CredentialResponse, ErrorReply
 Authority -> every agent, published (signed, not addressed to one request):
   RevocationDocument   what is revoked, with an increasing version and a next_update (DESIGN §8)
   NodeEvent            "your entries changed": the node syncs at once instead of at its next heartbeat
@@ -33,6 +36,9 @@ __all__ = [
     "IssuedX509Svid",
     "ItemError",
     "JwtSvidRequest",
+    "KeyAttestRequest",
+    "KeyChallenge",
+    "KeyChallengeResponse",
     "NodeEvent",
     "NonceGrant",
     "NonceRequest",
@@ -44,6 +50,7 @@ __all__ = [
     "RevokedEntry",
     "RevokedNode",
     "SignedReply",
+    "SignedRequest",
     "TpmEvidence",
     "X509SvidRequest",
 ]
@@ -88,6 +95,30 @@ class ChallengeResponse:
     node_id: str
     session: str
     quote: TpmEvidence                  # extraData = sha256(server_nonce || activated secret)
+
+
+@message("key_attest_request")
+@dataclass(frozen=True)
+class KeyAttestRequest:
+    """A node without a TPM (the static-secret tier): its node key is a software key on disk."""
+
+    node_id: str                        # derived from node_key_public; the authority checks it
+    node_key_public: bytes              # DER SubjectPublicKeyInfo, ECDSA P-256
+
+
+@message("key_challenge")
+@dataclass(frozen=True)
+class KeyChallenge:
+    nonce: bytes                        # single use; the node key signs it (vouchd.protocol.keyproof)
+    expires_at: int
+
+
+@message("key_challenge_response")
+@dataclass(frozen=True)
+class KeyChallengeResponse:
+    node_id: str
+    nonce: bytes
+    signature: bytes                    # ECDSA P-256 SHA-256 (DER) over the challenge, see keyproof
 
 
 @message("attest_result")
@@ -156,6 +187,14 @@ class QuotedRequest:
     node_id: str
     body: bytes                         # the exact bytes of an encoded RequestBody
     quote: TpmEvidence                  # extraData = sha256(body)
+
+
+@message("signed_request")
+@dataclass(frozen=True)
+class SignedRequest:
+    node_id: str
+    body: bytes                         # the exact bytes of an encoded RequestBody
+    signature: bytes                    # ECDSA P-256 SHA-256 (DER) by the node key over body, see keyproof
 
 
 @dataclass(frozen=True)

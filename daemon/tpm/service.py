@@ -21,17 +21,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar, TypeVarTuple
 
-from tpm2_pytss import TPM2_ALG
+from tpm2_pytss import TPM2_ALG, TSS2_Exception
 
+from vouchd.tpm.capabilities import TpmDescription, describe_tpm
 from vouchd.tpm.device import PCR_COUNT, TpmDevice, connection_lost
 from vouchd.tpm.ek import EK_PROFILES, EkType, parse_ek_type
-from vouchd.tpm.errors import TpmArgumentError, TpmError, TpmUnavailableError
+from vouchd.tpm.errors import TpmArgumentError, TpmError, TpmOperationError, TpmUnavailableError
 from vouchd.tpm.keystore import KeyFiles, StoredKey, ensure_state_dir, read_key, write_key
 from vouchd.tpm.latency import LatencyRecorder
 from vouchd.tpm.templates import KeyRole
 from vouchd.tpm.values import EkInfo, KeyBlob, NodeKeys, TpmQuote
 
-__all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "TpmQuote", "TpmService"]
+__all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "TpmDescription", "TpmQuote", "TpmService"]
 
 _Result = TypeVar("_Result")
 _Args = TypeVarTuple("_Args")
@@ -45,6 +46,8 @@ _PCR_BANKS: dict[str, TPM2_ALG] = {
 }
 _MAX_QUALIFYING_DATA = 64
 _SHA256_SIZE = 32
+# Reads around a quote that disagree mean a PCR was extended meanwhile; a few tries outlast a burst.
+_QUOTE_WITH_VALUES_ATTEMPTS = 3
 
 
 class TpmService:
@@ -204,6 +207,15 @@ class TpmService:
             raise TpmError("tpm service is not started")
         return self._ek
 
+    @property
+    def ak_public(self) -> bytes | None:
+        """The AK's marshaled TPM2B_PUBLIC once ensure_node_keys loaded it, else None."""
+        return None if self._ak is None else self._ak.blob.public
+
+    async def describe(self) -> TpmDescription:
+        """What the TPM says about itself (maker, firmware, algorithms, PCR banks, EK chain indices)."""
+        return await self._on_device("describe", _describe)
+
     def latency_snapshot(self) -> dict[str, dict[str, float]]:
         """Per operation: count, last_ms, p50_ms and p99_ms (recent window), max_ms, all on the TPM thread."""
         return self._latency.snapshot()
@@ -235,6 +247,22 @@ class TpmService:
         data = _qualifying_data(qualifying_data)
         ak, _ = self._require_keys()
         return await self._on_device("quote", TpmDevice.quote, ak, bank_alg, indices, data)
+
+    async def quote_with_pcr_values(self, bank: str, pcrs: Sequence[int],
+                                    qualifying_data: bytes) -> tuple[TpmQuote, dict[int, bytes]]:
+        """A quote as `quote` makes it, and the values of the PCRs it covers, by index in the order asked for.
+
+        For a verifier with no event log to replay the values from (`vouchd tpm quote`, then
+        tpm2_checkquote). The PCRs are read before and after the quote in one turn of the TPM thread;
+        another client of the TPM can still extend one in between (on a real host the kernel measures
+        into PCR 10 at any time), so reads that disagree mean another try, and the caller still checks
+        the values against the quote's digest.
+        """
+        bank_alg = _pcr_bank(bank)
+        indices = _pcr_indices(pcrs)
+        data = _qualifying_data(qualifying_data)
+        ak, _ = self._require_keys()
+        return await self._on_device("quote_with_pcr_values", _quote_with_values, ak, bank_alg, indices, data)
 
     async def certify_node_key(self, qualifying_data: bytes) -> TpmQuote:
         """TPM2_Certify of the node key, signed by the AK with its own scheme."""
@@ -333,6 +361,27 @@ def _ensure_key(device: TpmDevice, state_dir: Path, role: KeyRole) -> StoredKey:
         return stored
     blob, auth_value = device.create_key(role)
     return write_key(files, blob, auth_value)
+
+
+def _describe(device: TpmDevice) -> TpmDescription:
+    # TpmDevice keeps its ESAPI context to itself and has no describe() yet; reaching in here keeps
+    # this read-only query out of device.py until it can move there.
+    try:
+        return describe_tpm(device._esapi)
+    except TSS2_Exception as err:
+        # Chained, so that _with_device still sees a lost connection in __cause__.
+        raise TpmOperationError(f"tpm command GetCapability or NV_Read failed: rc {int(err.rc):#x} ({err})") from err
+
+
+def _quote_with_values(device: TpmDevice, ak: StoredKey, bank: TPM2_ALG, pcrs: tuple[int, ...],
+                       qualifying_data: bytes) -> tuple[TpmQuote, dict[int, bytes]]:
+    for _ in range(_QUOTE_WITH_VALUES_ATTEMPTS):
+        before = device.read_pcrs(bank, pcrs)
+        quote = device.quote(ak, bank, pcrs, qualifying_data)
+        after = device.read_pcrs(bank, pcrs)
+        if before == after:
+            return quote, after
+    raise TpmOperationError(f"the pcrs kept changing while they were quoted ({_QUOTE_WITH_VALUES_ATTEMPTS} tries)")
 
 
 def _pcr_bank(bank: str) -> TPM2_ALG:

@@ -238,6 +238,7 @@ async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
     tmp_path: Path, booted_tpm: BootedTpm, tpm: TpmService, node_keys: NodeKeys
 ) -> None:
     from vouchd.config import parse_config
+    from vouchd.selectors import Selector
     from vouchd.standalone import standalone_entries
 
     config = parse_config(
@@ -251,7 +252,8 @@ async def test_credential_request_bound_to_quote_issues_only_authorized_entries(
     authority = await new_authority(authority_config(tmp_path / "auth", booted_tpm.swtpm), standalone=True)
     try:
         await authority.enrol(ek_hash_of(tpm), "test")
-        await authority.registry.import_entries(standalone_entries(config.entries, ek_hash_of(tpm)))
+        local = Selector("tpm", "ek_hash", ek_hash_of(tpm))
+        await authority.registry.import_entries(standalone_entries(config.entries, local))
         await _issue_and_replay(Exchange(authority, tpm, node_keys, booted_tpm.event_log))
     finally:
         await authority.close()
@@ -304,7 +306,7 @@ async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
     authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm, tmp_path: Path
 ) -> None:
     await authority.enrol(ek_hash_of(tpm), "test")
-    node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
+    node = NodeIdentity.with_tpm(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
                         transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                         initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
     await node.attest()
@@ -320,7 +322,7 @@ async def test_tpm_reset_demands_reattestation_and_node_identity_does_it(
     async with TpmService(booted_tpm.tcti) as rebooted:
         # The agent restarts after the reboot: same key blobs, no nonce, a stale attestation record.
         await rebooted.ensure_node_keys(tmp_path / "agent-tpm")
-        restarted = NodeIdentity(tpm=rebooted, ak_public=node_keys.ak.public,
+        restarted = NodeIdentity.with_tpm(tpm=rebooted, ak_public=node_keys.ak.public,
                                  node_key_public=node_keys.node_key.public,
                                  transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                                  initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
@@ -415,10 +417,42 @@ async def test_replayed_request_is_refused_without_demoting_the_node(exchange: E
 
 
 def _quoted_measurements(event_log: Path) -> list[str]:
+    from vouchd.authority.verifier import quoted_measurements, selection_for
+    from vouchd.evidence import parse_event_log
+
+    return list(quoted_measurements(parse_event_log(event_log.read_bytes()), selection_for("sha256", range(8))))
+
+
+def _unordered_measurements(event_log: Path) -> list[str]:
+    """A profile as an older vouchd stored it: "<pcr>:<bank>:<hex>", no event order."""
     from vouchd.evidence import TpmAlg, parse_event_log
 
     parsed = parse_event_log(event_log.read_bytes())
     return [f"{pcr}:sha256:{digest.hex()}" for pcr, _t, digest in parsed.digests(TpmAlg.SHA256, range(8))]
+
+
+async def test_a_profile_stored_without_event_order_is_stored_again_in_order_when_the_boot_satisfies_it(
+    fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm,
+) -> None:
+    await fleet_authority.enrol(ek_hash_of(tpm), "test")
+    await fleet_authority.store.save_profile("golden", _unordered_measurements(booted_tpm.event_log),
+                                             learned_from="older vouchd", now=time.time())
+
+    await Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log).attest()
+
+    profiles = await fleet_authority.store.profiles()
+    assert profiles == {"golden": frozenset(_quoted_measurements(booted_tpm.event_log))}
+
+
+async def test_a_profile_stored_without_event_order_that_misses_a_measurement_is_refused_with_the_fix(
+    fleet_authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm,
+) -> None:
+    await fleet_authority.enrol(ek_hash_of(tpm), "test")
+    await fleet_authority.store.save_profile("golden", _unordered_measurements(booted_tpm.event_log)[1:],
+                                             learned_from="older vouchd", now=time.time())
+
+    with pytest.raises(RemoteError, match="vouchd node learn --name golden"):
+        await Exchange(fleet_authority, tpm, node_keys, booted_tpm.event_log).attest()
 
 
 async def test_node_learn_accepts_the_current_event_log_as_a_profile(
@@ -458,7 +492,7 @@ async def test_a_failed_node_svid_renewal_shows_in_the_node_status(
                                                      node_svid_ttl=timedelta(seconds=2)), standalone=True)
     try:
         await authority.enrol(ek_hash_of(tpm), "test")
-        node = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
+        node = NodeIdentity.with_tpm(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
                             transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                             initial_bundle=authority.bundle, event_log_path=event_log)
         await node.attest()

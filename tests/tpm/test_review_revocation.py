@@ -83,7 +83,7 @@ class WatchedTransport:
 
 def identity(authority: Authority, tpm: TpmService, keys: NodeKeys, transport: WatchedTransport,
              event_log: Path | None) -> NodeIdentity:
-    return NodeIdentity(tpm=tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
+    return NodeIdentity.with_tpm(tpm=tpm, ak_public=keys.ak.public, node_key_public=keys.node_key.public,
                         transport=transport, trust_domain=TRUST_DOMAIN, initial_bundle=authority.bundle,
                         event_log_path=event_log)
 

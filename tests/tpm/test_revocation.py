@@ -25,7 +25,7 @@ from vouchd.tpm import NodeKeys, TpmService
 
 @pytest.fixture
 async def node(authority: Authority, tpm: TpmService, node_keys: NodeKeys, booted_tpm: BootedTpm) -> NodeIdentity:
-    identity = NodeIdentity(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
+    identity = NodeIdentity.with_tpm(tpm=tpm, ak_public=node_keys.ak.public, node_key_public=node_keys.node_key.public,
                             transport=LocalTransport(authority.handle), trust_domain=TRUST_DOMAIN,
                             initial_bundle=authority.bundle, event_log_path=booted_tpm.event_log)
     await authority.enrol(identity.node_id.rsplit("/", 1)[1], "test")

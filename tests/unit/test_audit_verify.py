@@ -220,7 +220,7 @@ def run_cli(argv: list[str]) -> int:
 def test_verify_without_an_ak_exits_2_and_says_so(log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["audit", "verify", str(log_dir)]) == 2
     out = capsys.readouterr().out
-    assert "anchors    2 (NOT CHECKED: give --ak-public or --state-dir)" in out
+    assert "anchors    2 (NOT CHECKED: give --state-dir, --ak-public or --node-key)" in out
     assert "anchored   10 records, through seq 10; 2 unanchored after it" in out
     assert "result     chain OK; anchors could not be checked without the AK" in out
 

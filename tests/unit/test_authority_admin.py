@@ -338,3 +338,9 @@ async def test_vouchds_own_labels_cannot_be_set_and_survive_a_label_update(admin
     updated = await run(admin, "entry.update", id="a", labels={"team": "payments"})
 
     assert updated["labels"] == {"team": "payments", CONFIG_SOURCE_LABEL[0]: CONFIG_SOURCE_LABEL[1]}
+
+
+async def test_the_policy_switch_labels_under_vouchd_are_the_operators_to_set(admin: AuthorityAdmin) -> None:
+    created = await run(admin, "entry.create", **WEB, labels={"vouchd/static-secret-x509": "allow"})
+
+    assert created["labels"] == {"vouchd/static-secret-x509": "allow"}

@@ -459,7 +459,6 @@ def test_a_zero_entry_ttl_is_refused(source: Path) -> None:
         ("sha256:0-7", "sha256", (0, 1, 2, 3, 4, 5, 6, 7)),
         ("sha256:0,1,2,7", "sha256", (0, 1, 2, 7)),
         ("sha256:7,0", "sha256", (0, 7)),
-        ("sha1:7", "sha1", (7,)),
         ("sha384:0-3,7", "sha384", (0, 1, 2, 3, 7)),
         ("sha512:0-7,3,4-5", "sha512", (0, 1, 2, 3, 4, 5, 6, 7)),
         ("sha256:23", "sha256", (23,)),
@@ -484,6 +483,7 @@ def test_pcr_selection_forms(text: str, bank: str, indices: tuple[int, ...], sou
         ("sha256:-1", f"{PCR_HINT}, got 'sha256:-1'"),
         ("sha256:0-24", "PCR indices must be between 0 and 23"),
         ("sha256:24", "PCR indices must be between 0 and 23"),
+        ("sha1:7", "the sha1 PCR bank is refused: sha1 is collision-broken; use sha256 (e.g. sha256:7), got 'sha1:7'"),
     ],
 )
 def test_bad_pcr_selections_are_refused(text: str, message: str, source: Path) -> None:

@@ -175,7 +175,7 @@ LABEL_PROBLEM = "a node label is KEY:VALUE, e.g. node:label:role:web"
     ("text", "problem"),
     [
         ("tpm:ek_hsh:x", "tpm:ek_hsh is not a node selector (tpm produces: ek_hash, ek_issuer_cn, pcr_profile)"),
-        ("node:labels:a:b", "node:labels is not a node selector (node produces: label, tier)"),
+        ("node:labels:a:b", "node:labels is not a node selector (node produces: key_hash, label, tier)"),
         ("unix:uid:0", "unix:uid is not a node selector (known types: node, tpm)"),
         (f"tpm:ek_hash:{EK_HASH.upper()}", f"tpm:ek_hash:{EK_HASH.upper()}: {EK_HASH_PROBLEM}"),
         (f"tpm:ek_hash:{EK_HASH[:-1]}", f"tpm:ek_hash:{EK_HASH[:-1]}: {EK_HASH_PROBLEM}"),

@@ -225,8 +225,9 @@ def test_without_the_defaults_only_the_operators_policies_apply(tmp_path: Path) 
 
 
 def test_a_directory_stands_for_its_cedar_files_in_name_order(tmp_path: Path) -> None:
-    write(tmp_path / "b.cedar", '@id("b") forbid (principal, action, resource) when { principal.uid == 7 };\n')
-    write(tmp_path / "a.cedar", '@id("a") forbid (principal, action, resource) when { principal.uid == 7 };\n')
+    rule = "forbid (principal, action, resource) when { principal has uid && principal.uid == 7 };\n"
+    write(tmp_path / "b.cedar", '@id("b") ' + rule)
+    write(tmp_path / "a.cedar", '@id("a") ' + rule)
     write(tmp_path / "notes.txt", "not a policy")
     engine = PolicyEngine.load([tmp_path], audiences=AUDIENCES)
     assert [p.policy_id for p in engine.policies][-2:] == ["a", "b"]

@@ -37,6 +37,9 @@ from vouchd.protocol.messages import (
     IssuedX509Svid,
     ItemError,
     JwtSvidRequest,
+    KeyAttestRequest,
+    KeyChallenge,
+    KeyChallengeResponse,
     NodeEvent,
     NonceGrant,
     NonceRequest,
@@ -48,6 +51,7 @@ from vouchd.protocol.messages import (
     RevokedEntry,
     RevokedNode,
     SignedReply,
+    SignedRequest,
     TpmEvidence,
     X509SvidRequest,
 )
@@ -106,6 +110,10 @@ SAMPLES: dict[str, object] = {
         nodes=(RevokedNode(node_id=NODE, reason="stolen", before=1_780_000_000, banned=True),),
     ),
     "node_event": NodeEvent(node_id=NODE, event="entries_changed", issued_at=1_780_000_000),
+    "key_attest_request": KeyAttestRequest(node_id=NODE, node_key_public=b"\x30\x59spki"),
+    "key_challenge": KeyChallenge(nonce=b"\x07" * 32, expires_at=1_780_000_030),
+    "key_challenge_response": KeyChallengeResponse(node_id=NODE, nonce=b"\x07" * 32, signature=b"\x30\x45sig"),
+    "signed_request": SignedRequest(node_id=NODE, body=b"{}", signature=b"\x30\x45sig"),
 }
 # Types that only ever travel inside a message.
 PARTS = {"TpmEvidence", "X509SvidRequest", "IssuedX509Svid", "ItemError", "RevokedEntry", "RevokedNode",

@@ -32,11 +32,18 @@ def entry(name: str, **binding: object) -> Entry:
     ids=["label", "other-ek", "parent"],
 )
 def test_an_entry_bound_to_nodes_keeps_its_binding(bound: Entry) -> None:
-    assert standalone_entries([bound], LOCAL_EK) == [bound]
+    assert standalone_entries([bound], Selector("tpm", "ek_hash", LOCAL_EK)) == [bound]
 
 
 def test_an_entry_that_names_no_node_is_bound_to_the_local_tpm() -> None:
-    (bound,) = standalone_entries([entry("unbound")], LOCAL_EK)
+    (bound,) = standalone_entries([entry("unbound")], Selector("tpm", "ek_hash", LOCAL_EK))
 
     assert bound.node_selectors == frozenset({Selector("tpm", "ek_hash", LOCAL_EK)})
     assert bound.parent is None
+
+
+def test_on_a_host_without_a_tpm_an_entry_that_names_no_node_is_bound_to_the_node_key() -> None:
+    key_hash = "ab" * 32
+    (bound,) = standalone_entries([entry("unbound")], Selector("node", "key_hash", key_hash))
+
+    assert bound.node_selectors == frozenset({Selector("node", "key_hash", key_hash)})
