@@ -39,6 +39,7 @@ from vouchd.protocol.keyproof import (
     sign_with_node_key,
 )
 from vouchd.protocol.messages import (
+    AttestNonceRequest,
     AttestRequest,
     AttestResult,
     Challenge,
@@ -137,7 +138,10 @@ class TpmProver:
         return data
 
     async def attest(self, exchange: Exchange) -> AttestResult:
-        certify_nonce = os.urandom(32)
+        grant = await exchange(ATTEST_TOPIC, AttestNonceRequest(node_id=self._node_id, request_id=os.urandom(16)))
+        if not isinstance(grant, NonceGrant):
+            raise SignatureError(f"authority answered an attestation nonce request with {type(grant).__name__}")
+        certify_nonce = grant.nonce  # the Certify is fresh for the authority, and the request single use
         certify = await self._tpm.certify_node_key(certify_nonce)
         request = AttestRequest(
             node_id=self._node_id, ek_type=self._tpm.ek.ek_type, ek_public=self._tpm.ek.public,

@@ -22,6 +22,7 @@ from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.issuance import NodeView, SvidSigner, ec_public_key
 from vouchd.authority.keys import CaKeeper
+from vouchd.authority.limits import AttestationLimits
 from vouchd.authority.policing import AuthorityPolicy, NodeStanding
 from vouchd.authority.registry import Registry
 from vouchd.authority.revocations import RevocationPublisher
@@ -55,6 +56,7 @@ from vouchd.protocol.keyproof import (
 from vouchd.protocol.messages import (
     MAX_JWT_SVIDS_PER_REQUEST,
     MAX_X509_SVIDS_PER_REQUEST,
+    AttestNonceRequest,
     AttestRequest,
     AttestResult,
     Challenge,
@@ -76,6 +78,7 @@ from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, Publisher
 from vouchd.selectors import selector_set
 from vouchd.spiffe import (
     JwtBundle,
+    SpiffeError,
     SpiffeId,
     TrustDomain,
     TrustTier,
@@ -121,6 +124,7 @@ class Authority:
         self._clock = clock
         self._decisions = decisions
         self._policy = AuthorityPolicy(policy, str(trust_domain.id), clock) if policy is not None else None
+        self._attestation_limits = AttestationLimits(clock)
         self._signer, self._signer_renew_at = self._mint_signer()
         longest_svid = max(config.x509_svid_max_ttl, config.node_svid_ttl).total_seconds()
         self.revocations = RevocationPublisher(store, self._publish_signed, publisher, clock,
@@ -227,6 +231,8 @@ class Authority:
             message = decode(request)
             node_id = str(getattr(message, "node_id", ""))
             method = type(message).__name__
+            if topic == ATTEST_TOPIC and isinstance(message, AttestNonceRequest):
+                return self._sign(await self._grant_attest_nonce(message.node_id), node_id=node_id, request=request)
             if topic == ATTEST_TOPIC and isinstance(message, AttestRequest):
                 return self._sign(await self._begin(message), node_id=node_id, request=request)
             if topic == ATTEST_TOPIC and isinstance(message, ChallengeResponse):
@@ -273,6 +279,11 @@ class Authority:
         node_id = str(node_spiffe_id(self._trust_domain, ek_hex))
         if request.node_id != node_id:
             raise RefusalError("bad_request", "node id is not derived from the presented EK")
+        self._check_attestation_rate(node_id)
+        # The authority's nonce, spent before anything else changes: a captured request replayed
+        # cannot replace this node's attestation in progress, nor make the authority verify it again.
+        if not await self._store.consume_nonce(node_id, request.certify_nonce, now=self._clock.now()):
+            raise RefusalError("nonce", "attestation nonce is unknown, already used or expired; ask for a new one")
         if await self._store.is_banned(node_id):
             raise RefusalError("banned", "node is banned")
         known = await self._store.node(node_id)
@@ -382,6 +393,7 @@ class Authority:
     # -- node attestation, static-secret tier ---------------------------------------------------
     async def _begin_key(self, request: KeyAttestRequest) -> KeyChallenge:
         node_id = request.node_id
+        self._check_attestation_rate(node_id)
         enrolled = self._enrolled_node_keys.get(node_id)
         if enrolled is None:
             raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
@@ -427,6 +439,24 @@ class Authority:
                             selectors=selectors, tier=TrustTier.STATIC_SECRET.value, nonce=nonce,
                             nonce_expires_at=int(expires), revocations=revocations.signed,
                             jwt_bundle=self.jwt_bundle().to_jwks())
+
+    def _check_attestation_rate(self, node_id: str) -> None:
+        refusal = self._attestation_limits.refusal(node_id)
+        if refusal is not None:
+            raise RefusalError("busy", refusal)
+
+    async def _grant_attest_nonce(self, node_id: str) -> NonceGrant:
+        """A nonce for the next AttestRequest: anyone may ask, so only within the rate limits."""
+        try:
+            SpiffeId.parse(node_id)
+        except SpiffeError:
+            raise RefusalError("bad_request", "node id is not a SPIFFE ID") from None
+        self._check_attestation_rate(node_id)
+        if await self._store.is_banned(node_id):
+            raise RefusalError("banned", "node is banned")
+        nonce, expires = await self._new_nonce(node_id)
+        return NonceGrant(nonce=nonce, expires_at=int(expires), pcr_bank=self._config.pcr_bank,
+                          pcr_indices=tuple(self._config.pcr_indices))
 
     # -- requests ----------------------------------------------------------------------------
     async def _new_nonce(self, node_id: str) -> tuple[bytes, float]:

@@ -1,6 +1,7 @@
 """Agent <-> authority messages, version 1 (docs/protocol.md describes them for operators).
 
 Agent -> authority:
+  AttestNonceRequest   asks for the single-use nonce an AttestRequest must carry
   AttestRequest        first step of node attestation (DESIGN §4.1)
   ChallengeResponse    the quote answering a Challenge (§4.3)
   NonceRequest         asks for a fresh single-use request nonce
@@ -26,6 +27,7 @@ from vouchd.protocol.codec import message
 __all__ = [
     "MAX_JWT_SVIDS_PER_REQUEST",
     "MAX_X509_SVIDS_PER_REQUEST",
+    "AttestNonceRequest",
     "AttestRequest",
     "AttestResult",
     "Challenge",
@@ -64,6 +66,15 @@ class TpmEvidence:
     signature: bytes
 
 
+@message("attest_nonce_request")
+@dataclass(frozen=True)
+class AttestNonceRequest:
+    """Answered with a NonceGrant: the nonce the next AttestRequest of this node must carry."""
+
+    node_id: str
+    request_id: bytes                   # random: makes each request, and so its signed reply, unique
+
+
 @message("attest_request")
 @dataclass(frozen=True)
 class AttestRequest:
@@ -74,7 +85,8 @@ class AttestRequest:
     ak_public: bytes                    # TPM2B_PUBLIC
     node_key_public: bytes              # TPM2B_PUBLIC
     node_key_certify: TpmEvidence       # TPM2_Certify(node key) by the AK
-    certify_nonce: bytes                # the agent's fresh qualifying data for that Certify
+    certify_nonce: bytes                # the authority's single-use attestation nonce: the Certify's qualifying
+                                        # data, so a captured request cannot be replayed (it is spent)
     event_log: bytes | None             # TCG2 event log, None when the host has none
 
 

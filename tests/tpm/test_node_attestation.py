@@ -30,11 +30,13 @@ from vouchd.evidence import ObjectAttributes, TpmPublic, make_credential
 from vouchd.protocol.codec import encode
 from vouchd.protocol.errors import RemoteError
 from vouchd.protocol.messages import (
+    AttestNonceRequest,
     AttestRequest,
     AttestResult,
     Challenge,
     ChallengeResponse,
     CredentialResponse,
+    NonceGrant,
     QuotedRequest,
     RequestBody,
     TpmEvidence,
@@ -67,8 +69,13 @@ class Exchange:
         reply = await self.authority.handle(topic, request)
         return self.verifier.open(reply, node_id=self.node_id, request=request)
 
+    async def attest_nonce(self) -> bytes:
+        grant = await self.call(ATTEST_TOPIC, AttestNonceRequest(node_id=self.node_id, request_id=os.urandom(16)))
+        assert isinstance(grant, NonceGrant)
+        return grant.nonce
+
     async def attest_request(self, **changes: object) -> AttestRequest:
-        nonce = os.urandom(32)
+        nonce = await self.attest_nonce()
         certify = await self.tpm.certify_node_key(nonce)
         fields: dict[str, object] = {
             "node_id": self.node_id, "ek_type": "rsa2048", "ek_public": self.tpm.ek.public,
@@ -212,13 +219,36 @@ async def test_ak_without_fixed_tpm_attribute_is_refused(exchange: Exchange) -> 
 
 
 async def test_certify_by_the_ak_must_name_the_presented_node_key(exchange: Exchange) -> None:
-    nonce = os.urandom(32)
-    certify = await exchange.tpm.certify_node_key(nonce)
-    request = await exchange.attest_request(certify_nonce=os.urandom(32),
+    certify = await exchange.tpm.certify_node_key(os.urandom(32))  # not over the authority's nonce
+    request = await exchange.attest_request(certify_nonce=await exchange.attest_nonce(),
                                             node_key_certify=TpmEvidence(certify.attest, certify.signature))
     with pytest.raises(RemoteError) as refused:
         await exchange.challenge(request)
     assert refused.value.code == "bad_evidence"
+
+
+async def test_an_attestation_request_without_the_authoritys_nonce_is_refused(exchange: Exchange) -> None:
+    nonce = os.urandom(32)  # the agent's own choice, as before the authority chose it
+    certify = await exchange.tpm.certify_node_key(nonce)
+    request = await exchange.attest_request(certify_nonce=nonce,
+                                            node_key_certify=TpmEvidence(certify.attest, certify.signature))
+    with pytest.raises(RemoteError) as refused:
+        await exchange.challenge(request)
+    assert refused.value.code == "nonce"
+
+
+async def test_a_replayed_attestation_request_does_not_replace_the_attestation_in_progress(
+        exchange: Exchange) -> None:
+    request = await exchange.attest_request()
+    challenge = await exchange.challenge(request)
+
+    with pytest.raises(RemoteError) as replayed:
+        await exchange.challenge(request)
+    assert replayed.value.code == "nonce"
+
+    secret = await exchange.tpm.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+    result = await exchange.answer(challenge, hashlib.sha256(challenge.server_nonce + secret).digest())
+    assert isinstance(result, AttestResult), "the genuine session survived the replay"
 
 
 async def test_event_log_that_does_not_replay_to_the_quote_is_refused(exchange: Exchange) -> None:

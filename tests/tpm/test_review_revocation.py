@@ -46,10 +46,12 @@ from vouchd.protocol.codec import decode, encode
 from vouchd.protocol.errors import RemoteError, SignatureError
 from vouchd.protocol.identities import authority_spiffe_id
 from vouchd.protocol.messages import (
+    AttestNonceRequest,
     AttestRequest,
     Challenge,
     ChallengeResponse,
     NodeEvent,
+    NonceGrant,
     TpmEvidence,
     X509SvidRequest,
 )
@@ -150,7 +152,7 @@ async def test_a_banned_node_is_refused_at_its_first_step_and_gets_no_challenge(
         await fresh_node.attest()
 
     assert refused.value.code == "banned"
-    assert transport.sent == ["AttestRequest"], "no challenge was handed out to answer"
+    assert transport.sent == ["AttestNonceRequest"], "not even a nonce, let alone a challenge, was handed out"
     assert await authority.store.node(fresh_node.node_id) is None
 
 
@@ -165,7 +167,7 @@ async def test_a_node_banned_while_it_answers_its_challenge_is_not_trusted(
         await fresh_node.attest()
 
     assert refused.value.code == "banned"
-    assert transport.sent == ["AttestRequest", "ChallengeResponse"]
+    assert transport.sent == ["AttestNonceRequest", "AttestRequest", "ChallengeResponse"]
     assert await authority.store.node(fresh_node.node_id) is None, "no trusted record, no node SVID"
 
 
@@ -173,7 +175,11 @@ async def test_a_challenge_response_naming_another_node_than_its_session_is_refu
         authority: Authority, fresh_node: NodeIdentity, tpm: TpmService, node_keys: NodeKeys,
         booted_tpm: BootedTpm) -> None:
     # The exchange by hand: the agent would never send this.
-    certify_nonce = bytes(32)
+    grant = ReplyVerifier(TRUST_DOMAIN, authority.bundle).open(
+        await authority.handle(ATTEST_TOPIC, nonce_request := encode(AttestNonceRequest(fresh_node.node_id, b"r"))),
+        node_id=fresh_node.node_id, request=nonce_request)
+    assert isinstance(grant, NonceGrant)
+    certify_nonce = grant.nonce
     certify = await tpm.certify_node_key(certify_nonce)
     request = encode(AttestRequest(
         node_id=fresh_node.node_id, ek_type=tpm.ek.ek_type, ek_public=tpm.ek.public, ek_certificate=tpm.ek.certificate,

@@ -27,6 +27,7 @@ from vouchd.protocol.codec import MAX_MESSAGE_BYTES, canonical_json, decode, dec
 from vouchd.protocol.errors import MessageError, ProtocolError, RemoteError, SignatureError
 from vouchd.protocol.identities import authority_spiffe_id
 from vouchd.protocol.messages import (
+    AttestNonceRequest,
     AttestRequest,
     AttestResult,
     Challenge,
@@ -110,6 +111,7 @@ SAMPLES: dict[str, object] = {
         nodes=(RevokedNode(node_id=NODE, reason="stolen", before=1_780_000_000, banned=True),),
     ),
     "node_event": NodeEvent(node_id=NODE, event="entries_changed", issued_at=1_780_000_000),
+    "attest_nonce_request": AttestNonceRequest(node_id=NODE, request_id=b"\x05" * 16),
     "key_attest_request": KeyAttestRequest(node_id=NODE, node_key_public=b"\x30\x59spki"),
     "key_challenge": KeyChallenge(nonce=b"\x07" * 32, expires_at=1_780_000_030),
     "key_challenge_response": KeyChallengeResponse(node_id=NODE, nonce=b"\x07" * 32, signature=b"\x30\x45sig"),
