@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import pwd
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vouchd.errors import VouchdError
 
-__all__ = ["DEFAULT_ADMIN_SOCKET", "add_admin_commands", "admin_socket", "call_admin"]
+__all__ = ["DEFAULT_ADMIN_SOCKET", "add_admin_commands", "admin_socket", "call_admin", "caller_not_allowed",
+           "request_admin"]
 
 DEFAULT_ADMIN_SOCKET = "/run/vouchd/admin.sock"
 
@@ -28,18 +34,82 @@ def admin_socket(args: argparse.Namespace) -> Path:
 
 def call_admin(args: argparse.Namespace, command: str, arguments: dict[str, Any] | None = None) -> Any:
     """Send one command to the daemon's admin socket; VouchdError with the daemon's words if it refuses."""
-    from vouchd.agent.admin import AdminClientError, admin_request
+    from vouchd.agent.admin import AdminClientError, AdminSocketError
 
     path = admin_socket(args)
     try:
         # Longer than the standalone bus waits for the local agent (10 s): a slow agent must not make a
         # stored change look like a failed one.
-        return asyncio.run(admin_request(path, command, arguments, timeout=30.0))
-    except AdminClientError as err:
-        raise VouchdError(str(err)) from None
-    except (OSError, TimeoutError, ValueError) as err:
+        return request_admin(path, command, arguments, timeout=30.0)
+    except (OSError, ValueError, AdminSocketError) as err:
+        not_allowed = caller_not_allowed(path, err)
+        if not_allowed is not None:
+            raise not_allowed from None
+        if isinstance(err, AdminSocketError):
+            raise VouchdError(str(err)) from None
         raise VouchdError(f"cannot reach the admin socket {path}: {err} "
                           "(is the daemon running? set VOUCHD_ADMIN_SOCKET or pass --admin-socket)") from None
+    except AdminClientError as err:
+        raise VouchdError(str(err)) from None
+
+
+def request_admin(path: Path, command: str, arguments: dict[str, Any] | None = None, *, timeout: float) -> Any:
+    """admin_request, run to its end, with SIGPIPE ignored meanwhile: a request written to a connection the
+    daemon closed unanswered must fail as EPIPE, not end the command (main() lets SIGPIPE end it)."""
+    from vouchd.agent.admin import admin_request
+
+    with _sigpipe_ignored():
+        return asyncio.run(admin_request(path, command, arguments, timeout=timeout))
+
+
+@contextlib.contextmanager
+def _sigpipe_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler; a command run elsewhere (tests) keeps Python's: ignored
+        return
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGPIPE, previous)
+
+
+def caller_not_allowed(path: Path, err: BaseException) -> VouchdError | None:
+    """The error to show when the admin socket turned this command away for its uid, else None.
+
+    Only root and the daemon's user may ask: the socket is 0600 and owned by the daemon's user, so
+    anyone else's connect() fails with EACCES, and should the mode be widened the daemon closes the
+    connection unanswered (an empty reply, or EPIPE / ECONNRESET while the request is sent).
+    """
+    from vouchd.agent.admin import AdminSocketError
+
+    uid = os.geteuid()
+    if uid == 0 or isinstance(err, ConnectionRefusedError):  # refused: nobody serves there
+        return None
+    if not isinstance(err, PermissionError | ConnectionError | AdminSocketError):
+        return None
+    try:
+        owner: int | None = path.stat().st_uid
+    except PermissionError:
+        owner = None  # a folder on the way is closed to this uid: turned away as well
+    except OSError:
+        return None
+    if owner == uid:
+        return None  # the daemon's own user: something else went wrong
+    agent_user = _user_name(owner) if owner is not None else None
+    named = f" ({agent_user})" if agent_user else ""
+    also = f" or as {agent_user}" if agent_user and owner != 0 else ""
+    me = _user_name(uid)
+    return VouchdError(f"only root or the agent's user{named} may ask the agent through its admin socket {path}; "
+                       f"this command runs as uid {uid}{f' ({me})' if me else ''}: run it with sudo{also}")
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def _print_json(value: object) -> None:

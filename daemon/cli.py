@@ -20,6 +20,7 @@ from vouchd.apicli import add_api_commands
 from vouchd.auditcli import add_audit_commands
 from vouchd.errors import VouchdError
 from vouchd.explaincli import add_explain_command
+from vouchd.tokencli import add_token_commands
 from vouchd.tpmcli import add_tpm_commands
 
 __all__ = ["main"]
@@ -96,12 +97,16 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 
 
 def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
-    from vouchd.agent.admin import AdminClientError, AdminSocketError, admin_request
+    from vouchd.admincli import caller_not_allowed, request_admin
+    from vouchd.agent.admin import AdminClientError, AdminSocketError
 
     path = _admin_socket(args)
     try:
-        status = asyncio.run(admin_request(path, "status"))
-    except (OSError, TimeoutError, AdminSocketError) as err:
+        status = request_admin(path, "status", timeout=10.0)
+    except (OSError, AdminSocketError) as err:
+        not_allowed = caller_not_allowed(path, err)
+        if not_allowed is not None:
+            raise not_allowed from None
         raise VouchdError(f"cannot reach the agent's admin socket {path}: {err} "
                           "(is the agent running? set VOUCHD_ADMIN_SOCKET or pass --admin-socket)") from None
     except AdminClientError as err:
@@ -200,14 +205,25 @@ def _profile_name(text: str) -> str:
     return text
 
 
+def _unset_variables_hint(config_path: Path) -> str:
+    """`; the file refers to X, Y, unset here: ...` when the file names unset variables, else ''."""
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    unset = sorted({name for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text) if not os.environ.get(name)})
+    if not unset:
+        return ""
+    return f"; the file refers to {', '.join(unset)}, unset here: set them as the agent has them"
+
+
 def _cmd_node_learn(args: argparse.Namespace) -> int:
     """Accept this host's current event log as a boot profile (after a firmware or kernel update).
 
     As Keylime's reference-state tool does: golden PCR values break on every update, so the
     operator records the measurements of a boot they trust, from the log the agent would send.
     """
-    from vouchd.authority.build import AUTHORITY_DATABASE
-    from vouchd.authority.sqlite import SqliteStore
+    from vouchd.authority.build import AUTHORITY_DATABASE, open_store
     from vouchd.authority.verifier import quoted_measurements, selection_for
     from vouchd.config import load_config
     from vouchd.evidence import EvidenceError, parse_event_log
@@ -216,13 +232,22 @@ def _cmd_node_learn(args: argparse.Namespace) -> int:
     if config.agent is None or config.authority is None:
         raise VouchdError(f"{config.source}: `node learn` works on a standalone configuration "
                           "(agent and authority sections)")
+    # Only the database of an authority that has run: a path resolved without the agent's environment
+    # (its ${VOUCHD_*} variables) names another folder, and an empty database there would be silent.
+    authority = config.authority
+    database = authority.state_dir / AUTHORITY_DATABASE
+    if authority.store.kind == "sqlite" and not database.is_file():
+        raise VouchdError(f"{database}: no authority database (authority.state_dir of {config.source}); "
+                          "`node learn` adds to the database of the authority the agent runs and never creates "
+                          f"one{_unset_variables_hint(config.source)}")
     log_path = config.agent.event_log_path
     if log_path is None:
         raise VouchdError(f"{config.source}: agent.event_log is not set: there is no event log to learn")
     try:
         event_log = parse_event_log(log_path.read_bytes())
     except OSError as err:
-        raise VouchdError(f"{log_path}: cannot read the event log: {err.strerror}") from None
+        raise VouchdError(f"{log_path}: cannot read the event log (agent.event_log of {config.source}): "
+                          f"{err.strerror}{_unset_variables_hint(config.source)}") from None
     except EvidenceError as err:
         raise VouchdError(f"{log_path}: {err}") from None
     selection = selection_for(config.authority.pcr_bank, config.authority.pcr_indices)
@@ -231,8 +256,7 @@ def _cmd_node_learn(args: argparse.Namespace) -> int:
     except EvidenceError as err:
         raise VouchdError(f"{log_path}: {err}") from None
     async def save() -> None:
-        assert config.authority is not None
-        store = await SqliteStore.open(config.authority.state_dir / AUTHORITY_DATABASE)
+        store = await open_store(authority)  # the authority's own: SQLite, or its PostgreSQL
         try:
             await store.save_profile(args.name, list(measurements), learned_from=f"vouchd node learn ({log_path})",
                                      now=time.time())
@@ -293,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_command(commands, DEFAULT_ADMIN_SOCKET)
     add_audit_commands(commands)
     add_tpm_commands(commands, DEFAULT_ADMIN_SOCKET)
+    add_token_commands(commands, DEFAULT_ADMIN_SOCKET)
 
     dev = commands.add_parser("dev", help="development aids for software TPMs")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="SUBCOMMAND")

@@ -15,6 +15,7 @@ An entry that could never match is refused here rather than ignored at run time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -40,7 +41,11 @@ __all__ = [
     "Config",
     "EkType",
     "EnrolmentMode",
+    "MetricsConfig",
     "PolicyConfig",
+    "SavedStateConfig",
+    "StoreConfig",
+    "StoreKind",
     "TpmConfig",
     "format_duration",
     "load_config",
@@ -60,6 +65,10 @@ class TpmConfig:
     # How long the TPM may stay unreachable before the agent exits non-zero (so that systemd's
     # Restart=on-failure takes over); meanwhile it serves what it holds and issues nothing.
     unreachable_limit: timedelta = timedelta(seconds=60)
+    # Files holding the endorsement and owner hierarchy authorizations (vouchd.tpm.hierarchies), read
+    # by the agent at start; None: the empty authorization a TPM ships with.
+    endorsement_auth_file: Path | None = None
+    owner_auth_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,23 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (docs/operations.md#metrics): off unless `listen` is given; loopback only."""
+
+    listen: tuple[str, int] | None = None                   # (loopback IP address, port)
+
+
+@dataclass(frozen=True)
+class SavedStateConfig:
+    """What the agent keeps across a restart (agent/savedstate.py), sealed to the boot's PCRs."""
+
+    enabled: bool = True
+    # PCRs of the attested bank to seal to besides those the node attests with (e.g. 8 and 9, where
+    # a boot loader measures the kernel and its command line).
+    extra_pcrs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
     socket_path: Path
@@ -97,6 +123,23 @@ class AgentConfig:
     # <state_dir>/node; its workloads get only what that tier allows (docs/design.md §4.5). Never
     # chosen on the agent's own: a TPM that fails must not quietly lower the node's tier.
     tier: TrustTier = TrustTier.HARDWARE
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # static-secret tier, fleet mode: a root-only file holding the join token the node key joins with
+    join_token_file: Path | None = None
+    saved_state: SavedStateConfig = field(default_factory=SavedStateConfig)
+
+
+StoreKind = Literal["sqlite", "postgres"]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the authority keeps its state (`authority.store`): SQLite, authority.db in its state_dir;
+    or PostgreSQL, one database that several authority replicas share, whose connection string is
+    read at start from `dsn_file` (it holds a password: a file only its owner may read)."""
+
+    kind: StoreKind = "sqlite"
+    dsn_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +158,7 @@ class AuthorityConfig:
     x509_svid_max_ttl: timedelta
     jwt_svid_ttl: timedelta = timedelta(minutes=5)
     jwt_svid_max_ttl: timedelta = timedelta(hours=1)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 @dataclass(frozen=True)
@@ -131,13 +175,17 @@ class Config:
 # misspelt key ("selector:") is reported as such, not as the required key it was meant to be.
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
 _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tier", "tpm", "event_log", "workload_attestors",
-               "attestation_deadline", "attestation_interval", "audit", "policy")
-_TPM_KEYS = ("tcti", "ek", "unreachable_limit")
+               "attestation_deadline", "attestation_interval", "audit", "policy", "metrics", "saved_state",
+               "join_token_file")
+_SAVED_STATE_KEYS = ("enabled", "extra_pcrs")
+_TPM_KEYS = ("tcti", "ek", "unreachable_limit", "endorsement_auth_file", "owner_auth_file")
 _AUDIT_KEYS = ("dir", "anchor_every", "anchor_interval", "max_file_bytes")
 _POLICY_KEYS = ("files", "include_defaults", "audiences")
+_METRICS_KEYS = ("listen",)
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
-                   "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl")
+                   "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl", "store")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
+_STORE_KEYS = ("kind", "dsn_file")
 _ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "jwt_ttl",
                "dns_names", "hint", "labels")
 
@@ -184,7 +232,9 @@ def _parse_pcrs(section: ConfigSection, key: str, default: str) -> tuple[str, tu
 def _parse_tpm(section: ConfigSection) -> TpmConfig:
     tcti = section.string("tcti", "device:/dev/tpmrm0")
     ek = cast(EkType, section.choice("ek", get_args(EkType), "rsa2048"))
-    return TpmConfig(tcti=tcti, ek=ek, unreachable_limit=section.duration("unreachable_limit", "60s"))
+    return TpmConfig(tcti=tcti, ek=ek, unreachable_limit=section.duration("unreachable_limit", "60s"),
+                     endorsement_auth_file=section.optional_path("endorsement_auth_file"),
+                     owner_auth_file=section.optional_path("owner_auth_file"))
 
 
 def _parse_agent(section: ConfigSection) -> AgentConfig:
@@ -201,8 +251,44 @@ def _parse_agent(section: ConfigSection) -> AgentConfig:
         audit=_parse_audit(section.section("audit", _AUDIT_KEYS), state_dir),
         policy=_parse_policy(section.section("policy", _POLICY_KEYS)),
         tier=TrustTier(section.choice("tier", tuple(tier.value for tier in TrustTier), TrustTier.HARDWARE.value)),
+        metrics=(_parse_metrics(section.section("metrics", _METRICS_KEYS)) if section.has("metrics")
+                 else MetricsConfig()),
+        saved_state=_parse_saved_state(section.section("saved_state", _SAVED_STATE_KEYS)),
+        join_token_file=section.optional_path("join_token_file"),
     )
     return agent
+
+
+def _parse_saved_state(section: ConfigSection) -> SavedStateConfig:
+    raw = section.string_list("extra_pcrs") if section.has("extra_pcrs") else []
+    pcrs = []
+    for text in raw:
+        if not text.isdigit() or not 0 <= int(text) <= 23:
+            raise section.error("extra_pcrs", f"expected PCR indices 0 to 23, got {text[:10]!r}")
+        pcrs.append(int(text))
+    return SavedStateConfig(enabled=section.boolean("enabled", True), extra_pcrs=tuple(sorted(set(pcrs))))
+
+
+def _parse_metrics(section: ConfigSection) -> MetricsConfig:
+    """`listen: "127.0.0.1:9464"` (or `"[::1]:9464"`): an IP literal, as a name could resolve elsewhere."""
+    text = section.string("listen")
+    host, _, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address must be bracketed, or its last group reads as the port
+    try:
+        address = ipaddress.ip_address(host)
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(port_text)
+    except ValueError:
+        raise section.error("listen", f"expected a loopback IP address and a port such as 127.0.0.1:9464 "
+                                      f"or [::1]:9464, got {text[:80]!r}") from None
+    if not address.is_loopback:
+        raise section.error("listen", f"{address} is not a loopback address: metrics are served on this host "
+                                      "only (127.0.0.1 or ::1); let a local Prometheus or a proxy scrape them")
+    return MetricsConfig(listen=(str(address), port))
 
 
 def _parse_policy(section: ConfigSection) -> PolicyConfig:
@@ -252,6 +338,7 @@ def _parse_authority(section: ConfigSection) -> AuthorityConfig:
         x509_svid_max_ttl=section.duration("x509_svid_max_ttl", "24h"),
         jwt_svid_ttl=section.duration("jwt_svid_ttl", "5m"),
         jwt_svid_max_ttl=section.duration("jwt_svid_max_ttl", "1h"),
+        store=_parse_store(section.section("store", _STORE_KEYS)),
     )
     for kind in ("x509", "jwt"):
         ttl, cap = getattr(authority, f"{kind}_svid_ttl"), getattr(authority, f"{kind}_svid_max_ttl")
@@ -259,6 +346,17 @@ def _parse_authority(section: ConfigSection) -> AuthorityConfig:
             raise section.error(f"{kind}_svid_ttl", f"must not exceed {kind}_svid_max_ttl "
                                                     f"({format_duration(ttl)} > {format_duration(cap)})")
     return authority
+
+
+def _parse_store(section: ConfigSection) -> StoreConfig:
+    kind = cast(StoreKind, section.choice("kind", get_args(StoreKind), "sqlite"))
+    dsn_file = section.optional_path("dsn_file")
+    if kind == "postgres" and dsn_file is None:
+        raise section.error("dsn_file", "is required with kind postgres: a file, readable by its owner only, "
+                                        "holding the PostgreSQL connection string")
+    if kind == "sqlite" and dsn_file is not None:
+        raise section.error("dsn_file", "is only for kind postgres (SQLite keeps authority.db in state_dir)")
+    return StoreConfig(kind=kind, dsn_file=dsn_file)
 
 
 def _parse_selectors(section: ConfigSection, key: str, schema: SelectorSchema) -> frozenset[Selector]:

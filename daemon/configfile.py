@@ -221,41 +221,66 @@ def _kind(value: object) -> str:
     )
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAX_KEY_IN_ERROR = 80
+
+
 class _DuplicateKeyError(Exception):
-    def __init__(self, key: object, line: int) -> None:
-        super().__init__(key, line)
-        self.key = key
+    def __init__(self, path: str, first_line: int, line: int) -> None:
+        super().__init__(path, first_line, line)
+        self.path = path
+        self.first_line = first_line
         self.line = line
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader refusing a key given twice in one mapping, which YAML forbids and PyYAML lets the last win.
 
-    Keys merged in with `<<: *anchor` may be overridden: that is what merging is for.
+    The document's nodes are walked before anything is constructed, so the error names the key path
+    (`agent.tpm.tcti`, `entries[2].hint`) and both lines. Keys merged in with `<<: *anchor` may be
+    overridden: that is what merging is for.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in seen:
-                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1)
-                seen.add(key)
-            except TypeError:
-                continue  # an unhashable key: SafeLoader itself refuses it below
-        return super().construct_mapping(node, deep=deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: str, walked: set[int]) -> None:
+        if id(node) in walked:  # an alias: walked where its anchor is (and never in a loop)
+            return
+        walked.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, f"{path}[{index}]", walked)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_lines: dict[Hashable, int] = {}
+        for key_node, value_node in node.value:
+            value_path = path  # what `<<` merges in belongs to this mapping
+            if key_node.tag != _MERGE_TAG and isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node)
+                name = str(key)[:_MAX_KEY_IN_ERROR]
+                value_path = f"{path}.{name}" if path else name
+                line = key_node.start_mark.line + 1
+                if key in first_lines:
+                    raise _DuplicateKeyError(value_path, first_lines[key], line)
+                first_lines[key] = line
+            self._refuse_duplicate_keys(value_node, value_path, walked)
 
 
 def load_yaml(text: str, source: Path) -> object:
-    loader = _UniqueKeyLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)
+    except yaml.reader.ReaderError as err:  # a control character: refused before any parsing
+        raise ConfigError(f"{source}: not valid YAML at character {err.position + 1}: {err.reason}") from None
     try:
         return loader.get_single_data()
     except _DuplicateKeyError as err:
         # The key, never its values: a configuration may hold secrets.
-        raise ConfigError(f"{source}: duplicate key {str(err.key)[:80]!r} at line {err.line}") from None
+        lines = (f"twice at line {err.line}" if err.line == err.first_line
+                 else f"at lines {err.first_line} and {err.line}")
+        raise ConfigError(f"{source}: {err.path}: duplicate key, {lines}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -1,7 +1,9 @@
 """The root of every error vouchd raises on purpose.
 
 Messages are lower-case without a trailing period, name what was wrong, and never carry a key,
-token or secret. Each subpackage derives its own errors from these in its own errors.py.
+token or secret. Every other error derives from these, declared in the errors.py of its package
+where the package has one (spiffe, evidence, tpm, protocol, authority, agent.workload_api,
+attestors), and otherwise beside the code that raises it.
 """
 
 from __future__ import annotations

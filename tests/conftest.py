@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import postgres as postgres_mod
 from tests import swtpm as swtpm_mod
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -33,6 +34,23 @@ def swtpm(swtpm_state: Path) -> Iterator[swtpm_mod.Swtpm]:
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres_mod.PostgresServer]:
+    """A throw-away PostgreSQL cluster for the whole session (tests/postgres.py), stopped by PID at the
+    end. Where PostgreSQL is not installed its tests skip, saying why; under scripts/test, which sets
+    VOUCHD_REQUIRE_POSTGRES=1, they fail instead."""
+    reason = postgres_mod.missing_reason()
+    if reason is not None:
+        if os.environ.get(postgres_mod.REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason} ({postgres_mod.REQUIRE_ENV}=1: scripts/test installs it when run as root)")
+        pytest.skip(reason)
+    server = postgres_mod.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

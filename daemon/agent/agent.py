@@ -24,10 +24,12 @@ from vouchd.agent.admin import AdminCommand, AdminServer, check_admin_socket_pat
 from vouchd.agent.explain import WorkloadExplainer
 from vouchd.agent.holders import IdentityHolders
 from vouchd.agent.jwtsvids import JwtSvidCache
+from vouchd.agent.metrics import serving_metrics
 from vouchd.agent.node import NodeIdentity
 from vouchd.agent.notify import notify, watchdog_interval
 from vouchd.agent.policing import NodeFacts, WorkloadPolicy
-from vouchd.agent.provers import KeyProver, NodeProver, TpmProver, load_or_create_node_key
+from vouchd.agent.provers import KeyProver, NodeProver, TpmProver, join_token_reader, load_or_create_node_key
+from vouchd.agent.savedstate import StateKeeper, saved_state_keeper
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.tpmadmin import tpm_admin_commands
 from vouchd.agent.updates import AuthorityUpdates
@@ -148,6 +150,8 @@ class Agent:
         check_socket_path(self._agent_config.socket_path)
         check_admin_socket_path(self._agent_config.admin_socket_path)
         async with contextlib.AsyncExitStack() as stack:
+            # First: a taken port fails before the TPM is touched, and no decision goes uncounted.
+            await stack.enter_async_context(serving_metrics(self._agent_config.metrics, self._decisions, self.status))
             prover: NodeProver
             if self._agent_config.tier is TrustTier.HARDWARE:
                 tpm = await stack.enter_async_context(self._tpm_service())
@@ -160,7 +164,8 @@ class Agent:
             else:
                 # No TPM: the node key on disk is the node (static-secret tier, docs/design.md §4.5).
                 key = load_or_create_node_key(self._agent_config.state_dir / "node")
-                prover = KeyProver(key, trust_domain=self._config.trust_domain)
+                prover = KeyProver(key, trust_domain=self._config.trust_domain,
+                                   join_token=join_token_reader(self._agent_config.join_token_file))
                 anchors = KeyAnchorSigner(key)
                 local = LocalNode(node_key_public=prover.public_key_der)
             await stack.enter_async_context(self._audit_log(anchors))
@@ -174,10 +179,14 @@ class Agent:
             self._svids = svids
             # Subscribed before attesting: nothing published from here on is missed.
             AuthorityUpdates(node, svids).subscribe(link.events)
-            notify("STATUS=attesting node")
-            await node.attest()
-            await svids.sync_entries()
-            await self._serve(node, svids, attestors, link.admin_commands)
+            keeper = saved_state_keeper(self._agent_config, prover, node, svids, self._tpm, clock=self._clock)
+            # A restart within the same boot serves what it still holds at once and attests meanwhile.
+            restored = keeper is not None and await keeper.restore()
+            if not restored:
+                notify("STATUS=attesting node")
+                await node.attest()
+                await svids.sync_entries()
+            await self._serve(node, svids, attestors, link.admin_commands, keeper=keeper, attest_now=restored)
 
     @contextlib.asynccontextmanager
     async def _audit_log(self, anchors: AnchorSigner) -> AsyncIterator[AuditLog]:
@@ -258,7 +267,9 @@ class Agent:
 
     @contextlib.asynccontextmanager
     async def _tpm_service(self) -> AsyncIterator[TpmService]:
-        tpm = TpmService(self._agent_config.tpm.tcti, ek_type=self._agent_config.tpm.ek)
+        tpm_config = self._agent_config.tpm
+        tpm = TpmService(tpm_config.tcti, ek_type=tpm_config.ek, endorsement_auth_file=tpm_config.endorsement_auth_file,
+                         owner_auth_file=tpm_config.owner_auth_file)
         await tpm.start()
         self._tpm = tpm
         try:
@@ -267,7 +278,10 @@ class Agent:
             await tpm.close()
 
     async def _serve(self, node: NodeIdentity, svids: SvidManager, attestors: list[WorkloadAttestor],
-                     admin_commands: Mapping[str, AdminCommand]) -> None:
+                     admin_commands: Mapping[str, AdminCommand], *, keeper: StateKeeper | None = None,
+                     attest_now: bool = False) -> None:
+        """Serve until cancelled. `attest_now`: the node serves a saved state and has not attested
+        yet: the heartbeat's first beat (which attests) runs at once, not after an interval."""
         jwt_svids = JwtSvidCache(node, svids, self._config.trust_domain, clock=self._clock)
         policy = None
         if self._policy_engine is not None:
@@ -301,7 +315,9 @@ class Agent:
                                                       "node_id": node.node_id})
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(svids.run(), name="svid-issuance")
-                    tasks.create_task(self._heartbeat(node, svids), name="heartbeat")
+                    tasks.create_task(self._heartbeat(node, svids, beat_now=attest_now), name="heartbeat")
+                    if keeper is not None:
+                        tasks.create_task(keeper.run(), name="saved-state")
                     if self._tpm is not None:
                         tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
                     interval = watchdog_interval()
@@ -375,12 +391,15 @@ class Agent:
             except Exception as err:  # the heartbeat tries again
                 log.warning("entry sync after the tpm came back failed", extra={"reason": str(err)})
 
-    async def _heartbeat(self, node: NodeIdentity, svids: SvidManager) -> None:
+    async def _heartbeat(self, node: NodeIdentity, svids: SvidManager, *, beat_now: bool = False) -> None:
         """Continuous attestation (DESIGN §4.5): a quote-bound entry sync every interval, and a full
-        attestation, which renews the node SVID, once half of that SVID's lifetime has passed."""
+        attestation, which renews the node SVID, once half of that SVID's lifetime has passed (or at
+        once, for a node that has not attested since it started)."""
         interval = self._agent_config.attestation_interval.total_seconds()
         while True:
-            await asyncio.sleep(interval)
+            if not beat_now:
+                await asyncio.sleep(interval)
+            beat_now = False
             tpm_problem = self._tpm_problem()
             if tpm_problem is not None:  # nothing can be quoted; the TPM monitor reports and recovers
                 notify(f"STATUS={tpm_problem}")

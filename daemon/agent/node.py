@@ -98,6 +98,7 @@ class NodeIdentity:
         self._nonce_expires = 0.0
         self._status: NodeStatus | None = None
         self._revocations: RevocationDocument | None = None
+        self._revocations_signed: bytes | None = None
         # DESIGN §5: one request in flight per node; callers queue here and the SVID manager batches.
         self._in_flight = asyncio.Lock()
 
@@ -125,6 +126,23 @@ class NodeIdentity:
         self._bundle = X509Bundle.from_der(self._trust_domain, der)
         self._bundle_der = der
 
+    def restore(self, *, bundle: bytes, jwt_bundle: bytes, revocations: bytes | None) -> None:
+        """Take the bundles and revocation document of a saved state, before attesting. The document
+        is verified again against the restored bundle; one that does not verify is left out (the
+        first exchange with the authority brings the current one)."""
+        self._accept_bundle(bundle)
+        self._jwt_bundle = jwt_bundle
+        if revocations is not None:
+            try:
+                self.accept_revocations(revocations)
+            except SignatureError as err:
+                log.warning("saved revocation document does not verify; waiting for the authority's",
+                            extra={"reason": str(err)})
+
+    def revocations_signed(self) -> bytes | None:
+        """The revocation document this node holds, as the authority signed it (for the saved state)."""
+        return self._revocations_signed
+
     @property
     def status(self) -> NodeStatus | None:
         return self._status
@@ -150,6 +168,7 @@ class NodeIdentity:
         if held is not None and document.version == held.version:
             return None
         self._revocations = document
+        self._revocations_signed = signed
         log.info("revocation document accepted", extra={"version": document.version,
                                                         "next_update": document.next_update})
         return document

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +64,7 @@ __all__ = [
     "NodeProver",
     "NodeTpm",
     "TpmProver",
+    "join_token_reader",
     "load_or_create_node_key",
 ]
 
@@ -166,6 +168,11 @@ class TpmProver:
     def note_grant(self, grant: NonceGrant) -> None:
         self._pcr_bank, self._pcr_indices = grant.pcr_bank, tuple(grant.pcr_indices)
 
+    @property
+    def pcr_selection(self) -> tuple[str, tuple[int, ...]]:
+        """The bank and PCRs the authority has this node quote (empty before it first said)."""
+        return self._pcr_bank, self._pcr_indices
+
     async def prove(self, body: bytes) -> object:
         quote = await self._tpm.quote(self._pcr_bank, self._pcr_indices, hashlib.sha256(body).digest())
         return QuotedRequest(node_id=self._node_id, body=body, quote=TpmEvidence(quote.attest, quote.signature))
@@ -174,7 +181,11 @@ class TpmProver:
 class KeyProver:
     """The static-secret tier: the node key on disk answers the challenge and signs each request."""
 
-    def __init__(self, key: ec.EllipticCurvePrivateKey, *, trust_domain: TrustDomain) -> None:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, *, trust_domain: TrustDomain,
+                 join_token: Callable[[], str | None] = lambda: None) -> None:
+        """`join_token`: reads the token to join with, once the authority says the key is not enrolled
+        (it is single use: sent only then, never again after the key is in)."""
+        self._join_token = join_token
         self._key = key
         self._spki = node_key_spki(key.public_key())
         self._node_id = str(key_node_spiffe_id(trust_domain, node_key_hash(self._spki)))
@@ -189,7 +200,15 @@ class KeyProver:
         return self._spki
 
     async def attest(self, exchange: Exchange) -> AttestResult:
-        challenge = await exchange(ATTEST_TOPIC, KeyAttestRequest(node_id=self._node_id, node_key_public=self._spki))
+        request = KeyAttestRequest(node_id=self._node_id, node_key_public=self._spki)
+        try:
+            challenge = await exchange(ATTEST_TOPIC, request)
+        except RemoteError as err:
+            token = self._join_token() if err.code == "not_enrolled" else None
+            if token is None:
+                raise
+            log.info("node key not enrolled: joining with the join token", extra={"node_id": self._node_id})
+            challenge = await exchange(ATTEST_TOPIC, replace(request, join_token=token))
         if not isinstance(challenge, KeyChallenge):
             raise SignatureError(f"authority answered a key attestation request with {type(challenge).__name__}")
         signature = sign_with_node_key(self._key, CHALLENGE_CONTEXT, challenge.nonce + self._node_id.encode())
@@ -239,3 +258,22 @@ def load_or_create_node_key(directory: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(loaded.curve, ec.SECP256R1):
         raise NodeAttestationError("local", f"{path}: not an ECDSA P-256 key")
     return loaded
+
+
+def join_token_reader(path: Path | None) -> Callable[[], str | None]:
+    """Reads the join token from `path` (root-only, one line) when asked; None when no file is set.
+    A file that cannot be read is an error naming it, never its content."""
+
+    def read() -> str | None:
+        if path is None:
+            return None
+        try:
+            text = read_private(path).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            # InsecureFileError says which mode it found; other OSErrors have their strerror
+            reason = "not ASCII text" if isinstance(err, UnicodeDecodeError) else err.strerror or str(err)
+            raise NodeAttestationError("local", f"{path}: cannot read the join token "
+                                                f"(agent.join_token_file): {reason}") from None
+        return text or None
+
+    return read

@@ -422,6 +422,19 @@ class SvidManager:
         await self._bump()
         return batch.failed
 
+    async def restore(self, entries: Iterable[Entry], svids: Iterable[CachedSvid]) -> None:
+        """Hold what a saved state held (agent/savedstate.py) until the authority's answers replace
+        it: the SVIDs of entries still in it at their revision, less what the node's revocation
+        document (restored with the node identity) revokes."""
+        self._replace_entries(entries)
+        self._svids = {s.entry_id: s for s in svids
+                       if (entry := self._entries.get(s.entry_id)) is not None and entry.revision == s.entry_revision
+                       and str(entry.spiffe_id) == s.spiffe_id}
+        self._apply_revocations()
+        self._drop_orphans()
+        self._bundle_der, self._jwt_bundle = self._source.bundle_der(), self._source.jwt_bundle()
+        await self._bump()
+
     async def sync_entries(self) -> None:
         """Fetch the node's entry set (and any newer revocation document) and apply both as one change."""
         response = await self._source.request(sync_entries=True)

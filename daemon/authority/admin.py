@@ -66,6 +66,8 @@ class AuthorityAdmin:
         self._default_node_selectors = default_node_selectors
 
     def commands(self) -> dict[str, AdminCommand]:
+        from vouchd.authority.tokenadmin import TokenAdmin  # it builds on this module's helpers
+
         return {
             "entry.create": self.entry_create,
             "entry.list": self.entry_list,
@@ -80,6 +82,7 @@ class AuthorityAdmin:
             "profile.list": self.profile_list,
             "profile.remove": self.profile_remove,
             "bundle.show": self.bundle_show,
+            **TokenAdmin(self._authority).commands(),
         }
 
     # -- entries -------------------------------------------------------------------------------

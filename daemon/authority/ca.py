@@ -55,7 +55,7 @@ from vouchd.spiffe import (
     utc_time,
 )
 
-__all__ = ["CertificateAuthority"]
+__all__ = ["CertificateAuthority", "stored_root_certificates"]
 
 _CA_DIR_NAME = "ca"
 _ACTIVE_NAME = "root"
@@ -265,6 +265,19 @@ class CertificateAuthority:
             f"CertificateAuthority(trust_domain={self._trust_domain.name!r}, "
             f"root_serial={self._certificate.serial_number:#x})"
         )
+
+
+def stored_root_certificates(state_dir: Path) -> tuple[x509.Certificate | None, x509.Certificate | None]:
+    """The active and the prepared root's certificates as `state_dir/ca` holds them now, before any step
+    load_or_create would take: None for one that is missing or does not read. No key is read."""
+    layout = _Layout.of(state_dir / _CA_DIR_NAME)
+    found: list[x509.Certificate | None] = []
+    for files in (layout.active, layout.prepared):
+        try:
+            found.append(_parse_certificate(files.certificate, _read_file(files.certificate, private=False)))
+        except CaError:
+            found.append(None)  # load_or_create names what is wrong with it
+    return found[0], found[1]
 
 
 def _due_step(roots: _Roots, ca_ttl: timedelta, now: datetime) -> _Step | None:

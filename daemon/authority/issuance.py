@@ -189,7 +189,7 @@ class SvidSigner:
         errors.append(ItemError(entry_id, code, reason))
         self._decisions.emit(Decision(kind=DecisionKind.DENY, outcome=outcome, at=self._clock.now(),
                                       source="authority", method=method, reason=reason, node=evidence,
-                                      entry_ids=(entry_id,), details=details))
+                                      entry_ids=(entry_id,), details=(("code", code), *details)))
 
     def _denied_by_policy(self, errors: list[ItemError], entry: Entry, verdict: PolicyDecision,
                           evidence: NodeEvidence, *, method: str) -> None:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from vouchd.authority.ca import CertificateAuthority
+from vouchd.authority.ca import CertificateAuthority, stored_root_certificates
 from vouchd.authority.errors import AuthorityError, CaError
 from vouchd.clock import Clock
 from vouchd.securefiles import InsecureFileError, read_private, write_atomically
@@ -41,8 +41,26 @@ class CaKeeper:
         self._trust_domain = trust_domain
         self._ca_ttl = ca_ttl
         self._clock = clock
+        active_before, prepared_before = stored_root_certificates(state_dir)
         self._ca = CertificateAuthority.load_or_create(state_dir, trust_domain, ca_ttl=ca_ttl, now=self._utc_now())
         self._checked_at = clock.monotonic()
+        self._log_start(active_before, prepared_before)
+
+    def _log_start(self, active_before: x509.Certificate | None, prepared_before: x509.Certificate | None) -> None:
+        """What load_or_create did at start, as current() logs what it does later: a root replaced while
+        the authority was down is a change of the trust domain's roots that the log must show."""
+        active = self._ca.certificate
+        if active_before is None:
+            log.info("ca root created", extra={"state_dir": str(self._state_dir), **_root_fields("root", active)})
+        elif active_before != active:
+            expired = active_before.not_valid_after_utc <= self._utc_now()
+            log.info("ca root replaced at start: " + ("the active root had expired" if expired
+                                                      else "its rotation was due"),
+                     extra={"state_dir": str(self._state_dir), **_root_fields("previous_root", active_before),
+                            **_root_fields("root", active)})
+        if self._ca.prepared is not None and self._ca.prepared != prepared_before:
+            log.info("ca root prepared: published in the bundle, signs once agents have it",
+                     extra={"state_dir": str(self._state_dir), "root_serial": serial_hex(self._ca.prepared)})
 
     def _utc_now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.now(), UTC)
@@ -69,11 +87,17 @@ class CaKeeper:
             return self._ca, False
         if self._ca.prepared is not None and self._ca.prepared != previously_prepared:
             log.info("ca root prepared: published in the bundle, signs once agents have it",
-                     extra={"root_serial": serial_hex(self._ca.prepared)})
+                     extra={"state_dir": str(self._state_dir), "root_serial": serial_hex(self._ca.prepared)})
         rotated = self._ca.certificate != previous
         if rotated:
-            log.info("ca rotated", extra={"root_serial": serial_hex(self._ca.certificate)})
+            log.info("ca rotated", extra={"state_dir": str(self._state_dir), **_root_fields("previous_root", previous),
+                                          **_root_fields("root", self._ca.certificate)})
         return self._ca, rotated
+
+
+def _root_fields(prefix: str, certificate: x509.Certificate) -> dict[str, str]:
+    """A root as the log names it: serial and subject, nothing of its key."""
+    return {f"{prefix}_serial": serial_hex(certificate), f"{prefix}_subject": certificate.subject.rfc4514_string()}
 
 
 def load_certificates(paths: Iterable[Path], what: str) -> list[x509.Certificate]:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from vouchd.authority.ca import CertificateAuthority
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.issuance import NodeView, SvidSigner, ec_public_key
+from vouchd.authority.jointokens import parse_join_token, secret_digest
 from vouchd.authority.keys import CaKeeper
 from vouchd.authority.limits import AttestationLimits
 from vouchd.authority.policing import AuthorityPolicy, NodeStanding
@@ -393,20 +394,43 @@ class Authority:
     # -- node attestation, static-secret tier ---------------------------------------------------
     async def _begin_key(self, request: KeyAttestRequest) -> KeyChallenge:
         node_id = request.node_id
-        self._check_attestation_rate(node_id)
-        enrolled = self._enrolled_node_keys.get(node_id)
-        if enrolled is None:
-            raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
-        if request.node_key_public != enrolled:
+        load_node_key_public(request.node_key_public)
+        if node_id != str(key_node_spiffe_id(self._trust_domain, node_key_hash(request.node_key_public))):
             raise RefusalError("bad_request", "node id is not derived from the presented node key")
+        self._check_attestation_rate(node_id)
         if await self._store.is_banned(node_id):
             raise RefusalError("banned", "node is banned")
+        enrolled = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
+        if enrolled is None:
+            await self._join(node_id, request)
+        elif request.node_key_public != enrolled:
+            raise RefusalError("bad_request", "another node key is enrolled under this node id")
         nonce, expires = await self._new_nonce(node_id)
         return KeyChallenge(nonce=nonce, expires_at=int(expires))
 
+    async def _join(self, node_id: str, request: KeyAttestRequest) -> None:
+        """Enrol the presented node key with a join token, spending it (design §4)."""
+        if not request.join_token:
+            raise RefusalError("not_enrolled", "no node key is enrolled under this node id; a host without a TPM "
+                                               "joins with a token (`vouchd token create`)")
+        token_id, secret = parse_join_token(request.join_token)
+        now = self._clock.now()
+        token = await self._store.use_join_token(token_id, secret_digest(secret), node_id, now=now)
+        if token is None:
+            raise RefusalError("not_enrolled", f"join token {token_id} is unknown, used or expired")
+        await self._store.enrol_node_key(node_id, request.node_key_public, f"join token {token_id}", now=now)
+        log.info("node joined with a token", extra={"node_id": node_id, "token_id": token_id,
+                                                    "node_labels": list(token.node_labels)})
+
+    async def _node_key_labels(self, node_id: str) -> tuple[str, ...]:
+        """The node labels of the token a node joined with (none for a key enrolled otherwise)."""
+        if node_id in self._enrolled_node_keys:
+            return ()
+        return next((t.node_labels for t in await self._store.join_tokens() if t.used_by == node_id), ())
+
     async def _complete_key(self, response: KeyChallengeResponse) -> AttestResult:
         node_id = response.node_id
-        spki = self._enrolled_node_keys.get(node_id)
+        spki = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
         if spki is None:
             raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
         now = self._clock.now()
@@ -419,7 +443,9 @@ class Authority:
         if await self._store.is_banned(node_id):
             raise RefusalError("banned", "node is banned")
         key_hash = node_key_hash(spki)
-        selectors = (f"node:key_hash:{key_hash}", f"node:tier:{TrustTier.STATIC_SECRET.value}")
+        labels = tuple(f"node:label:{label}" for label in await self._node_key_labels(node_id))
+        selectors = tuple(sorted((f"node:key_hash:{key_hash}", f"node:tier:{TrustTier.STATIC_SECRET.value}",
+                                  *labels)))
         node_svid = self._current_ca().sign_x509_svid(load_node_key_public(spki), SpiffeId.parse(node_id),
                                                       ttl=self._config.node_svid_ttl, tier=TrustTier.STATIC_SECRET,
                                                       now=self._utc_now())

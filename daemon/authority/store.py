@@ -1,19 +1,22 @@
 """The authority's durable state, behind one async interface (`Store`): its records and errors.
 
 What is kept: enrolled and pending EKs, node records, bans, single-use nonces, answered requests,
-boot (event log) profiles, attestation sessions in progress, registration entries, and the
-revocations that void SVIDs issued before a change.
+boot (event log) profiles, attestation sessions in progress, registration entries, the
+revocations that void SVIDs issued before a change, join tokens (by the hash of their secret) and
+the enrolled keys of nodes without a TPM (the static-secret tier).
 
 Every method is one short transaction: a change and the revocation it implies land together or not
 at all, and the revocation version is bumped in that same transaction. Time is never read here:
 every method that needs it takes `now` (seconds since the epoch) from its caller's clock.
 
-The SQLite implementation is vouchd.authority.sqlite.SqliteStore; the contract every
-implementation meets is tests/unit/test_store_contract.py.
+Two implementations: vouchd.authority.sqlite.SqliteStore (one file, the default) and
+vouchd.authority.postgres.PostgresStore (one database shared by several authority replicas). The
+contract both meet is tests/unit/test_store_contract.py.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +30,7 @@ __all__ = [
     "EntryConflictError",
     "EntryExistsError",
     "EntryNotFoundError",
+    "JoinTokenRecord",
     "NodeRecord",
     "NodeState",
     "PendingNode",
@@ -148,6 +152,27 @@ class SessionRecord:
     secret: bytes = field(repr=False)
     server_nonce: bytes = field(repr=False)
     expires_at: float
+
+
+@dataclass(frozen=True)
+class JoinTokenRecord:
+    """A single-use join token: a host without a TPM joins with it (the static-secret tier).
+
+    Only the sha256 (hex) of its secret is kept, never the secret. `used_at` and `used_by` (the
+    node that joined with it) are None until it is used."""
+
+    token_id: str
+    secret_sha256: str = field(repr=False)
+    node_labels: tuple[str, ...]
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    used_by: str | None = None
+
+    def __post_init__(self) -> None:
+        # A secret passed where its hash belongs would be stored in the clear: refuse it here.
+        if not re.fullmatch(r"[0-9a-f]{64}", self.secret_sha256):
+            raise ValueError(f"join token {self.token_id}: secret_sha256 must be 64 lower-case hex digits")
 
 
 @dataclass(frozen=True)
@@ -288,6 +313,36 @@ class Store(Protocol):
         revocation (not a ban) with before=now and must attest again (state attesting; a banned or
         failed node keeps its state). Returns (revocation version, those node ids sorted), the
         version unchanged when no node had the profile; None when there is no such profile."""
+        ...
+
+    # join tokens (the static-secret tier in fleet mode)
+    async def add_join_token(self, token: JoinTokenRecord) -> None:
+        """Store a new, unused token; a token id in use already is an error."""
+        ...
+
+    async def use_join_token(self, token_id: str, secret_sha256: str, node_id: str, *,
+                             now: float) -> JoinTokenRecord | None:
+        """Use a token: when `token_id` names an unused token whose secret has this sha256 and
+        which has not expired (`now <= expires_at`), record used_at=now and used_by=node_id and
+        return the used token; else None, and nothing changes. Of calls racing for one token, one
+        at most gets it."""
+        ...
+
+    async def join_tokens(self) -> list[JoinTokenRecord]:
+        """Every token, used and expired ones included, by id."""
+        ...
+
+    # node keys (nodes without a TPM are their software key)
+    async def enrol_node_key(self, node_id: str, spki_der: bytes, source: str, *, now: float) -> None:
+        """Enrol the node's key (DER SubjectPublicKeyInfo); enrolling again replaces its key,
+        source and time."""
+        ...
+
+    async def node_key(self, node_id: str) -> bytes | None:
+        ...
+
+    async def remove_node_key(self, node_id: str) -> bool:
+        """Forget the node's key; False when it had none."""
         ...
 
     # attestation sessions

@@ -116,6 +116,7 @@ class KeyAttestRequest:
 
     node_id: str                        # derived from node_key_public; the authority checks it
     node_key_public: bytes              # DER SubjectPublicKeyInfo, ECDSA P-256
+    join_token: str = ""                # "<id>.<secret>", only until the key is enrolled (it is single use)
 
 
 @message("key_challenge")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from vouchd.spiffe.certificates import spki_der
-from vouchd.spiffe.errors import InvalidSvidError, SpiffeError
+from vouchd.spiffe.errors import InvalidBundleError, InvalidSvidError, SpiffeError
 from vouchd.spiffe.ids import SpiffeId, TrustDomain
 
 __all__ = [
@@ -116,9 +116,17 @@ class JwtBundle:
                 x = int.from_bytes(_unb64(jwk["x"], "jwk x"), "big")
                 y = int.from_bytes(_unb64(jwk["y"], "jwk y"), "big")
                 keys[str(jwk["kid"])] = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SpiffeError(f"jwt bundle of {trust_domain} is not a JWKS of P-256 keys: {type(err).__name__}") \
-                from None
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidSvidError) as err:
+            # What kind of thing was wrong, never the document's text (it came from the network).
+            if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+                what = "not JSON"
+            elif isinstance(err, InvalidSvidError):
+                what = "a key coordinate is not base64url"
+            elif isinstance(err, KeyError):
+                what = f"a key has no {err.args[0]!s:.10}" if err.args and isinstance(err.args[0], str) else "no keys"
+            else:
+                what = f"unexpected structure ({type(err).__name__})"
+            raise InvalidBundleError(f"jwt bundle of {trust_domain} is not a JWKS of P-256 keys: {what}") from None
         return cls(trust_domain, keys)
 
 

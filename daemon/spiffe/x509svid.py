@@ -232,6 +232,8 @@ def csr_public_key(csr_der: bytes) -> ec.EllipticCurvePublicKey:
         raise InvalidSvidError(f"csr larger than {_MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_der_x509_csr(csr_der)
+    except x509.InvalidVersion:
+        raise InvalidSvidError("csr has a version other than v1 (0)") from None
     except ValueError as err:
         raise InvalidSvidError("csr is not a der pkcs#10 request") from err
     try:

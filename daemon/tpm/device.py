@@ -3,6 +3,10 @@
 An ESAPI context is not thread-safe: a TpmDevice is created, used and closed on the TPM service's
 single worker thread and nowhere else. Every operation loads what it needs, uses it and flushes it,
 sessions included, because a TPM without a resource manager holds only three transient objects.
+
+Two primaries serve as parents: the EK (endorsement hierarchy) for the AK and the node key, and the
+SRK (owner hierarchy, derived at the first seal or unseal) for sealed data. Each is derived once and
+kept as a saved context; deriving one needs its hierarchy's authorization (vouchd.tpm.hierarchies).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from tpm2_pytss import (
     TPM2_SE,
     TPM2_SU,
     TPM2B_AUTH,
+    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
     TPML_DIGEST,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
@@ -44,9 +50,10 @@ from tpm2_pytss import (
 )
 from tpm2_pytss.utils import NVReadEK, create_ek_template
 
-from vouchd.tpm.capabilities import TpmCapabilities, missing_capabilities
+from vouchd.tpm.capabilities import TpmCapabilities, TpmDescription, describe_tpm, missing_capabilities
 from vouchd.tpm.ek import EkProfile
 from vouchd.tpm.errors import (
+    SealedDataUnavailableError,
     TpmArgumentError,
     TpmCapabilityError,
     TpmError,
@@ -54,20 +61,34 @@ from vouchd.tpm.errors import (
     TpmOperationError,
     TpmUnavailableError,
 )
+from vouchd.tpm.hierarchies import Hierarchy, HierarchyAuths, hierarchy_refusal
 from vouchd.tpm.keystore import AUTH_VALUE_SIZE, StoredKey
-from vouchd.tpm.templates import KeyRole, describe_mismatch, public_template
-from vouchd.tpm.values import EkInfo, KeyBlob, TpmQuote
+from vouchd.tpm.templates import (
+    KeyRole,
+    describe_mismatch,
+    describe_sealed_mismatch,
+    public_template,
+    sealed_object_template,
+    storage_key_template,
+)
+from vouchd.tpm.values import PCR_BANKS, PCR_COUNT, EkInfo, KeyBlob, SealedBlob, TpmQuote, bank_name
 
 __all__ = ["PCR_COUNT", "TpmDevice", "connection_lost"]
 
 _log = logging.getLogger(__name__)
 
-PCR_COUNT = 24
 _PCR_SELECT_BYTES = PCR_COUNT // 8
 _NULL_SCHEME = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
 _AUTH_FAILURES = frozenset({int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)})
 _TPM_CC_FLUSH_CONTEXT = 0x165
+_TPM_CC_POLICY_PCR = 0x17F
 _TPM_ST_NO_SESSIONS = 0x8001
+_RC_POLICY_FAIL = int(TPM2_RC.POLICY_FAIL)
+_RC_PCR_CHANGED = int(TPM2_RC.PCR_CHANGED)
+# Any PCR extended between PolicyPCR and Unseal (on a real host the kernel measures into PCR 10 at any
+# time) makes the TPM refuse the session with PCR_CHANGED; a few tries outlast a burst.
+_UNSEAL_ATTEMPTS = 3
+_SHA256_POLICY_START = bytes(32)
 
 _Marshaled = TypeVar("_Marshaled")
 
@@ -90,6 +111,11 @@ def connection_lost(err: BaseException) -> TSS2_Exception | None:
                 return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _is_tpm_response(err: TSS2_Exception) -> bool:
+    """A response code from the TPM itself, as opposed to the TSS layers around it."""
+    return int(err.rc) & _RC_LAYER_MASK == 0
 
 
 def _raise_if_lost(err: TSS2_Exception) -> None:
@@ -152,22 +178,26 @@ def _trim_der(data: bytes) -> bytes:
 class TpmDevice:
     """One connection to a TPM with vouchd's EK profile. Single-threaded; see the module docstring."""
 
-    def __init__(self, esapi: ESAPI, tcti: str, profile: EkProfile) -> None:
+    def __init__(self, esapi: ESAPI, tcti: str, profile: EkProfile, authorizations: HierarchyAuths) -> None:
         self._esapi = esapi
         self._tcti = tcti
         self._profile = profile
+        self._authorizations = authorizations
         self._ek_template: TPM2B_PUBLIC | None = None
         self._ek_public: bytes = b""
         self._ek_context: object = None
         self._ek_info: EkInfo | None = None
+        self._srk_context: object = None
         # Saved contexts of the AK and the node key, by public area. Reloading one is a single command;
         # loading the key from its blob takes the EK, a policy session and five more commands.
         self._key_contexts: dict[bytes, object] = {}
 
     @classmethod
-    def open(cls, tcti: str, profile: EkProfile, *, pcrs_only: bool = False) -> TpmDevice:
+    def open(cls, tcti: str, profile: EkProfile, *, authorizations: HierarchyAuths | None = None,
+             pcrs_only: bool = False) -> TpmDevice:
         """Connect, clean up after earlier clients, check capabilities and create the EK.
 
+        `authorizations`: of the endorsement and owner hierarchies; empty ones when None.
         `pcrs_only`: connect for PCR reads and extends alone, touching nothing else, as firmware
         measuring a boot would: no flush of what other clients have loaded, no EK.
         """
@@ -175,8 +205,13 @@ class TpmDevice:
             esapi = ESAPI(tcti)
         except TSS2_Exception as err:
             raise TpmUnavailableError(f"cannot connect to the tpm at tcti {tcti!r}: {err}") from err
-        device = cls(esapi, tcti, profile)
+        device = cls(esapi, tcti, profile, authorizations or HierarchyAuths())
         try:
+            for hierarchy in Hierarchy:
+                auth = device._authorizations.of(hierarchy)
+                if auth.value:
+                    # Held by ESAPI and sent in the password session of each command the hierarchy authorizes.
+                    esapi.tr_set_auth(hierarchy.handle, auth.value)
             if pcrs_only:
                 device._start_up_if_needed()
             else:
@@ -308,9 +343,20 @@ class TpmDevice:
         )
 
     def _create_ek_primary(self) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
-        with _command("CreatePrimary"):
+        with self._hierarchy_command("CreatePrimary", Hierarchy.ENDORSEMENT):
             handle, public, *_ = self._esapi.create_primary(None, self._ek_template, ESYS_TR.ENDORSEMENT)
         return handle, public
+
+    @contextmanager
+    def _hierarchy_command(self, name: str, hierarchy: Hierarchy) -> Iterator[None]:
+        """Run `name`, authorized by `hierarchy`; a refusal of that authorization is named with its fix."""
+        try:
+            yield
+        except TSS2_Exception as err:
+            refusal = hierarchy_refusal(self._authorizations.of(hierarchy), err)
+            if refusal is not None:
+                raise refusal from err
+            raise TpmOperationError(f"tpm command {name} failed: {_describe(err)}") from err
 
     def _save_ek(self, handle: ESYS_TR) -> None:
         # Deriving an RSA EK takes up to half a second; a saved context loads in microseconds.
@@ -358,22 +404,48 @@ class TpmDevice:
             yield handle
 
     @contextmanager
+    def _storage_key(self) -> Iterator[ESYS_TR]:
+        """The owner hierarchy's SRK, loaded for one operation. Derived (which needs the owner
+        authorization) at its first use and whenever its saved context no longer loads."""
+        handle: ESYS_TR | None = None
+        if self._srk_context is not None:
+            try:
+                handle = self._esapi.context_load(self._srk_context)
+            except TSS2_Exception as err:
+                _raise_if_lost(err)
+                # A TPM Reset or Restart invalidates saved contexts: derive it again from the owner seed.
+                self._srk_context = None
+        if handle is None:
+            with self._hierarchy_command("CreatePrimary", Hierarchy.OWNER):
+                handle, *_ = self._esapi.create_primary(None, storage_key_template(), ESYS_TR.OWNER)
+            with _command("ContextSave"):
+                try:
+                    self._srk_context = self._esapi.context_save(handle)
+                except BaseException:
+                    self._flush_quietly(handle)
+                    raise
+        with self._flushing(handle):
+            yield handle
+
+    @contextmanager
+    def _session(self, kind: TPM2_SE, hash_alg: TPM2_ALG) -> Iterator[ESYS_TR]:
+        """An unbound, unsalted session of `kind`, flushed when done."""
+        with _command("StartAuthSession"):
+            session = self._esapi.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, kind, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), hash_alg
+            )
+        with self._flushing(session):
+            yield session
+
+    @contextmanager
     def _endorsement_policy_session(self) -> Iterator[ESYS_TR]:
         """A session satisfying the EK's authPolicy, good for one authorization.
 
         Low-range EKs have no userWithAuth: using one as a parent or in ActivateCredential goes through
         PolicySecret(TPM_RH_ENDORSEMENT), followed by PolicyOR for the high-range templates.
         """
-        with _command("StartAuthSession"):
-            session = self._esapi.start_auth_session(
-                ESYS_TR.NONE,
-                ESYS_TR.NONE,
-                TPM2_SE.POLICY,
-                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-                self._profile.policy_hash,
-            )
-        with self._flushing(session):
-            with _command("PolicySecret"):
+        with self._session(TPM2_SE.POLICY, self._profile.policy_hash) as session:
+            with self._hierarchy_command("PolicySecret", Hierarchy.ENDORSEMENT):
                 self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)
             if self._profile.policy_or_branches:
                 with _command("PolicyOR"):
@@ -418,8 +490,8 @@ class TpmDevice:
                 if int(err.parameter) in (1, 2):
                     path = key.files.private if int(err.parameter) == 1 else key.files.public
                     raise TpmKeyError(
-                        f"key file {path} does not load in this tpm (made by another tpm, tpm cleared, "
-                        f"or corrupt): {_describe(err)}"
+                        f"key file {path} does not load in this tpm (made by another tpm, under another ek "
+                        f"type than tpm.ek {self._profile.ek_type}, or corrupt): {_describe(err)}"
                     ) from err
                 raise TpmOperationError(f"tpm command Load failed: {_describe(err)}") from err
         return handle
@@ -496,6 +568,71 @@ class TpmDevice:
         with _command("PCR_Extend"):
             self._esapi.pcr_extend(ESYS_TR.PCR0 + index, digests)
 
+    # ------------------------------------------------------------------ sealing
+
+    def seal(self, data: bytes, bank: TPM2_ALG, pcrs: Sequence[int]) -> SealedBlob:
+        """`data` (TpmService checked its size) in a keyed-hash object under the SRK that unseals only
+        while `pcrs` of `bank` hold the values they hold now."""
+        indices = sorted(pcrs)
+        selection = _pcr_selection(bank, indices)
+        # Reading first also refuses a bank the TPM has not allocated: a PolicyPCR over it would
+        # cover no value at all.
+        values = self.read_pcrs(bank, indices)
+        digest = _policy_pcr_digest(selection, [values[index] for index in indices])
+        sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(data)))
+        with self._storage_key() as srk, _command("Create"):
+            private, public, *_ = self._esapi.create(srk, sensitive, sealed_object_template(digest))
+        return SealedBlob(public=public.marshal(), private=private.marshal(), bank=bank_name(bank),
+                          pcrs=tuple(indices))
+
+    def unseal(self, blob: SealedBlob) -> bytes:
+        public, private = _unmarshal_sealed(blob)
+        selection = _pcr_selection(PCR_BANKS[blob.bank], blob.pcrs)
+        with self._storage_key() as srk, self._flushing(self._load_sealed(srk, public, private)) as handle:
+            for _ in range(_UNSEAL_ATTEMPTS):
+                with self._session(TPM2_SE.POLICY, TPM2_ALG.SHA256) as session:
+                    with _command("PolicyPCR"):
+                        # No expected digest: the TPM takes the PCRs' current values into the session.
+                        self._esapi.policy_pcr(session, TPM2B_DIGEST(), selection)
+                    try:
+                        return bytes(self._esapi.unseal(handle, session1=session))
+                    except TSS2_Exception as err:
+                        _raise_if_lost(err)
+                        if not _is_tpm_response(err):
+                            raise TpmOperationError(f"tpm command Unseal failed: {_describe(err)}") from err
+                        if int(err.error) == _RC_POLICY_FAIL:
+                            raise SealedDataUnavailableError(
+                                f"pcrs {_pcr_list(blob.pcrs)} of the {blob.bank} bank differ from when the data "
+                                "was sealed (a pcr was extended since, or the host booted into another state)"
+                            ) from err
+                        if int(err.error) != _RC_PCR_CHANGED:
+                            raise TpmOperationError(f"tpm command Unseal failed: {_describe(err)}") from err
+        raise TpmOperationError(f"pcrs {_pcr_list(blob.pcrs)} of the {blob.bank} bank kept changing while the "
+                                f"data was unsealed ({_UNSEAL_ATTEMPTS} tries)")
+
+    def _load_sealed(self, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
+        try:
+            handle: ESYS_TR = self._esapi.load(srk, private, public)
+        except TSS2_Exception as err:
+            _raise_if_lost(err)
+            if _is_tpm_response(err) and int(err.parameter) in (1, 2):
+                raise SealedDataUnavailableError(
+                    "the sealed data does not load in this tpm: it was sealed by another tpm or before the "
+                    f"tpm was cleared (a new owner seed), or the blob is damaged: {_describe(err)}"
+                ) from err
+            raise TpmOperationError(f"tpm command Load failed: {_describe(err)}") from err
+        return handle
+
+    # ------------------------------------------------------------------ queries
+
+    def describe(self) -> TpmDescription:
+        """What the TPM says about itself (vouchd.tpm.capabilities.describe_tpm)."""
+        try:
+            return describe_tpm(self._esapi)
+        except TSS2_Exception as err:
+            # Chained, so that the service still sees a lost connection in __cause__.
+            raise TpmOperationError(f"tpm command GetCapability or NV_Read failed: {_describe(err)}") from err
+
     def probe(self) -> None:
         """One cheap command, to learn whether the TPM still answers."""
         with _command("GetCapability"):
@@ -511,7 +648,7 @@ class TpmDevice:
             answered = _selected_indices(selection_out, bank)
             if not answered:
                 raise TpmCapabilityError(
-                    f"pcrs {', '.join(map(str, pending))} are not allocated in the {_bank_name(bank)} bank"
+                    f"pcrs {_pcr_list(pending)} are not allocated in the {bank_name(bank)} bank"
                 )
             for index, digest in zip(answered, digests, strict=False):
                 values[index] = bytes(digest)
@@ -519,8 +656,35 @@ class TpmDevice:
         return {index: values[index] for index in pcrs}
 
 
-def _bank_name(bank: TPM2_ALG) -> str:
-    return str(bank).lower()
+def _pcr_list(pcrs: Sequence[int]) -> str:
+    return ", ".join(map(str, pcrs))
+
+
+def _policy_pcr_digest(selection: TPML_PCR_SELECTION, values: Sequence[bytes]) -> bytes:
+    """The policyDigest of a fresh SHA-256 session after PolicyPCR(selection) with the PCRs at `values`
+    (TPM 2.0 Part 3, 23.7): H(0…0 ‖ TPM_CC_PolicyPCR ‖ selection ‖ H(values in selection order)), H being
+    the session's hash whatever the bank. Computed here, not by a trial session: the values were just
+    read (which also proves the bank is allocated), and it costs no session slot."""
+    pcr_digest = hashlib.sha256(b"".join(values)).digest()
+    return hashlib.sha256(
+        _SHA256_POLICY_START + struct.pack(">I", _TPM_CC_POLICY_PCR) + selection.marshal() + pcr_digest
+    ).digest()
+
+
+def _unmarshal_sealed(blob: SealedBlob) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+    try:
+        public, public_size = TPM2B_PUBLIC.unmarshal(blob.public)
+        private, private_size = TPM2B_PRIVATE.unmarshal(blob.private)
+    except (TSS2_Exception, ValueError, TypeError) as err:
+        raise SealedDataUnavailableError("the sealed blob is damaged: its public or private area does not "
+                                         "parse") from err
+    if public_size != len(blob.public) or private_size != len(blob.private):
+        raise SealedDataUnavailableError("the sealed blob is damaged: trailing bytes after its public or private "
+                                         "area")
+    mismatch = describe_sealed_mismatch(public)
+    if mismatch is not None:
+        raise SealedDataUnavailableError(f"the sealed blob is damaged: not vouchd sealed data ({mismatch})")
+    return public, private
 
 
 def _pcr_selection(bank: TPM2_ALG, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:

@@ -6,14 +6,15 @@ found first (DESIGN §3).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-from tpm2_pytss import TPM2_ALG
+from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC
 
 from vouchd.tpm.errors import TpmArgumentError
 
-__all__ = ["EK_PROFILES", "EkProfile", "EkType", "parse_ek_type"]
+__all__ = ["EK_PROFILES", "EkProfile", "EkType", "ek_public_hash", "parse_ek_type"]
 
 EkType = Literal["rsa2048", "ecc-p256", "ecc-p384"]
 
@@ -52,3 +53,10 @@ def parse_ek_type(value: str) -> EkType:
     if value not in _EK_TYPES:
         raise TpmArgumentError(f"unknown ek type {value!r}: expected one of {', '.join(_EK_TYPES)}")
     return cast(EkType, value)
+
+
+def ek_public_hash(public: bytes) -> str:
+    """sha256 hex of the EK's DER SubjectPublicKeyInfo, from its marshaled TPM2B_PUBLIC: the hash in the
+    node's SPIFFE ID and in `vouchd tpm info` (vouchd.protocol.identities.ek_hash computes the same)."""
+    area, _ = TPM2B_PUBLIC.unmarshal(public)
+    return hashlib.sha256(area.to_der()).hexdigest()

@@ -9,7 +9,9 @@ from __future__ import annotations
 from vouchd.errors import VouchdError
 
 __all__ = [
+    "SealedDataUnavailableError",
     "TpmArgumentError",
+    "TpmAuthorizationError",
     "TpmCapabilityError",
     "TpmError",
     "TpmKeyError",
@@ -32,6 +34,16 @@ class TpmCapabilityError(TpmError):
 
 class TpmKeyError(TpmError):
     """A stored key blob or authValue is missing, corrupt or does not belong to this TPM; names the file."""
+
+
+class TpmAuthorizationError(TpmError):
+    """The TPM refused a hierarchy authorization (or is in dictionary-attack lockout), or the file that
+    holds one cannot be used; the message names the hierarchy, the config key and the fix, never the value."""
+
+
+class SealedDataUnavailableError(TpmError):
+    """Sealed data cannot be unsealed: the PCRs differ from when it was sealed, or the blob was made by
+    another TPM (or under another owner seed) or is damaged. The data is gone for this boot: seal anew."""
 
 
 class TpmOperationError(TpmError):

@@ -3,20 +3,41 @@
 A key is three files named after its role: `<stem>.pub` (marshaled TPM2B_PUBLIC), `<stem>.priv`
 (marshaled TPM2B_PRIVATE, encrypted by the TPM) and `<stem>.auth` (the raw authValue). The first two
 use the same format as tpm2-tools' `-u`/`-r` files.
+
+Beside them, `ek.json` records which endorsement key they were made under (its type and hash), so
+that a changed `tpm.ek`, or a state folder from another TPM, is named as such instead of as a key
+that does not load.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
-from vouchd.securefiles import InsecureFileError, read_private, write_together
+from vouchd.securefiles import InsecureFileError, read_private, write_atomically, write_together
+from vouchd.tpm.ek import EkType
 from vouchd.tpm.errors import TpmKeyError
 from vouchd.tpm.values import KeyBlob
 
-__all__ = ["AUTH_VALUE_SIZE", "KeyFiles", "StoredKey", "ensure_state_dir", "read_key", "write_key"]
+__all__ = [
+    "AUTH_VALUE_SIZE",
+    "EK_RECORD_NAME",
+    "EkRecord",
+    "KeyFiles",
+    "StoredKey",
+    "ensure_state_dir",
+    "read_ek_record",
+    "read_key",
+    "write_ek_record",
+    "write_key",
+]
 
 AUTH_VALUE_SIZE = 32
+EK_RECORD_NAME = "ek.json"
+_MAX_EK_RECORD = 4096
 
 
 @dataclass(frozen=True)
@@ -31,6 +52,17 @@ class KeyFiles:
 
     def all(self) -> tuple[Path, Path, Path]:
         return (self.public, self.private, self.auth)
+
+    def any_present(self) -> bool:
+        return any(path.exists() for path in self.all())
+
+
+@dataclass(frozen=True)
+class EkRecord:
+    """The endorsement key a state folder's keys were made under."""
+
+    ek_type: EkType
+    ek_hash: str  # sha256 hex of its SubjectPublicKeyInfo, as in the node's SPIFFE ID
 
 
 @dataclass(frozen=True)
@@ -89,3 +121,32 @@ def _read(path: Path) -> bytes:
         raise TpmKeyError(f"key file {path} is {err}") from None
     except OSError as err:
         raise TpmKeyError(f"cannot read key file {path}: {err.strerror}") from err
+
+
+def read_ek_record(directory: Path) -> EkRecord | None:
+    """The record in `directory`, or None when it has none (a folder of an earlier vouchd, or a new one)."""
+    path = directory / EK_RECORD_NAME
+    if not path.exists():
+        return None
+    data = _read(path)
+    try:
+        if len(data) > _MAX_EK_RECORD:
+            raise ValueError("too large")
+        fields = json.loads(data)
+        ek_type, ek_hash = fields["ek_type"], fields["ek_hash"]
+        if ek_type not in get_args(EkType) or not isinstance(ek_hash, str):
+            raise ValueError("wrong field values")
+        if not re.fullmatch(r"[0-9a-f]{64}", ek_hash):
+            raise ValueError("not a sha256 hex digest")
+    except (ValueError, KeyError, TypeError) as err:
+        raise TpmKeyError(f"key file {path} is corrupt: expected {{\"ek_type\": …, \"ek_hash\": …}}") from err
+    return EkRecord(ek_type=ek_type, ek_hash=ek_hash)
+
+
+def write_ek_record(directory: Path, record: EkRecord) -> None:
+    path = directory / EK_RECORD_NAME
+    content = json.dumps({"ek_type": record.ek_type, "ek_hash": record.ek_hash}, indent=2) + "\n"
+    try:
+        write_atomically(path, content.encode(), 0o600)
+    except OSError as err:
+        raise TpmKeyError(f"cannot write key file {path}: {err.strerror}") from err

@@ -4,6 +4,9 @@ Every TPM operation is awaited from asyncio and queued on a single worker thread
 context, so commands never interleave and a slow hardware TPM never blocks the event loop. Each
 operation's time on that thread is recorded for the agent's status and latency budget.
 
+The endorsement and owner hierarchy authorizations come from files the operator names (see
+vouchd.tpm.hierarchies); they are read once, at start, on the worker thread.
+
 A TPM can go away (the device, tpm2-abrmd or a simulator restarts). The first operation that finds
 the connection gone closes the ESAPI context and fails with TpmUnavailableError, as does every
 operation after it, at once, until `reconnect()` opens a new context: one that has the same EK and
@@ -21,29 +24,33 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar, TypeVarTuple
 
-from tpm2_pytss import TPM2_ALG, TSS2_Exception
+from tpm2_pytss import TPM2_ALG
 
-from vouchd.tpm.capabilities import TpmDescription, describe_tpm
-from vouchd.tpm.device import PCR_COUNT, TpmDevice, connection_lost
-from vouchd.tpm.ek import EK_PROFILES, EkType, parse_ek_type
-from vouchd.tpm.errors import TpmArgumentError, TpmError, TpmOperationError, TpmUnavailableError
-from vouchd.tpm.keystore import KeyFiles, StoredKey, ensure_state_dir, read_key, write_key
+from vouchd.tpm.capabilities import TpmDescription
+from vouchd.tpm.device import TpmDevice, connection_lost
+from vouchd.tpm.ek import EK_PROFILES, EkType, ek_public_hash, parse_ek_type
+from vouchd.tpm.errors import TpmArgumentError, TpmError, TpmKeyError, TpmOperationError, TpmUnavailableError
+from vouchd.tpm.hierarchies import HierarchyAuths
+from vouchd.tpm.keystore import (
+    EkRecord,
+    KeyFiles,
+    StoredKey,
+    ensure_state_dir,
+    read_ek_record,
+    read_key,
+    write_ek_record,
+    write_key,
+)
 from vouchd.tpm.latency import LatencyRecorder
 from vouchd.tpm.templates import KeyRole
-from vouchd.tpm.values import EkInfo, KeyBlob, NodeKeys, TpmQuote
+from vouchd.tpm.values import MAX_SEALED_DATA, PCR_BANKS, PCR_COUNT, EkInfo, KeyBlob, NodeKeys, SealedBlob, TpmQuote
 
-__all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "TpmDescription", "TpmQuote", "TpmService"]
+__all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "SealedBlob", "TpmDescription", "TpmQuote", "TpmService"]
 
 _Result = TypeVar("_Result")
 _Args = TypeVarTuple("_Args")
 _KeyPair = tuple[StoredKey, StoredKey]
 
-_PCR_BANKS: dict[str, TPM2_ALG] = {
-    "sha1": TPM2_ALG.SHA1,
-    "sha256": TPM2_ALG.SHA256,
-    "sha384": TPM2_ALG.SHA384,
-    "sha512": TPM2_ALG.SHA512,
-}
 _MAX_QUALIFYING_DATA = 64
 _SHA256_SIZE = 32
 # Reads around a quote that disagree mean a PCR was extended meanwhile; a few tries outlast a burst.
@@ -57,13 +64,18 @@ class TpmService:
     swtpm), run one TpmService per TPM: at start it flushes whatever other clients left loaded.
     """
 
-    def __init__(self, tcti: str, *, ek_type: EkType = "rsa2048", pcrs_only: bool = False) -> None:
-        """`pcrs_only`: a client that only reads and extends PCRs (vouchd dev simulate-boot), which
+    def __init__(self, tcti: str, *, ek_type: EkType = "rsa2048", endorsement_auth_file: Path | None = None,
+                 owner_auth_file: Path | None = None, pcrs_only: bool = False) -> None:
+        """`endorsement_auth_file`, `owner_auth_file`: files holding the hierarchies' authorizations
+        (`agent.tpm.*_auth_file`), read at start; None: the empty authorization of a TPM as shipped.
+        `pcrs_only`: a client that only reads and extends PCRs (vouchd dev simulate-boot), which
         must not flush the objects of the agent sharing a TPM that has no resource manager."""
         if not tcti.strip():
             raise TpmArgumentError("tcti must not be empty")
         self._tcti = tcti
         self._pcrs_only = pcrs_only
+        self._auth_files = (endorsement_auth_file, owner_auth_file)
+        self._authorizations: HierarchyAuths | None = None
         self._profile = EK_PROFILES[parse_ek_type(ek_type)]
         self._latency = LatencyRecorder()
         self._executor: ThreadPoolExecutor | None = None
@@ -120,7 +132,10 @@ class TpmService:
 
     def _open_on_worker(self) -> EkInfo | None:
         # The device is created, used and closed on the worker thread only.
-        device = TpmDevice.open(self._tcti, self._profile, pcrs_only=self._pcrs_only)
+        if not self._pcrs_only:
+            self._authorizations = HierarchyAuths.from_files(*self._auth_files)
+        device = TpmDevice.open(self._tcti, self._profile, authorizations=self._authorizations,
+                                pcrs_only=self._pcrs_only)
         self._device = device
         return None if self._pcrs_only else device.ek_info
 
@@ -162,7 +177,7 @@ class TpmService:
 
     def _reconnect_on_worker(self) -> None:
         try:
-            device = TpmDevice.open(self._tcti, self._profile)
+            device = TpmDevice.open(self._tcti, self._profile, authorizations=self._authorizations)
         except TpmUnavailableError as err:
             self._unavailable = f"TPM unreachable at {self._tcti}: {err}"
             raise TpmUnavailableError(self._unavailable) from err
@@ -214,7 +229,7 @@ class TpmService:
 
     async def describe(self) -> TpmDescription:
         """What the TPM says about itself (maker, firmware, algorithms, PCR banks, EK chain indices)."""
-        return await self._on_device("describe", _describe)
+        return await self._on_device("describe", TpmDevice.describe)
 
     def latency_snapshot(self) -> dict[str, dict[str, float]]:
         """Per operation: count, last_ms, p50_ms and p99_ms (recent window), max_ms, all on the TPM thread."""
@@ -287,6 +302,27 @@ class TpmService:
         indices = _pcr_indices(pcrs)
         return await self._on_device("read_pcrs", TpmDevice.read_pcrs, bank_alg, indices)
 
+    # ------------------------------------------------------------------ sealing
+
+    async def seal(self, data: bytes, *, bank: str, pcrs: Sequence[int]) -> SealedBlob:
+        """`data` (1 to 128 bytes) sealed to the current values of `pcrs` of `bank`, under the owner
+        hierarchy's storage key. Needs the owner authorization (`agent.tpm.owner_auth_file`) the first
+        time after start or a TPM reset."""
+        bank_alg = _pcr_bank(bank)
+        indices = _pcr_indices(pcrs)
+        if not indices:
+            raise TpmArgumentError("sealing needs at least one pcr")
+        if not 0 < len(data) <= MAX_SEALED_DATA:
+            raise TpmArgumentError(f"sealed data must be 1 to {MAX_SEALED_DATA} bytes, got {len(data)}")
+        return await self._on_device("seal", TpmDevice.seal, bytes(data), bank_alg, indices)
+
+    async def unseal(self, blob: SealedBlob) -> bytes:
+        """The data `seal` sealed in `blob`. SealedDataUnavailableError when its PCRs differ from when
+        it was sealed, or when the blob was made by another TPM (or before a TPM2_Clear) or is damaged."""
+        if not isinstance(blob, SealedBlob):
+            raise TpmArgumentError(f"unseal takes a SealedBlob, got {type(blob).__name__}")
+        return await self._on_device("unseal", TpmDevice.unseal, blob)
+
     # ------------------------------------------------------------------ plumbing
 
     def _require_keys(self) -> _KeyPair:
@@ -348,9 +384,30 @@ def _ensure_keys(device: TpmDevice, state_dir: Path) -> tuple[StoredKey, StoredK
     # Runs on the TPM worker: file I/O with fsync stays off the event loop, and the key files and the
     # TPM are touched by one thread only.
     ensure_state_dir(state_dir)
+    ek = device.ek_info
+    current = EkRecord(ek_type=ek.ek_type, ek_hash=ek_public_hash(ek.public))
+    recorded = read_ek_record(state_dir)
+    has_keys = any(KeyFiles.in_directory(state_dir, role.file_stem).any_present() for role in KeyRole)
+    if recorded is not None and recorded != current and has_keys:
+        raise TpmKeyError(_ek_change(state_dir, recorded, current))
     ak = _ensure_key(device, state_dir, KeyRole.ATTESTATION_KEY)
     node_key = _ensure_key(device, state_dir, KeyRole.NODE_KEY)
+    if recorded != current:
+        # New keys, or keys of an earlier vouchd that load under this EK: record which EK they belong to.
+        write_ek_record(state_dir, current)
     return ak, node_key
+
+
+def _ek_change(state_dir: Path, recorded: EkRecord, current: EkRecord) -> str:
+    if recorded.ek_type != current.ek_type:
+        return (f"the keys in {state_dir} were made under the {recorded.ek_type} endorsement key, but tpm.ek is now "
+                f"{current.ek_type}: set agent.tpm.ek back to {recorded.ek_type}, or, to become a new node with the "
+                f"{current.ek_type} endorsement key (a new node ID: it is the EK's hash), stop the agent and move "
+                f"{state_dir} aside")
+    return (f"the keys in {state_dir} were made under another {recorded.ek_type} endorsement key (ek hash "
+            f"{recorded.ek_hash[:16]}…, this tpm's is {current.ek_hash[:16]}…): the tpm was replaced or its "
+            f"endorsement seed changed, or the folder comes from another host; to go on as a new node (a new "
+            f"identity), stop the agent and move {state_dir} aside")
 
 
 def _ensure_key(device: TpmDevice, state_dir: Path, role: KeyRole) -> StoredKey:
@@ -361,16 +418,6 @@ def _ensure_key(device: TpmDevice, state_dir: Path, role: KeyRole) -> StoredKey:
         return stored
     blob, auth_value = device.create_key(role)
     return write_key(files, blob, auth_value)
-
-
-def _describe(device: TpmDevice) -> TpmDescription:
-    # TpmDevice keeps its ESAPI context to itself and has no describe() yet; reaching in here keeps
-    # this read-only query out of device.py until it can move there.
-    try:
-        return describe_tpm(device._esapi)
-    except TSS2_Exception as err:
-        # Chained, so that _with_device still sees a lost connection in __cause__.
-        raise TpmOperationError(f"tpm command GetCapability or NV_Read failed: rc {int(err.rc):#x} ({err})") from err
 
 
 def _quote_with_values(device: TpmDevice, ak: StoredKey, bank: TPM2_ALG, pcrs: tuple[int, ...],
@@ -386,9 +433,9 @@ def _quote_with_values(device: TpmDevice, ak: StoredKey, bank: TPM2_ALG, pcrs: t
 
 def _pcr_bank(bank: str) -> TPM2_ALG:
     try:
-        return _PCR_BANKS[bank]
+        return PCR_BANKS[bank]
     except KeyError:
-        expected = ", ".join(_PCR_BANKS)
+        expected = ", ".join(PCR_BANKS)
         raise TpmArgumentError(f"unknown pcr bank {bank!r}: expected one of {expected}") from None
 
 

@@ -335,7 +335,8 @@ def test_kill_9_in_a_burst_leaves_a_log_that_verifies_and_the_restart_continues_
     try:
         # Killed once both are under way: fetches answered, entries created and issued.
         deadline = time.monotonic() + DEADLINE
-        while len(log_lines(directory)) < 80 or len(created) < 10:
+        while (len(log_lines(directory)) < 80 or len(created) < 10
+               or not any(json.loads(line)["kind"] == "anchor" for line in log_lines(directory))):
             assert time.monotonic() < deadline, f"the burst never got going: {len(created)} entries created"
             time.sleep(0.01)
         agent.kill()

@@ -56,7 +56,7 @@ pytestmark = pytest.mark.tpm
 
 TPM_RH_ENDORSEMENT = 0x4000000B
 TPM_ALG_SHA256 = 0x000B
-KEY_FILES = ("ak.pub", "ak.priv", "ak.auth", "node_key.pub", "node_key.priv", "node_key.auth")
+KEY_FILES = ("ak.pub", "ak.priv", "ak.auth", "node_key.pub", "node_key.priv", "node_key.auth", "ek.json")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -362,13 +362,36 @@ async def test_state_dir_that_cannot_be_created_raises_key_error(tpm: TpmService
         await tpm.ensure_node_keys(blocker / "state")
 
 
-async def test_keys_made_under_another_ek_do_not_load(swtpm: swtpm_mod.Swtpm, tmp_path: Path) -> None:
+async def test_keys_made_under_another_ek_type_name_the_change_and_the_way_out(
+    swtpm: swtpm_mod.Swtpm, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     async with TpmService(swtpm.tcti, ek_type="ecc-p256") as other_tpm:
         await other_tpm.ensure_node_keys(state)
+    before = {path.name: path.read_bytes() for path in state.iterdir()}
     async with TpmService(swtpm.tcti, ek_type="rsa2048") as tpm:
-        with pytest.raises(TpmKeyError, match=r"ak\.priv.*does not load"):
+        with pytest.raises(TpmKeyError) as caught:
             await tpm.ensure_node_keys(state)
+    assert str(caught.value) == (
+        f"the keys in {state} were made under the ecc-p256 endorsement key, but tpm.ek is now rsa2048: set "
+        "agent.tpm.ek back to ecc-p256, or, to become a new node with the rsa2048 endorsement key (a new node ID: "
+        f"it is the EK's hash), stop the agent and move {state} aside"
+    )
+    assert {path.name: path.read_bytes() for path in state.iterdir()} == before, "nothing replaced"
+
+
+async def test_keys_of_an_earlier_vouchd_under_another_ek_type_still_say_so(
+    swtpm: swtpm_mod.Swtpm, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    async with TpmService(swtpm.tcti, ek_type="ecc-p256") as other_tpm:
+        await other_tpm.ensure_node_keys(state)
+    (state / "ek.json").unlink()  # as an earlier vouchd left the folder
+    async with TpmService(swtpm.tcti, ek_type="rsa2048") as tpm:
+        with pytest.raises(TpmKeyError, match=r"ak\.priv does not load in this tpm \(made by another tpm, under "
+                                              r"another ek type than tpm\.ek rsa2048, or corrupt\)"):
+            await tpm.ensure_node_keys(state)
+    assert not (state / "ek.json").exists()
 
 
 async def test_auth_values_stay_out_of_reprs_and_errors(keyed: tuple[TpmService, NodeKeys], tmp_path: Path) -> None:

@@ -912,21 +912,34 @@ def test_the_installed_attestors_are_the_default(source: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "key", "line"),
+    ("text", "message"),
     [
-        ("trust_domain: example.org\nlog_level: info\ntrust_domain: other.org\n", "trust_domain", 3),
-        ("trust_domain: example.org\nagent:\n  tpm: {tcti: a}\n  socket_path: /x\n  tpm: {tcti: b}\n", "tpm", 5),
-        ("trust_domain: example.org\nagent: {tpm: {tcti: a, tcti: b}}\n", "tcti", 2),
+        ("trust_domain: example.org\nlog_level: info\ntrust_domain: other.org\n",
+         "trust_domain: duplicate key, at lines 1 and 3"),
+        ("trust_domain: example.org\nagent:\n  tpm: {tcti: a}\n  socket_path: /x\n  tpm: {tcti: b}\n",
+         "agent.tpm: duplicate key, at lines 3 and 5"),
+        ("trust_domain: example.org\nagent: {tpm: {tcti: a, tcti: b}}\n",
+         "agent.tpm.tcti: duplicate key, twice at line 2"),
         ("trust_domain: example.org\nagent: {workload_attestors: {unix: {}, unix: {hash_executables: false}}}\n",
-         "unix", 2),
+         "agent.workload_attestors.unix: duplicate key, twice at line 2"),
         ("trust_domain: example.org\nentries:\n  - spiffe_id: spiffe://example.org/a\n    selectors: ['unix:uid:0']\n"
-         "    hint: a\n    hint: b\n", "hint", 6),
-        (with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], labels: {t: a, t: b}}"), "t", 3),
-        ("trust_domain: example.org\nyes: 1\ntrue: 2\n", "True", 3),  # two spellings of one key
+         "    hint: a\n    hint: b\n", "entries[0].hint: duplicate key, at lines 5 and 6"),
+        (with_entry("{spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], labels: {t: a, t: b}}"),
+         "entries[0].labels.t: duplicate key, twice at line 3"),
+        # one key, two spellings
+        ("trust_domain: example.org\nyes: 1\ntrue: 2\n", "True: duplicate key, at lines 2 and 3"),
     ],
 )
-def test_a_key_given_twice_is_refused_not_overridden(text: str, key: str, line: int, source: Path) -> None:
-    assert refused(text, source) == f"duplicate key {key!r} at line {line}"
+def test_a_key_given_twice_is_refused_naming_its_path_and_both_lines(text: str, message: str, source: Path) -> None:
+    assert refused(text, source) == message
+
+
+def test_a_duplicate_key_inside_an_anchored_mapping_is_named_where_the_anchor_is(source: Path) -> None:
+    text = ("trust_domain: example.org\nentries:\n"
+            "  - &web {spiffe_id: 'spiffe://example.org/web', selectors: ['unix:uid:0'], hint: a, hint: b}\n"
+            "  - *web\n")
+
+    assert refused(text, source) == "entries[0].hint: duplicate key, twice at line 3"
 
 
 def test_a_duplicate_key_message_does_not_repeat_the_values(source: Path) -> None:
@@ -1165,7 +1178,7 @@ def test_a_misspelt_top_level_key_is_named_before_the_key_it_stands_for_is_misse
         ("trust_domain: example.org\nauthority: {}\nentries:\n"
          "  - {spiffe_id: 'spiffe://example.org/a', selectors: ['unix:uid:0'], x509_ttl: 25h}\n",
          "entries[0].x509_ttl: must not exceed authority.x509_svid_max_ttl (25h > 24h)"),
-        ("trust_domain: example.org\nagent: {}\nagent: {}\n", "duplicate key 'agent' at line 3"),
+        ("trust_domain: example.org\nagent: {}\nagent: {}\n", "agent: duplicate key, at lines 2 and 3"),
     ],
     ids=["workload-selector", "node-selector", "ttl-cap", "duplicate-key"],
 )

@@ -1,8 +1,10 @@
 """The authority's store: the contract every Store implementation keeps, then facts of SQLite alone.
 
-The contract tests talk to the store only through vouchd.authority.store.Store, so that another
-implementation (PostgreSQL) runs them unchanged: add it to BACKENDS. Time is whatever each test
-says it is (`now=`); nothing here depends on the machine's clock.
+The contract tests talk to the store only through vouchd.authority.store.Store and run against
+every backend of BACKENDS: SQLite, and PostgreSQL on the session's throw-away cluster (a new
+database per test; skipped, saying why, where PostgreSQL is not installed, except under
+scripts/test). Facts of PostgreSQL alone are in test_store_postgres.py. Time is whatever each
+test says it is (`now=`); nothing here depends on the machine's clock.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Protocol
 import pytest
 
 from vouchd.authority.errors import AuthorityError
+from vouchd.authority.postgres import PostgresStore
 from vouchd.authority.sqlite import SqliteStore
 from vouchd.authority.store import (
     Ban,
     EntryConflictError,
     EntryExistsError,
     EntryNotFoundError,
+    JoinTokenRecord,
     NodeRecord,
     NodeState,
     PendingNode,
@@ -73,14 +77,27 @@ class SqliteBackend:
         return await SqliteStore.open(self.path)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {
-    "sqlite": lambda tmp_path: SqliteBackend(tmp_path / "authority" / "authority.db"),
+class PostgresBackend:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    async def open(self) -> Store:
+        return await PostgresStore.open(self.dsn)
+
+
+def _postgres_backend(request: pytest.FixtureRequest, _tmp_path: Path) -> Backend:
+    return PostgresBackend(request.getfixturevalue("postgres_server").database())
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "sqlite": lambda _request, tmp_path: SqliteBackend(tmp_path / "authority" / "authority.db"),
+    "postgres": _postgres_backend,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -150,6 +167,8 @@ async def test_reopening_keeps_the_state(backend: Backend) -> None:
         version = await first.ban_node(THIRD_NODE, "stolen", now=NOW)
         await first.add_nonce(NODE, NONCE, NOW + 30, now=NOW)
         assert await first.put_session(session(), max_sessions=10, now=NOW)
+        await first.add_join_token(join_token())
+        await first.enrol_node_key(KEY_NODE, SPKI, "join token t-1", now=NOW)
     finally:
         await first.close()
 
@@ -165,6 +184,8 @@ async def test_reopening_keeps_the_state(backend: Backend) -> None:
         assert (await second.revocations()).version == version
         assert await second.consume_nonce(NODE, NONCE, now=NOW)
         assert await second.take_session("s-1", now=NOW) == session()
+        assert await second.join_tokens() == [join_token()]
+        assert await second.node_key(KEY_NODE) == SPKI
     finally:
         await second.close()
 
@@ -701,12 +722,145 @@ async def test_racing_takes_of_one_session_give_it_once(backend: Backend) -> Non
             await replica.close()
 
 
+async def test_racing_replicas_never_store_more_sessions_than_the_limit(backend: Backend) -> None:
+    replicas = [await backend.open() for _ in range(2)]
+    try:
+        eks = [f"{number:064x}" for number in range(10)]
+
+        results = await asyncio.gather(*(replicas[number % 2].put_session(session(f"s-{number}", ek_hash),
+                                                                          max_sessions=3, now=NOW)
+                                         for number, ek_hash in enumerate(eks)))
+
+        assert results.count(True) == 3, results
+        taken = [await replicas[0].take_session(f"s-{number}", now=NOW) for number in range(len(eks))]
+        assert [t is not None for t in taken] == results
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
 def test_a_session_record_does_not_show_its_secrets() -> None:
     shown = repr(session(secret=b"top-secret-value", server_nonce=b"server-nonce-value"))
 
     assert "top-secret-value" not in shown
     assert "server-nonce-value" not in shown
     assert "s-1" in shown
+
+
+# --- join tokens ----------------------------------------------------------------------------------
+
+SECRET_HASH = "5e" * 32
+OTHER_SECRET_HASH = "a7" * 32
+KEY_NODE = "spiffe://example.org/vouchd/node/key/" + "12" * 32
+OTHER_KEY_NODE = "spiffe://example.org/vouchd/node/key/" + "34" * 32
+
+
+def join_token(token_id: str = "t-1", secret_sha256: str = SECRET_HASH, *, expires_at: float = NOW + 600,
+               **changes: object) -> JoinTokenRecord:
+    record = JoinTokenRecord(token_id=token_id, secret_sha256=secret_sha256, node_labels=("rack:a", "role:db"),
+                             created_at=NOW, expires_at=expires_at)
+    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+
+
+async def test_a_join_token_is_listed_unused_until_used(store: Store) -> None:
+    await store.add_join_token(join_token("t-2", node_labels=()))
+    await store.add_join_token(join_token("t-1"))
+
+    assert await store.join_tokens() == [join_token("t-1"), join_token("t-2", node_labels=())]
+
+
+async def test_a_join_token_is_used_once(store: Store) -> None:
+    await store.add_join_token(join_token())
+
+    used = await store.use_join_token("t-1", SECRET_HASH, KEY_NODE, now=NOW + 10)
+
+    assert used == join_token(used_at=NOW + 10, used_by=KEY_NODE)
+    assert await store.use_join_token("t-1", SECRET_HASH, OTHER_KEY_NODE, now=NOW + 11) is None
+    assert await store.join_tokens() == [used]
+
+
+async def test_a_join_token_with_another_secret_is_refused_and_stays_usable(store: Store) -> None:
+    await store.add_join_token(join_token())
+
+    assert await store.use_join_token("t-1", OTHER_SECRET_HASH, KEY_NODE, now=NOW) is None
+    assert await store.use_join_token("t-2", SECRET_HASH, KEY_NODE, now=NOW) is None
+    assert await store.join_tokens() == [join_token()]
+
+    assert await store.use_join_token("t-1", SECRET_HASH, KEY_NODE, now=NOW) is not None
+
+
+async def test_a_join_token_is_good_until_it_expires(store: Store) -> None:
+    await store.add_join_token(join_token("t-1", expires_at=NOW + 60))
+    await store.add_join_token(join_token("t-2", expires_at=NOW + 60))
+
+    assert await store.use_join_token("t-1", SECRET_HASH, KEY_NODE, now=NOW + 60) is not None
+    assert await store.use_join_token("t-2", SECRET_HASH, OTHER_KEY_NODE, now=NOW + 60.5) is None
+    assert [t.used_by for t in await store.join_tokens()] == [KEY_NODE, None]
+
+
+async def test_adding_a_join_token_whose_id_exists_fails_and_keeps_the_first(store: Store) -> None:
+    await store.add_join_token(join_token())
+
+    with pytest.raises(StoreError, match="join token t-1"):
+        await store.add_join_token(join_token(secret_sha256=OTHER_SECRET_HASH))
+
+    assert await store.join_tokens() == [join_token()]
+
+
+def test_a_join_token_record_holds_a_hash_never_a_secret() -> None:
+    with pytest.raises(ValueError, match="t-1: secret_sha256 must be 64 lower-case hex digits"):
+        join_token(secret_sha256="the-secret-itself")
+    with pytest.raises(ValueError, match="64 lower-case hex"):
+        join_token(secret_sha256=SECRET_HASH.upper())
+
+    assert SECRET_HASH not in repr(join_token())
+
+
+async def test_racing_replicas_use_a_join_token_once(backend: Backend) -> None:
+    replicas = [await backend.open() for _ in range(2)]
+    try:
+        for round_number in range(10):
+            token_id = f"t-{round_number}"
+            await replicas[0].add_join_token(join_token(token_id))
+
+            results = await asyncio.gather(*(replica.use_join_token(token_id, SECRET_HASH, f"{KEY_NODE}-{caller}",
+                                                                    now=NOW)
+                                             for replica in replicas for caller in range(3)))
+
+            winners = [r for r in results if r is not None]
+            assert len(winners) == 1, f"round {round_number}: {results}"
+            (stored,) = [t for t in await replicas[1].join_tokens() if t.token_id == token_id]
+            assert stored == winners[0]
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+# --- node keys ------------------------------------------------------------------------------------
+
+SPKI = b"\x30\x59" + bytes(range(89))
+OTHER_SPKI = b"\x30\x59" + bytes(range(89, 0, -1))
+
+
+async def test_a_node_key_is_enrolled_read_and_removed(store: Store) -> None:
+    assert await store.node_key(KEY_NODE) is None
+
+    await store.enrol_node_key(KEY_NODE, SPKI, "join token t-1", now=NOW)
+    await store.enrol_node_key(OTHER_KEY_NODE, OTHER_SPKI, "operator", now=NOW)
+
+    assert await store.node_key(KEY_NODE) == SPKI
+    assert await store.remove_node_key(KEY_NODE) is True
+    assert await store.node_key(KEY_NODE) is None
+    assert await store.remove_node_key(KEY_NODE) is False
+    assert await store.node_key(OTHER_KEY_NODE) == OTHER_SPKI
+
+
+async def test_enrolling_a_node_key_again_replaces_it(store: Store) -> None:
+    await store.enrol_node_key(KEY_NODE, SPKI, "join token t-1", now=NOW)
+
+    await store.enrol_node_key(KEY_NODE, OTHER_SPKI, "join token t-2", now=NOW + 5)
+
+    assert await store.node_key(KEY_NODE) == OTHER_SPKI
 
 
 # --- registration entries -------------------------------------------------------------------------
@@ -781,6 +935,21 @@ async def test_racing_updates_from_one_revision_let_one_win(backend: Backend) ->
             assert len(winners) == 1, f"round {round_number}: {results}"
             assert all(isinstance(r, EntryConflictError) for r in losers), f"round {round_number}: {results}"
             assert await replicas[1].entry(entry_id) == winners[0][0]
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_racing_creates_of_one_entry_id_let_one_win(backend: Backend) -> None:
+    replicas = [await backend.open() for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(replica.create_entry(entry(uid=uid), now=NOW)
+                                         for replica in replicas for uid in (2000, 3000)), return_exceptions=True)
+
+        winners = [r for r in results if isinstance(r, Entry)]
+        assert len(winners) == 1, results
+        assert all(isinstance(r, EntryExistsError) for r in results if r not in winners), results
+        assert await replicas[1].entries() == winners
     finally:
         for replica in replicas:
             await replica.close()
@@ -1038,14 +1207,64 @@ async def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
         await SqliteStore.open(db_path)
 
 
-async def test_a_database_of_an_unknown_schema_version_is_refused(db_path: Path) -> None:
-    await (await SqliteStore.open(db_path)).close()
-    raw = raw_connection(db_path)
-    raw.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+def set_schema_version(path: Path, value: str) -> None:
+    raw = raw_connection(path)
+    raw.execute("UPDATE meta SET value=? WHERE key='schema_version'", (value,))
     raw.close()
 
-    with pytest.raises(StoreError, match=f"^{db_path}: schema version 3 is not one this vouchd reads \\(1 or 2\\)$"):
+
+async def test_a_database_of_a_newer_schema_version_is_refused_untouched(db_path: Path) -> None:
+    await (await SqliteStore.open(db_path)).close()
+    set_schema_version(db_path, "4")
+    before = db_path.read_bytes()
+
+    with pytest.raises(StoreError, match=f"^{db_path}: schema version 4 is newer than this vouchd knows \\(3\\): "
+                                         "it was written by a newer vouchd; "):
         await SqliteStore.open(db_path)
+    assert db_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("value", ["0", "two", ""])
+async def test_a_database_whose_schema_version_is_no_version_is_refused(db_path: Path, value: str) -> None:
+    await (await SqliteStore.open(db_path)).close()
+    set_schema_version(db_path, value)
+
+    with pytest.raises(StoreError, match=f"^{db_path}: schema version {value!r} is not one this vouchd reads "
+                                         "\\(1 to 3\\)$"):
+        await SqliteStore.open(db_path)
+
+
+async def test_a_version_2_database_is_migrated_keeping_its_state(db_path: Path) -> None:
+    # Version 2 is version 3 without the join token and node key tables.
+    store = await SqliteStore.open(db_path)
+    try:
+        await store.save_node(node_record())
+        created = await store.create_entry(entry(), now=NOW)
+        version = await store.ban_node(OTHER_NODE, "lost", now=NOW)
+        assert await store.put_session(session(), max_sessions=10, now=NOW)
+    finally:
+        await store.close()
+    raw = raw_connection(db_path)
+    raw.execute("DROP TABLE join_tokens")
+    raw.execute("DROP TABLE node_keys")
+    raw.close()
+    set_schema_version(db_path, "2")
+
+    store = await SqliteStore.open(db_path)
+    try:
+        assert await store.node(NODE) == node_record()
+        assert await store.entry("web") == created
+        assert (await store.revocations()).version == version
+        assert await store.take_session("s-1", now=NOW) == session()
+        assert await store.join_tokens() == []
+        await store.add_join_token(join_token())
+        await store.enrol_node_key(KEY_NODE, SPKI, "join token t-1", now=NOW)
+        assert await store.node_key(KEY_NODE) == SPKI
+    finally:
+        await store.close()
+    raw = raw_connection(db_path)
+    assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    raw.close()
 
 
 async def test_a_version_1_database_is_migrated_keeping_its_state(db_path: Path) -> None:
@@ -1065,7 +1284,7 @@ async def test_a_version_1_database_is_migrated_keeping_its_state(db_path: Path)
     raw.execute("INSERT INTO event_log_profiles VALUES ('golden', '[\"aa\", \"bb\"]', 'learn', ?)", (NOW,))
     raw.close()
 
-    for _ in range(2):  # the second open finds version 2 and changes nothing
+    for _ in range(2):  # the second open finds version 3 and changes nothing
         store = await SqliteStore.open(db_path)
         try:
             assert await store.node(OTHER_NODE) == record
@@ -1087,10 +1306,11 @@ async def test_a_version_1_database_is_migrated_keeping_its_state(db_path: Path)
         assert await store.put_session(session(), max_sessions=1, now=NOW)
         await store.add_pending(EK, NODE, now=NOW)
         assert await store.unban_node(NODE, now=NOW) == 2
+        assert await store.use_join_token("t-1", SECRET_HASH, KEY_NODE, now=NOW) is None
     finally:
         await store.close()
     raw = raw_connection(db_path)
-    assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
     raw.close()
 
 
