@@ -8,53 +8,12 @@ The buckets live in memory, per replica: a limit is a bound on work, not a secur
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from vouchd.clock import Clock
+from vouchd.protocol.ratelimit import KeyedTokenBuckets, TokenBucket
 
-__all__ = ["AttestationLimits", "KeyedTokenBuckets", "TokenBucket"]
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up; take() spends one or says no."""
-
-    def __init__(self, rate: float, burst: float, *, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * self._rate)
-        self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-
-class KeyedTokenBuckets:
-    """One bucket per key, the least recently used forgotten beyond `max_keys` (a forgotten key
-    starts full again: at worst one burst more, never unbounded memory)."""
-
-    def __init__(self, rate: float, burst: float, *, max_keys: int = 100_000) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def take(self, key: str, now: float) -> bool:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self._rate, self._burst, now=now)
-            if len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        return bucket.take(now)
+__all__ = ["AttestationLimits"]
 
 
 @dataclass(frozen=True)

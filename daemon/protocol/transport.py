@@ -1,6 +1,7 @@
 """How agent requests reach the authority, and how the authority's publications reach agents.
 
-One protocol, two transports (DESIGN §1): MQTT through a broker in fleet mode, and the in-process
+One protocol, two transports (DESIGN §1): MQTT through a broker in fleet mode (vouchd.protocol.mqtt:
+MqttAuthorityLink on the agent, MqttAuthorityService on the authority), and the in-process
 LocalTransport and LocalBus in standalone mode, which hand the same bytes to the authority and to
 the agent. The logic on both ends never knows which one carries it.
 """
@@ -16,7 +17,10 @@ from vouchd.protocol.errors import TransportError
 
 __all__ = [
     "ATTEST_TOPIC",
+    "BUNDLE_TOPIC",
     "REQUEST_TOPIC",
+    "REQUEST_TOPICS",
+    "RETAINED_TOPICS",
     "REVOCATIONS_TOPIC",
     "AuthorityEvents",
     "AuthorityHandler",
@@ -34,6 +38,11 @@ log = logging.getLogger("vouchd.protocol.transport")
 ATTEST_TOPIC = "authority/attest"
 REQUEST_TOPIC = "authority/request"
 REVOCATIONS_TOPIC = "revocations"
+BUNDLE_TOPIC = "bundle"
+# What an agent may send to the authority (each answered by one signed reply).
+REQUEST_TOPICS = frozenset({ATTEST_TOPIC, REQUEST_TOPIC})
+# Publications a broker keeps for whoever subscribes later: the latest document is all that matters.
+RETAINED_TOPICS = frozenset({REVOCATIONS_TOPIC, BUNDLE_TOPIC})
 
 
 def node_events_topic(node_id: str) -> str:

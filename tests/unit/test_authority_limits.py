@@ -9,10 +9,10 @@ import pytest
 
 from tests.fakes import FakeClock
 from tests.unit.test_authority_server import reply_of, start
-from vouchd.authority.limits import KeyedTokenBuckets, TokenBucket
 from vouchd.authority.server import Authority
 from vouchd.protocol.codec import encode
 from vouchd.protocol.messages import AttestNonceRequest, ErrorReply, NonceGrant
+from vouchd.protocol.ratelimit import KeyedTokenBuckets, TokenBucket
 from vouchd.protocol.transport import ATTEST_TOPIC
 
 pytestmark = pytest.mark.timeout(20)

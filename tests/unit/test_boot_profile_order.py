@@ -100,9 +100,9 @@ async def test_the_authority_refuses_a_reordered_boot_through_its_stored_profile
     # Stored as `vouchd node learn` stores it: a sorted set of strings in SQLite.
     await authority.store.save_profile("golden", measurements(recorded), "test", now=authority.clock.now())
 
-    assert await authority._event_log_profile(session_for(recorded), measurements(recorded)) == "golden"
+    assert await authority.attestation._event_log_profile(session_for(recorded), measurements(recorded)) == "golden"
     with pytest.raises(RefusalError) as refused:
-        await authority._event_log_profile(session_for(reordered), measurements(reordered))
+        await authority.attestation._event_log_profile(session_for(reordered), measurements(reordered))
     assert refused.value.code == "policy"
 
 
