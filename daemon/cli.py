@@ -49,30 +49,48 @@ def _run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> None:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from vouchd.agent.agent import Agent, policy_engine_from
+    from vouchd.agent.agent import Agent, AuthorityConnector, policy_engine_from
     from vouchd.attestors.catalog import selector_schema
     from vouchd.clock import SYSTEM_CLOCK
     from vouchd.config import load_config
     from vouchd.decisions import DecisionBus, LogDecisions
     from vouchd.logs import configure_logging
-    from vouchd.standalone import standalone_connector
 
     config = load_config(Path(args.config))
-    if not args.standalone:
-        raise VouchdError("fleet mode (agent -> authority over MQTT) is not available in this version; "
-                          "run `vouchd agent --standalone`")
     if config.agent is None:
         raise VouchdError(f"{config.source}: agent: section is required to run the agent")
     configure_logging(config.log_level, args.log_format)
     decisions = DecisionBus()  # one per daemon: the agent's and the embedded authority's decisions
     decisions.subscribe(LogDecisions())
-    # One policy set for both: the embedded authority judges again what the agent judged, and one
-    # SIGHUP reloads it for both.
     policy = policy_engine_from(config, clock=SYSTEM_CLOCK)
-    connector = standalone_connector(config, workload_schema=selector_schema(config.agent.workload_attestors),
-                                     decisions=decisions, policy=policy)
+    connector: AuthorityConnector
+    if args.standalone:
+        from vouchd.standalone import standalone_connector
+
+        # One policy set for both: the embedded authority judges again what the agent judged, and
+        # one SIGHUP reloads it for both.
+        connector = standalone_connector(config, workload_schema=selector_schema(config.agent.workload_attestors),
+                                         decisions=decisions, policy=policy)
+    else:
+        from vouchd.fleet import fleet_connector
+
+        connector = fleet_connector(config)
     agent = Agent(config, connector, decisions=decisions, policy_engine=policy)
     _run_until_signalled(agent.run())
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from vouchd.config import load_config
+    from vouchd.decisions import DecisionBus, LogDecisions
+    from vouchd.logs import configure_logging
+    from vouchd.server import AuthorityServer
+
+    config = load_config(Path(args.config))
+    configure_logging(config.log_level, args.log_format)
+    decisions = DecisionBus()
+    decisions.subscribe(LogDecisions())
+    _run_until_signalled(AuthorityServer(config, decisions=decisions).run())
     return 0
 
 
@@ -284,10 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run the node agent")
     agent.add_argument("--config", required=True, help="configuration file (YAML)")
-    agent.add_argument("--standalone", action="store_true", help="embed the authority (single host, no broker)")
+    agent.add_argument("--standalone", action="store_true",
+                       help="embed the authority (single host, no broker); without it, reach the authority "
+                            "through the broker of agent.fleet")
     agent.add_argument("--log-format", choices=("json", "text"), default="json",
                        help="json lines for journald (default) or text for a terminal")
     agent.set_defaults(handler=_cmd_agent)
+
+    server = commands.add_parser("server", help="run the authority of a fleet (agents reach it through MQTT)")
+    server.add_argument("--config", required=True, help="configuration file (YAML) with an authority section")
+    server.add_argument("--log-format", choices=("json", "text"), default="json",
+                        help="json lines for journald (default) or text for a terminal")
+    server.set_defaults(handler=_cmd_server)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -28,6 +28,7 @@ from vouchd.configfile import ConfigSection, format_duration, load_yaml, parse_d
 from vouchd.entries import Entry, InvalidEntryError, default_entry_id
 from vouchd.entry_rules import NODE_SELECTOR_SCHEMA
 from vouchd.errors import ConfigError
+from vouchd.fleetconfig import BROKER_KEYS, FLEET_KEYS, BrokerConfig, FleetLinkConfig, parse_broker, parse_fleet_link
 from vouchd.selectors import InvalidSelectorError, Selector, SelectorSchema
 from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier
 
@@ -126,6 +127,8 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # static-secret tier, fleet mode: a root-only file holding the join token the node key joins with
     join_token_file: Path | None = None
+    # fleet mode (`vouchd agent` without --standalone): the broker and the trust domain's roots
+    fleet: FleetLinkConfig | None = None
     saved_state: SavedStateConfig = field(default_factory=SavedStateConfig)
 
 
@@ -159,6 +162,10 @@ class AuthorityConfig:
     jwt_svid_ttl: timedelta = timedelta(minutes=5)
     jwt_svid_max_ttl: timedelta = timedelta(hours=1)
     store: StoreConfig = field(default_factory=StoreConfig)
+    # `vouchd server` only: its broker (replicas share requests), admin socket and policy
+    broker: BrokerConfig | None = None
+    admin_socket_path: Path = Path("/run/vouchd-server/admin.sock")
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 @dataclass(frozen=True)
@@ -176,14 +183,15 @@ class Config:
 _TOP_KEYS = ("trust_domain", "agent", "authority", "entries", "log_level")
 _AGENT_KEYS = ("state_dir", "socket_path", "admin_socket_path", "tier", "tpm", "event_log", "workload_attestors",
                "attestation_deadline", "attestation_interval", "audit", "policy", "metrics", "saved_state",
-               "join_token_file")
+               "join_token_file", "fleet")
 _SAVED_STATE_KEYS = ("enabled", "extra_pcrs")
 _TPM_KEYS = ("tcti", "ek", "unreachable_limit", "endorsement_auth_file", "owner_auth_file")
 _AUDIT_KEYS = ("dir", "anchor_every", "anchor_interval", "max_file_bytes")
 _POLICY_KEYS = ("files", "include_defaults", "audiences")
 _METRICS_KEYS = ("listen",)
 _AUTHORITY_KEYS = ("state_dir", "ek_trust", "pcr_selection", "accept_missing_event_log", "ca_ttl", "node_svid_ttl",
-                   "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl", "store")
+                   "x509_svid_ttl", "x509_svid_max_ttl", "jwt_svid_ttl", "jwt_svid_max_ttl", "store", "broker",
+                   "admin_socket_path", "policy")
 _EK_TRUST_KEYS = ("roots", "intermediates", "enrolment", "enrolled")
 _STORE_KEYS = ("kind", "dsn_file")
 _ENTRY_KEYS = ("id", "spiffe_id", "selectors", "parent", "node_selectors", "min_tier", "x509_ttl", "jwt_ttl",
@@ -255,6 +263,7 @@ def _parse_agent(section: ConfigSection) -> AgentConfig:
                  else MetricsConfig()),
         saved_state=_parse_saved_state(section.section("saved_state", _SAVED_STATE_KEYS)),
         join_token_file=section.optional_path("join_token_file"),
+        fleet=parse_fleet_link(section.section("fleet", FLEET_KEYS)) if section.has("fleet") else None,
     )
     return agent
 
@@ -339,6 +348,10 @@ def _parse_authority(section: ConfigSection) -> AuthorityConfig:
         jwt_svid_ttl=section.duration("jwt_svid_ttl", "5m"),
         jwt_svid_max_ttl=section.duration("jwt_svid_max_ttl", "1h"),
         store=_parse_store(section.section("store", _STORE_KEYS)),
+        broker=(parse_broker(section.section("broker", BROKER_KEYS), replica=True) if section.has("broker")
+                else None),
+        admin_socket_path=section.path_value("admin_socket_path", "/run/vouchd-server/admin.sock"),
+        policy=_parse_policy(section.section("policy", _POLICY_KEYS)),
     )
     for kind in ("x509", "jwt"):
         ttl, cap = getattr(authority, f"{kind}_svid_ttl"), getattr(authority, f"{kind}_svid_max_ttl")
