@@ -33,6 +33,7 @@ from vouchd.protocol.messages import (
     RevocationDocument,
     X509SvidRequest,
 )
+from vouchd.protocol.refusals import Refusal
 from vouchd.protocol.signing import ReplyVerifier
 from vouchd.protocol.transport import (
     REQUEST_TOPIC,
@@ -257,10 +258,10 @@ class NodeIdentity:
             except RemoteError as err:
                 if attempt == 2:
                     raise
-                if err.code == "reattest":
+                if err.code == Refusal.REATTEST:
                     log.info("authority asks for re-attestation", extra={"reason": err.reason})
                     await self.attest()
-                elif err.code != "nonce":
+                elif err.code != Refusal.NONCE:
                     raise
         raise AssertionError("unreachable")
 

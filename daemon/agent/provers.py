@@ -53,6 +53,7 @@ from vouchd.protocol.messages import (
     SignedRequest,
     TpmEvidence,
 )
+from vouchd.protocol.refusals import Refusal
 from vouchd.protocol.transport import ATTEST_TOPIC
 from vouchd.securefiles import InsecureFileError, read_private, write_atomically
 from vouchd.spiffe import TrustDomain
@@ -133,10 +134,10 @@ class TpmProver:
         except FileNotFoundError:
             return None  # a host without measured boot; the authority's policy decides
         except OSError as err:
-            raise NodeAttestationError("local", f"{self._event_log_path}: cannot read the event log: "
+            raise NodeAttestationError(Refusal.LOCAL, f"{self._event_log_path}: cannot read the event log: "
                                                 f"{err.strerror}") from None
         if len(data) > _MAX_EVENT_LOG_BYTES:
-            raise NodeAttestationError("local", f"{self._event_log_path}: event log is over 16 MiB")
+            raise NodeAttestationError(Refusal.LOCAL, f"{self._event_log_path}: event log is over 16 MiB")
         return data
 
     async def attest(self, exchange: Exchange) -> AttestResult:
@@ -204,7 +205,7 @@ class KeyProver:
         try:
             challenge = await exchange(ATTEST_TOPIC, request)
         except RemoteError as err:
-            token = self._join_token() if err.code == "not_enrolled" else None
+            token = self._join_token() if err.code == Refusal.NOT_ENROLLED else None
             if token is None:
                 raise
             log.info("node key not enrolled: joining with the join token", extra={"node_id": self._node_id})
@@ -243,20 +244,20 @@ def load_or_create_node_key(directory: Path) -> ec.EllipticCurvePrivateKey:
             write_atomically(directory / NODE_KEY_PUBLIC_FILE,
                              key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo), 0o644)
         except OSError as err:
-            raise NodeAttestationError("local", f"{path}: cannot write the node key: {err.strerror}") from None
+            raise NodeAttestationError(Refusal.LOCAL, f"{path}: cannot write the node key: {err.strerror}") from None
         log.info("node key created (static-secret tier)", extra={"path": str(path)})
         return key
     except InsecureFileError as err:
-        raise NodeAttestationError("local", f"{path}: {err}") from None
+        raise NodeAttestationError(Refusal.LOCAL, f"{path}: {err}") from None
     except OSError as err:
-        raise NodeAttestationError("local", f"{path}: cannot read the node key: {err.strerror}") from None
+        raise NodeAttestationError(Refusal.LOCAL, f"{path}: cannot read the node key: {err.strerror}") from None
     try:
         loaded = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
-        raise NodeAttestationError("local", f"{path}: not a PEM private key; move it away to make this host "
+        raise NodeAttestationError(Refusal.LOCAL, f"{path}: not a PEM private key; move it away to make this host "
                                             "a new node (its node id changes)") from None
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(loaded.curve, ec.SECP256R1):
-        raise NodeAttestationError("local", f"{path}: not an ECDSA P-256 key")
+        raise NodeAttestationError(Refusal.LOCAL, f"{path}: not an ECDSA P-256 key")
     return loaded
 
 
@@ -272,7 +273,7 @@ def join_token_reader(path: Path | None) -> Callable[[], str | None]:
         except (OSError, UnicodeDecodeError) as err:
             # InsecureFileError says which mode it found; other OSErrors have their strerror
             reason = "not ASCII text" if isinstance(err, UnicodeDecodeError) else err.strerror or str(err)
-            raise NodeAttestationError("local", f"{path}: cannot read the join token "
+            raise NodeAttestationError(Refusal.LOCAL, f"{path}: cannot read the join token "
                                                 f"(agent.join_token_file): {reason}") from None
         return text or None
 

@@ -54,6 +54,7 @@ from vouchd.protocol.messages import (
     KeyChallengeResponse,
     NonceGrant,
 )
+from vouchd.protocol.refusals import Refusal
 from vouchd.spiffe import SpiffeError, SpiffeId, TrustDomain, TrustTier, serial_hex
 
 __all__ = ["MAX_PENDING_SESSIONS", "AttestationServices", "NodeAttestation"]
@@ -111,27 +112,28 @@ class NodeAttestation:
         try:
             ek = TpmPublic.from_tpm2b(request.ek_public)
         except EvidenceError as err:
-            raise RefusalError("bad_evidence", f"EK public area: {err}") from None
+            raise RefusalError(Refusal.BAD_EVIDENCE, f"EK public area: {err}") from None
         ek_hex = ek_hash(ek)
         node_id = str(node_spiffe_id(self._trust_domain, ek_hex))
         if request.node_id != node_id:
-            raise RefusalError("bad_request", "node id is not derived from the presented EK")
+            raise RefusalError(Refusal.BAD_REQUEST, "node id is not derived from the presented EK")
         self._check_attestation_rate(node_id)
         # The authority's nonce, spent before anything else changes: a captured request replayed
         # cannot replace this node's attestation in progress, nor make the authority verify it again.
         if not await self._store.consume_nonce(node_id, request.certify_nonce, now=self._clock.now()):
-            raise RefusalError("nonce", "attestation nonce is unknown, already used or expired; ask for a new one")
+            raise RefusalError(Refusal.NONCE,
+                               "attestation nonce is unknown, already used or expired; ask for a new one")
         if await self._store.is_banned(node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         known = await self._store.node(node_id)
         if known is not None and known.ak_public != request.ak_public and not self._standalone:
             # Anyone who can talk to the TPM can make an AK under the EK; only the first one counts.
-            raise RefusalError("ak_changed", "node presents another AK than the one it enrolled; "
+            raise RefusalError(Refusal.AK_CHANGED, "node presents another AK than the one it enrolled; "
                                              "an operator must remove the node before it can enrol anew")
         mode = self._config.enrolment
         enrolled = ek_hex in self._config.enrolled_ek_hashes or await self._store.is_enrolled(ek_hex)
         if mode == "allowlist" and not enrolled:
-            raise RefusalError("not_enrolled", f"EK {ek_hex[:16]}... is not enrolled")
+            raise RefusalError(Refusal.NOT_ENROLLED, f"EK {ek_hex[:16]}... is not enrolled")
         now = self._clock.now()
         session, blob, secret = begin_attestation(
             request,
@@ -145,12 +147,12 @@ class NodeAttestation:
         if mode == "approve" and not enrolled:
             # A genuine TPM (its chain was just checked) that no operator has let in yet waits, named.
             await self._store.add_pending(ek_hex, node_id, now=now)
-            raise RefusalError("pending", f"EK {ek_hex[:16]}... waits for `vouchd node approve {node_id}`")
+            raise RefusalError(Refusal.PENDING, f"EK {ek_hex[:16]}... waits for `vouchd node approve {node_id}`")
         session.node_id = node_id
         # One attestation in progress per EK: a new one replaces the old, so a flood of requests
         # for public EKs cannot fill the table.
         if not await self._store.put_session(session.to_record(), max_sessions=MAX_PENDING_SESSIONS, now=now):
-            raise RefusalError("busy", "too many attestations in progress")
+            raise RefusalError(Refusal.BUSY, "too many attestations in progress")
         log.info("attestation challenge", extra={"node_id": node_id, "ek_hash": ek_hex})
         return Challenge(session=session.session, credential_blob=blob, encrypted_secret=secret,
                          server_nonce=session.server_nonce, pcr_bank=self._config.pcr_bank,
@@ -160,12 +162,12 @@ class NodeAttestation:
         now = self._clock.now()
         record = await self._store.take_session(response.session, now=now)
         if record is None or record.node_id != response.node_id:
-            raise RefusalError("session_expired", "unknown or expired attestation session")
+            raise RefusalError(Refusal.SESSION_EXPIRED, "unknown or expired attestation session")
         session = AttestationSession.from_record(record)
         verified = complete_attestation(session, response.quote, now=now)
         # The node may have been banned while it answered the challenge.
         if await self._store.is_banned(session.node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         profile = await self._event_log_profile(session, verified.event_digests)
         selectors = [f"tpm:ek_hash:{session.ek_hash}", f"tpm:pcr_profile:{profile}", "node:tier:hardware"]
         if session.ek_issuer_cn:
@@ -219,35 +221,35 @@ class NodeAttestation:
             await self._store.save_profile(name, list(digests), learned_from=session.node_id, now=self._clock.now())
             log.info("event log profile learned", extra={"profile": name, "node_id": session.node_id})
             return name
-        raise RefusalError("policy", "event log contains measurements outside every accepted profile")
+        raise RefusalError(Refusal.POLICY, "event log contains measurements outside every accepted profile")
 
     # -- the static-secret tier -----------------------------------------------------------------
     async def begin_key(self, request: KeyAttestRequest) -> KeyChallenge:
         node_id = request.node_id
         load_node_key_public(request.node_key_public)
         if node_id != str(key_node_spiffe_id(self._trust_domain, node_key_hash(request.node_key_public))):
-            raise RefusalError("bad_request", "node id is not derived from the presented node key")
+            raise RefusalError(Refusal.BAD_REQUEST, "node id is not derived from the presented node key")
         self._check_attestation_rate(node_id)
         if await self._store.is_banned(node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         enrolled = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
         if enrolled is None:
             await self._join(node_id, request)
         elif request.node_key_public != enrolled:
-            raise RefusalError("bad_request", "another node key is enrolled under this node id")
+            raise RefusalError(Refusal.BAD_REQUEST, "another node key is enrolled under this node id")
         nonce, expires = await self._services.new_nonce(node_id)
         return KeyChallenge(nonce=nonce, expires_at=int(expires))
 
     async def _join(self, node_id: str, request: KeyAttestRequest) -> None:
         """Enrol the presented node key with a join token, spending it (design §4)."""
         if not request.join_token:
-            raise RefusalError("not_enrolled", "no node key is enrolled under this node id; a host without a TPM "
+            raise RefusalError(Refusal.NOT_ENROLLED, "no node key is enrolled under this node id; a host without a TPM "
                                                "joins with a token (`vouchd token create`)")
         token_id, secret = parse_join_token(request.join_token)
         now = self._clock.now()
         token = await self._store.use_join_token(token_id, secret_digest(secret), node_id, now=now)
         if token is None:
-            raise RefusalError("not_enrolled", f"join token {token_id} is unknown, used or expired")
+            raise RefusalError(Refusal.NOT_ENROLLED, f"join token {token_id} is unknown, used or expired")
         await self._store.enrol_node_key(node_id, request.node_key_public, f"join token {token_id}", now=now)
         log.info("node joined with a token", extra={"node_id": node_id, "token_id": token_id,
                                                     "node_labels": list(token.node_labels)})
@@ -262,16 +264,16 @@ class NodeAttestation:
         node_id = response.node_id
         spki = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
         if spki is None:
-            raise RefusalError("not_enrolled", "no node key is enrolled under this node id")
+            raise RefusalError(Refusal.NOT_ENROLLED, "no node key is enrolled under this node id")
         now = self._clock.now()
         if not await self._store.consume_nonce(node_id, response.nonce, now=now):
-            raise RefusalError("session_expired", "challenge nonce is unknown, already used or expired")
+            raise RefusalError(Refusal.SESSION_EXPIRED, "challenge nonce is unknown, already used or expired")
         try:
             verify_node_key_signature(spki, CHALLENGE_CONTEXT, response.nonce + node_id.encode(), response.signature)
         except SignatureError as err:
-            raise RefusalError("bad_evidence", f"challenge answer: {err}") from None
+            raise RefusalError(Refusal.BAD_EVIDENCE, f"challenge answer: {err}") from None
         if await self._store.is_banned(node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         key_hash = node_key_hash(spki)
         labels = tuple(f"node:label:{label}" for label in await self._node_key_labels(node_id))
         selectors = tuple(sorted((f"node:key_hash:{key_hash}", f"node:tier:{TrustTier.STATIC_SECRET.value}",
@@ -292,17 +294,17 @@ class NodeAttestation:
     def _check_attestation_rate(self, node_id: str) -> None:
         refusal = self._attestation_limits.refusal(node_id)
         if refusal is not None:
-            raise RefusalError("busy", refusal)
+            raise RefusalError(Refusal.BUSY, refusal)
 
     async def grant_attest_nonce(self, node_id: str) -> NonceGrant:
         """A nonce for the next AttestRequest: anyone may ask, so only within the rate limits."""
         try:
             SpiffeId.parse(node_id)
         except SpiffeError:
-            raise RefusalError("bad_request", "node id is not a SPIFFE ID") from None
+            raise RefusalError(Refusal.BAD_REQUEST, "node id is not a SPIFFE ID") from None
         self._check_attestation_rate(node_id)
         if await self._store.is_banned(node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         nonce, expires = await self._services.new_nonce(node_id)
         return NonceGrant(nonce=nonce, expires_at=int(expires), pcr_bank=self._config.pcr_bank,
                           pcr_indices=tuple(self._config.pcr_indices))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vouchd.errors import VouchdError
+from vouchd.protocol.refusals import Refusal
 
 __all__ = ["AuthorityError", "CaError", "RefusalError"]
 
@@ -22,6 +23,6 @@ class RefusalError(AuthorityError):
     logs and operators and never holds a secret.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: Refusal, message: str) -> None:
         super().__init__(message)
         self.code = code

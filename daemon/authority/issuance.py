@@ -24,6 +24,7 @@ from vouchd.decisions import Decision, DecisionKind, DecisionSink, NodeEvidence,
 from vouchd.entries import Entry
 from vouchd.policy import PolicyDecision
 from vouchd.protocol.messages import IssuedJwtSvid, IssuedX509Svid, ItemError, JwtSvidRequest, X509SvidRequest
+from vouchd.protocol.refusals import Refusal
 from vouchd.selectors import Selector
 from vouchd.spiffe import (
     JWT_TIER_CLAIM,
@@ -99,13 +100,13 @@ class SvidSigner:
         try:
             public_key = csr_public_key(item.csr)
         except InvalidSvidError as err:
-            self._refuse(errors, entry.id, "bad_csr", str(err), outcome=Outcome.INVALID, evidence=evidence,
+            self._refuse(errors, entry.id, Refusal.BAD_CSR, str(err), outcome=Outcome.INVALID, evidence=evidence,
                          method="x509-svid")
             return None
         ttl = self._bounded(self._x509_ttl(entry), item.not_after)
         if ttl is None:
-            self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
-                         evidence=evidence, method="x509-svid")
+            self._refuse(errors, entry.id, Refusal.BAD_REQUEST, "not_after is not in the future",
+                         outcome=Outcome.INVALID, evidence=evidence, method="x509-svid")
             return None
         verdict = None
         if self._policy is not None and self._standing is not None:
@@ -119,7 +120,7 @@ class SvidSigner:
                                            dns_names=entry.dns_names,
                                            now=datetime.fromtimestamp(self._clock.now(), UTC))
         except (InvalidSvidError, CaError) as err:
-            self._refuse(errors, entry.id, "cannot_sign", str(err), outcome=Outcome.ERROR, evidence=evidence,
+            self._refuse(errors, entry.id, Refusal.CANNOT_SIGN, str(err), outcome=Outcome.ERROR, evidence=evidence,
                          method="x509-svid")
             return None
         self._issued(entry, evidence, "x509-svid", serials=(serial_hex(cert),), details=_policy_details(verdict))
@@ -134,15 +135,15 @@ class SvidSigner:
             return None
         problem = audience_problem(item.audiences)
         if problem is not None:
-            self._refuse(errors, entry.id, "bad_audience", problem, outcome=Outcome.INVALID, evidence=evidence,
+            self._refuse(errors, entry.id, Refusal.BAD_AUDIENCE, problem, outcome=Outcome.INVALID, evidence=evidence,
                          method="jwt-svid")
             return None
         now = int(self._clock.now())
         ttl = self._bounded(min(entry.jwt_ttl or self._config.jwt_svid_ttl, self._config.jwt_svid_max_ttl),
                             item.not_after)
         if ttl is None:
-            self._refuse(errors, entry.id, "bad_request", "not_after is not in the future", outcome=Outcome.INVALID,
-                         evidence=evidence, method="jwt-svid")
+            self._refuse(errors, entry.id, Refusal.BAD_REQUEST, "not_after is not in the future",
+                         outcome=Outcome.INVALID, evidence=evidence, method="jwt-svid")
             return None
         verdict = None
         if self._policy is not None and self._standing is not None:
@@ -180,7 +181,7 @@ class SvidSigner:
                     method: str) -> Entry | None:
         entry = self._index.is_authorized(entry_id, node.spiffe_id, node.selectors, node.tier)
         if entry is None:
-            self._refuse(errors, entry_id, "not_authorized", "entry is not assigned to this node",
+            self._refuse(errors, entry_id, Refusal.NOT_AUTHORIZED, "entry is not assigned to this node",
                          outcome=Outcome.DENIED, evidence=evidence, method=method)
         return entry
 
@@ -195,7 +196,7 @@ class SvidSigner:
                           evidence: NodeEvidence, *, method: str) -> None:
         ids = ", ".join(verdict.policy_ids) or "none (no policy permits it)"
         reason = f"denied by policy {ids}: {'; '.join(verdict.reasons)}"
-        self._refuse(errors, entry.id, "policy", reason, outcome=Outcome.DENIED, evidence=evidence, method=method,
+        self._refuse(errors, entry.id, Refusal.POLICY, reason, outcome=Outcome.DENIED, evidence=evidence, method=method,
                      details=_policy_details(verdict))
 
     def _issued(self, entry: Entry, evidence: NodeEvidence, method: str, *, serials: tuple[str, ...] = (),

@@ -21,6 +21,7 @@ from datetime import timedelta
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.store import JoinTokenRecord
 from vouchd.entry_rules import NODE_SELECTOR_SCHEMA
+from vouchd.protocol.refusals import Refusal
 from vouchd.selectors import Selector
 
 __all__ = ["DEFAULT_TTL", "MAX_TTL", "new_join_token", "parse_join_token", "secret_digest"]
@@ -55,5 +56,5 @@ def parse_join_token(text: str) -> tuple[str, str]:
     """(token id, secret) of a presented token; RefusalError (never echoing it) when it is not one."""
     match = _TOKEN.fullmatch(text)
     if match is None:
-        raise RefusalError("bad_request", "join token is not <16 hex digits>.<43 base64url characters>")
+        raise RefusalError(Refusal.BAD_REQUEST, "join token is not <16 hex digits>.<43 base64url characters>")
     return match.group(1), match.group(2)

@@ -64,6 +64,7 @@ from vouchd.protocol.messages import (
     RequestBody,
     SignedRequest,
 )
+from vouchd.protocol.refusals import Refusal
 from vouchd.protocol.signing import ReplySigner, request_digest
 from vouchd.protocol.transport import ATTEST_TOPIC, REQUEST_TOPIC, Publisher
 from vouchd.selectors import selector_set
@@ -250,11 +251,11 @@ class Authority:
                 return self._sign(await self.attestation.complete_key(message), node_id=node_id, request=request)
             if topic == REQUEST_TOPIC and isinstance(message, SignedRequest):
                 return await self._signed_request(message, request)
-            raise RefusalError("bad_request", f"{type(message).__name__} is not accepted on {topic}")
+            raise RefusalError(Refusal.BAD_REQUEST, f"{type(message).__name__} is not accepted on {topic}")
         except (MessageError, EvidenceError) as err:
             self.decide(DecisionKind.DENY, Outcome.INVALID, method=method, reason=str(err),
                          node=NodeEvidence(node_id) if node_id else None)
-            return self._sign(ErrorReply("bad_request", str(err)), node_id=node_id, request=request)
+            return self._sign(ErrorReply(Refusal.BAD_REQUEST, str(err)), node_id=node_id, request=request)
         except RefusalError as refusal:
             self.decide(DecisionKind.DENY, Outcome.DENIED, method=method, reason=f"{refusal.code}: {refusal}",
                          node=NodeEvidence(node_id) if node_id else None)
@@ -265,26 +266,26 @@ class Authority:
             # the node's status names the cause rather than "internal error".
             self.decide(DecisionKind.DENY, Outcome.ERROR, method=method, reason=str(err),
                          node=NodeEvidence(node_id) if node_id else None)
-            return self._sign(ErrorReply("storage", f"the authority cannot write its state: {err}"),
+            return self._sign(ErrorReply(Refusal.STORAGE, f"the authority cannot write its state: {err}"),
                               node_id=node_id, request=request)
         except Exception:
             # Input that reached a bug must still get an answer, and must not take the authority down.
             log.exception("request failed", extra={"topic": topic, "node_id": node_id})
-            return self._sign(ErrorReply("internal", "internal error"), node_id=node_id, request=request)
+            return self._sign(ErrorReply(Refusal.INTERNAL, "internal error"), node_id=node_id, request=request)
 
     # -- requests ----------------------------------------------------------------------------
     async def _trusted_node(self, node_id: str) -> NodeRecord:
         node = await self._store.node(node_id)
         if node is None:
-            raise RefusalError("reattest", "node is unknown; attest first")
+            raise RefusalError(Refusal.REATTEST, "node is unknown; attest first")
         if node.state in (NodeState.BANNED, NodeState.FAILED):
-            raise RefusalError(node.state.value, f"node is {node.state.value}")
+            raise RefusalError(Refusal(node.state.value), f"node is {node.state.value}")
         # The ban itself, not only the state it set: an attestation that completed while the ban was
         # written may have saved the node as trusted again.
         if await self._store.is_banned(node_id):
-            raise RefusalError("banned", "node is banned")
+            raise RefusalError(Refusal.BANNED, "node is banned")
         if node.state is not NodeState.TRUSTED:
-            raise RefusalError("reattest", f"node is {node.state.value}; attest again")
+            raise RefusalError(Refusal.REATTEST, f"node is {node.state.value}; attest again")
         return node
 
     async def _grant_nonce(self, node_id: str) -> NonceGrant:
@@ -296,7 +297,7 @@ class Authority:
     async def _quoted_request(self, message: QuotedRequest, raw: bytes) -> bytes:
         node = await self._trusted_node(message.node_id)
         if node.tier != TrustTier.HARDWARE.value:
-            raise RefusalError("bad_request", f"a {node.tier} node signs its requests with its node key")
+            raise RefusalError(Refusal.BAD_REQUEST, f"a {node.tier} node signs its requests with its node key")
 
         def verify() -> Attest:
             return verify_request_quote(node, message.quote, message.body)
@@ -319,13 +320,13 @@ class Authority:
     async def _signed_request(self, message: SignedRequest, raw: bytes) -> bytes:
         node = await self._trusted_node(message.node_id)
         if node.tier == TrustTier.HARDWARE.value:
-            raise RefusalError("bad_request", "a hardware node quotes its requests with its TPM")
+            raise RefusalError(Refusal.BAD_REQUEST, "a hardware node quotes its requests with its TPM")
 
         def verify() -> None:
             try:
                 verify_node_key_signature(node.node_key_public, REQUEST_CONTEXT, message.body, message.signature)
             except SignatureError as err:
-                raise RefusalError("bad_evidence", f"request: {err}") from None
+                raise RefusalError(Refusal.BAD_EVIDENCE, f"request: {err}") from None
 
         async def settle(_: None) -> NodeEvidence:
             return NodeEvidence(node.node_id)
@@ -345,13 +346,13 @@ class Authority:
         proof = verify()
         body = decode_as(RequestBody, body_bytes)
         if body.node_id != node.node_id:
-            raise RefusalError("bad_request", "request body names another node")
+            raise RefusalError(Refusal.BAD_REQUEST, "request body names another node")
         now = self._clock.now()
         if abs(body.sent_at - now) > _CLOCK_TOLERANCE:
-            raise RefusalError("bad_request", "request time is too far from the authority's clock")
+            raise RefusalError(Refusal.BAD_REQUEST, "request time is too far from the authority's clock")
         # The nonce first: a replayed request is refused here and changes nothing about the node.
         if not await self._store.consume_nonce(node.node_id, body.nonce, now=now):
-            raise RefusalError("nonce", "request nonce is unknown, already used or expired")
+            raise RefusalError(Refusal.NONCE, "request nonce is unknown, already used or expired")
         evidence = await settle(proof)
         response = await self._serve(node, body, evidence)
         signed = self._sign(response, node_id=node.node_id, request=raw)
@@ -360,7 +361,8 @@ class Authority:
 
     async def _serve(self, node: NodeRecord, body: RequestBody, evidence: NodeEvidence) -> CredentialResponse:
         if len(body.x509_svids) > MAX_X509_SVIDS_PER_REQUEST or len(body.jwt_svids) > MAX_JWT_SVIDS_PER_REQUEST:
-            raise RefusalError("bad_request", f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
+            raise RefusalError(Refusal.BAD_REQUEST,
+                               f"more than {MAX_X509_SVIDS_PER_REQUEST} SVID requests in one batch")
         view = NodeView(SpiffeId.parse(node.node_id), selector_set(node.selectors), TrustTier(node.tier))
         index = self.registry.index
         signer = SvidSigner(self._config, index, ca=self._current_ca(), jwt_keys=self._jwt_keys.current()[0],

@@ -44,6 +44,7 @@ from vouchd.evidence import (
 )
 from vouchd.protocol.identities import ek_hash
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
+from vouchd.protocol.refusals import Refusal
 from vouchd.spiffe import serial_hex, spki_der
 
 __all__ = [
@@ -96,7 +97,7 @@ class EkChainError(RefusalError):
 
     def __init__(self, certificate: x509.Certificate, defect: str) -> None:
         self.certificate = _describe(certificate)
-        super().__init__("ek_untrusted", f"EK certificate chain: {self.certificate} {defect}")
+        super().__init__(Refusal.EK_UNTRUSTED, f"EK certificate chain: {self.certificate} {defect}")
 
 
 class EkLeafIsCaError(EkChainError):
@@ -319,31 +320,31 @@ class AttestationSession:
                 raw_event_log=record.event_log,
             )
         except (EvidenceError, KeyError) as err:
-            raise RefusalError("session_expired", f"stored attestation session is unreadable: {err}") from None
+            raise RefusalError(Refusal.SESSION_EXPIRED, f"stored attestation session is unreadable: {err}") from None
 
 
 def _parse_public(data: bytes, what: str) -> TpmPublic:
     try:
         return TpmPublic.from_tpm2b(data)
     except EvidenceError as err:
-        raise RefusalError("bad_evidence", f"{what}: {err}") from None
+        raise RefusalError(Refusal.BAD_EVIDENCE, f"{what}: {err}") from None
 
 
 def _check_ek_shape(ek: TpmPublic, ek_type: str) -> None:
     shape = _EK_SHAPES.get(ek_type)
     if shape is None:
-        raise RefusalError("bad_evidence", f"unknown EK type {ek_type[:20]!r}")
+        raise RefusalError(Refusal.BAD_EVIDENCE, f"unknown EK type {ek_type[:20]!r}")
     key_type, curve, bits = shape
     if ek.type != key_type or (curve is not None and ek.curve != curve) or (bits and ek.rsa_bits != bits):
-        raise RefusalError("bad_evidence", f"EK public area is not a {ek_type} key")
+        raise RefusalError(Refusal.BAD_EVIDENCE, f"EK public area is not a {ek_type} key")
     if ek.attributes & _EK_REQUIRED != _EK_REQUIRED:
-        raise RefusalError("bad_evidence", "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
+        raise RefusalError(Refusal.BAD_EVIDENCE, "EK public area lacks fixedTPM/fixedParent/restricted/decrypt")
 
 
 def _ek_certificate_spki(certificate: x509.Certificate) -> bytes:
     key = certificate.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-        raise RefusalError("bad_evidence", "EK certificate key is neither RSA nor EC")
+        raise RefusalError(Refusal.BAD_EVIDENCE, "EK certificate key is neither RSA nor EC")
     return spki_der(key)
 
 
@@ -370,19 +371,19 @@ def begin_attestation(
         try:
             certificate = x509.load_der_x509_certificate(request.ek_certificate)
         except ValueError:
-            raise RefusalError("bad_evidence", "EK certificate is not DER X.509") from None
+            raise RefusalError(Refusal.BAD_EVIDENCE, "EK certificate is not DER X.509") from None
         if _ek_certificate_spki(certificate) != ek.spki_der():
-            raise RefusalError("bad_evidence", "EK certificate does not certify the presented EK")
+            raise RefusalError(Refusal.BAD_EVIDENCE, "EK certificate does not certify the presented EK")
         if trust.configured:
             trust.verify_chain(certificate, now=datetime.fromtimestamp(now, UTC))
             # Only a checked chain vouches for the issuer's name: anyone can write one into a certificate.
             issuer_cn = _issuer_common_name(certificate)
         elif require_certificate:
-            raise RefusalError("ek_untrusted", "no manufacturer roots are configured to check the EK certificate")
+            raise RefusalError(Refusal.EK_UNTRUSTED, "no manufacturer roots are configured to check the EK certificate")
         # else: the operator enrolled this exact EK by its hash, which pins more than any chain could;
         # without roots nothing vouches for its issuer, so the node gets no tpm:ek_issuer_cn selector.
     elif require_certificate:
-        raise RefusalError("ek_untrusted", "an EK without a certificate must be enrolled beforehand")
+        raise RefusalError(Refusal.EK_UNTRUSTED, "an EK without a certificate must be enrolled beforehand")
 
     ak = _parse_public(request.ak_public, "AK public area")
     node_key = _parse_public(request.node_key_public, "node key public area")
@@ -395,18 +396,19 @@ def begin_attestation(
                        extra_data=request.certify_nonce, certified=node_key,
                        expected_signer_qualified_name=ak_qn)
     except EvidenceError as err:
-        raise RefusalError("bad_evidence", str(err)) from None
+        raise RefusalError(Refusal.BAD_EVIDENCE, str(err)) from None
 
     event_log = None
     if request.event_log is not None:
         try:
             event_log = parse_event_log(request.event_log)
         except EvidenceError as err:
-            raise RefusalError("bad_evidence", f"event log: {err}") from None
+            raise RefusalError(Refusal.BAD_EVIDENCE, f"event log: {err}") from None
         if _BANKS[bank] not in event_log.algorithms:
-            raise RefusalError("bad_evidence", f"event log has no {bank} bank")
+            raise RefusalError(Refusal.BAD_EVIDENCE, f"event log has no {bank} bank")
     elif not accept_missing_event_log:
-        raise RefusalError("policy", "no event log, and the authority does not accept hosts without measured boot")
+        raise RefusalError(Refusal.POLICY,
+                           "no event log, and the authority does not accept hosts without measured boot")
 
     secret = secrets.token_bytes(32)
     credential_blob, encrypted_secret = make_credential(ek, secret, ak.name)
@@ -438,13 +440,13 @@ class VerifiedNode:
 def complete_attestation(session: AttestationSession, quote: TpmEvidence, *, now: float) -> VerifiedNode:
     """Verify the quote answering the Challenge (DESIGN §4.4)."""
     if now > session.expires_at:
-        raise RefusalError("session_expired", "attestation session expired; start again")
+        raise RefusalError(Refusal.SESSION_EXPIRED, "attestation session expired; start again")
     try:
         if session.event_log is not None:
             values = session.event_log.replay(session.selection.hash_alg)
             zero = bytes(len(next(iter(values.values()))))
             if any(values[i] == zero for i in session.selection.pcrs):
-                raise RefusalError("policy", "a selected PCR is all-zero: the event log does not cover it")
+                raise RefusalError(Refusal.POLICY, "a selected PCR is all-zero: the event log does not cover it")
             # PCR values come from replaying the log, never from the agent: the quote must match them.
             attest = verify_quote(session.ak, quote.attest, quote.signature,
                                   extra_data=session.expected_extra_data, selection=session.selection,
@@ -457,7 +459,7 @@ def complete_attestation(session: AttestationSession, quote: TpmEvidence, *, now
                                   pcr_values=None)
             digests = ()
     except EvidenceError as err:
-        raise RefusalError("bad_quote", str(err)) from None
+        raise RefusalError(Refusal.BAD_QUOTE, str(err)) from None
     return VerifiedNode(attest=attest, event_digests=digests)
 
 
@@ -521,7 +523,7 @@ def match_profile(profiles: Mapping[str, Iterable[str]], measurements: Iterable[
     if unreadable:
         names = ", ".join(unreadable)
         raise RefusalError(
-            "policy", f"boot profile(s) {names} hold unordered measurements (recorded by an older vouchd) and "
+            Refusal.POLICY, f"boot profile(s) {names} hold unordered measurements (recorded by an older vouchd) and "
                       f"cannot be checked in event-log order: on a boot you trust, record it again with "
                       f"`vouchd node learn --name {unreadable[0]}`, or drop it with `vouchd profile remove`")
     return None
@@ -562,7 +564,7 @@ def verify_request_quote(node: NodeRecord, quote: TpmEvidence, body: bytes) -> A
                             extra_data=hashlib.sha256(body).digest(),
                             selection=selection_for(node.pcr_bank, node.pcr_indices), pcr_values=None)
     except EvidenceError as err:
-        raise RefusalError("bad_quote", str(err)) from None
+        raise RefusalError(Refusal.BAD_QUOTE, str(err)) from None
 
 
 def check_quote_continuity(node: NodeRecord, attest: Attest) -> None:
@@ -574,10 +576,10 @@ def check_quote_continuity(node: NodeRecord, attest: Attest) -> None:
     """
     clock = attest.clock_info
     if clock.reset_count != node.reset_count:
-        raise RefusalError("reattest", "the TPM was reset since the last attestation")
+        raise RefusalError(Refusal.REATTEST, "the TPM was reset since the last attestation")
     if clock.restart_count < node.restart_count or (
         clock.restart_count == node.restart_count and clock.clock < node.clock
     ):
-        raise RefusalError("reattest", "the TPM clock went backwards")
+        raise RefusalError(Refusal.REATTEST, "the TPM clock went backwards")
     if not hmac.compare_digest(attest.pcr_digest, node.pcr_digest):
-        raise RefusalError("reattest", "PCR values changed since the last attestation")
+        raise RefusalError(Refusal.REATTEST, "PCR values changed since the last attestation")

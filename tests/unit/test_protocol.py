@@ -619,3 +619,12 @@ def test_an_entry_in_a_message_is_checked_like_any_entry() -> None:
 
     with pytest.raises(MessageError, match=r"^credential_response\.entries\[0\]: selectors: needs at least one"):
         decode(canonical_json(body))
+
+
+def test_every_refusal_code_is_documented() -> None:
+    from pathlib import Path
+
+    from vouchd.protocol.refusals import Refusal
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    assert [code.value for code in Refusal if f"| `{code.value}` |" not in text] == []
