@@ -64,7 +64,7 @@ DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 DEFAULT_ANCHOR_EVERY = 1000
 DEFAULT_ANCHOR_INTERVAL = 60.0
 _ANCHOR_RETRY = 10.0        # seconds before trying again after an anchor failed (at most the interval)
-_CLOSE_ANCHOR_TIMEOUT = 10.0
+_CLOSE_ANCHOR_TIMEOUT = 5.0
 _READ_CHUNK = 64 * 1024
 _GENESIS_HEAD = bytes(32)   # hex: GENESIS_PREV
 

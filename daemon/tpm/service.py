@@ -16,10 +16,10 @@ in which the node's keys still load. The service never retries on its own; its o
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar, TypeVarTuple
@@ -42,10 +42,17 @@ from vouchd.tpm.keystore import (
     write_key,
 )
 from vouchd.tpm.latency import LatencyRecorder
+from vouchd.tpm.owner import OwnerThread
 from vouchd.tpm.templates import KeyRole
 from vouchd.tpm.values import MAX_SEALED_DATA, PCR_BANKS, PCR_COUNT, EkInfo, KeyBlob, NodeKeys, SealedBlob, TpmQuote
 
 __all__ = ["EkInfo", "EkType", "KeyBlob", "NodeKeys", "SealedBlob", "TpmDescription", "TpmQuote", "TpmService"]
+
+log = logging.getLogger("vouchd.tpm")
+
+# How long close() waits for the TPM's queued operations: a hardware TPM answers within seconds; one
+# that does not in this long has stopped answering, and shutdown must go on without it.
+CLOSE_TIMEOUT = 5.0
 
 _Result = TypeVar("_Result")
 _Args = TypeVarTuple("_Args")
@@ -78,7 +85,7 @@ class TpmService:
         self._authorizations: HierarchyAuths | None = None
         self._profile = EK_PROFILES[parse_ek_type(ek_type)]
         self._latency = LatencyRecorder()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: OwnerThread | None = None
         self._device: TpmDevice | None = None
         self._ek: EkInfo | None = None
         self._ak: StoredKey | None = None
@@ -106,7 +113,7 @@ class TpmService:
         self._started = True
         # libtss2 otherwise prints every TPM error to stderr, including the expected ones.
         os.environ.setdefault("TSS2_LOG", "all+NONE")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vouchd-tpm")
+        self._executor = OwnerThread("vouchd-tpm")
         try:
             self._ek = await self._on_worker("start", self._open_on_worker)
         except BaseException:
@@ -115,20 +122,29 @@ class TpmService:
         if self._closed:
             raise TpmError("tpm service was closed while starting")
 
-    async def close(self) -> None:
-        """Wait for queued operations, close the ESAPI context and stop the worker thread. Idempotent."""
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Wait for queued operations, close the ESAPI context and stop the worker thread, within
+        `timeout` seconds: a TPM that stopped answering must not keep the process from exiting
+        (its operation is left running on the daemon thread, and the context unclosed). Idempotent."""
         if self._closed:
             return
         self._closed = True
         executor = self._executor
         if executor is None:
             return
+        # Queued behind every operation submitted before close(), a start() in progress included.
+        closing = asyncio.get_running_loop().run_in_executor(executor, self._close_on_worker)
         try:
-            # Queued behind every operation submitted before close(), a start() in progress included.
-            await asyncio.get_running_loop().run_in_executor(executor, self._close_on_worker)
-        finally:
-            # The worker is idle now, so this joins it at once.
-            executor.shutdown(wait=True)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(closing)
+        except TimeoutError:
+            stuck = self.stalled_for()
+            log.error("the tpm did not finish its operations in time; leaving without closing it",
+                      extra={"tcti": self._tcti, "timeout_seconds": timeout,
+                             "operation_running_for_seconds": round(stuck, 1)})
+            executor.shutdown(wait=False, cancel_futures=True)
+            return
+        executor.shutdown(wait=True)  # the worker is idle now: this joins it at once
 
     def _open_on_worker(self) -> EkInfo | None:
         # The device is created, used and closed on the worker thread only.
