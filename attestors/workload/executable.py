@@ -14,7 +14,10 @@ user namespace). Such a caller gets no `unix:path` and no `unix:sha256`.
 
 The blocking steps run on the ExecutableReader's AttestationPool, with a share per uid and a bounded
 wait, never on asyncio's default pool: what hangs despite the check (overlayfs stacked on a FUSE
-mount passes it as `overlay`) holds its own uid's threads, not the other callers'.
+mount passes it as `overlay`) holds its own uid's threads, not the other callers'. An executable on
+a local disk file system (LOCAL_FILE_SYSTEMS, by the kept host mount table) is inspected without a
+thread (inspect_executable_inline): its stat answers from memory, and a thread's hand-off would cost
+more than the whole inspection.
 """
 
 from __future__ import annotations
@@ -32,17 +35,20 @@ from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import AttestorError, ProcessExitedError
 from vouchd.attestors.workload.mounts import MountTables
 from vouchd.attestors.workload.pool import AttestationPool, PoolBusyError
-from vouchd.attestors.workload.procfs import PROC_ROOT, Mount
+from vouchd.attestors.workload.procfs import PROC_ROOT, Mount, read_fd_mount_id
 from vouchd.attestors.workload.throttle import UidWarnings
 from vouchd.errors import VouchdError
 
 __all__ = [
+    "CANNOT_TELL",
     "FUSE_FILE_SYSTEMS",
+    "LOCAL_FILE_SYSTEMS",
     "NETWORK_FILE_SYSTEMS",
     "READ_THREADS",
     "READ_UID_THREADS",
     "READ_UID_WAITING",
     "READ_WAIT_LIMIT",
+    "CannotTell",
     "ExecutableFile",
     "ExecutableReader",
     "FileIdentity",
@@ -51,6 +57,7 @@ __all__ = [
     "check_file_system",
     "file_system_kind",
     "inspect_executable",
+    "inspect_executable_inline",
     "open_executable",
 ]
 
@@ -79,6 +86,26 @@ NETWORK_FILE_SYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "coda", "ncpfs", "lustre",
     "gpfs", "beegfs", "orangefs", "ocfs2", "gfs2",
 })
+
+
+# File systems whose getattr of an inode in memory (a running executable's is) answers from memory or
+# the local disk: nothing a caller runs can make it wait, so an executable on one of them is inspected on
+# the event loop (inspect_executable_inline). Overlay is not among them: its getattr asks the layers
+# below, and an unprivileged user may stack one on FUSE.
+LOCAL_FILE_SYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "bcachefs", "tmpfs", "ramfs", "devtmpfs",
+    "squashfs", "erofs", "iso9660", "udf", "vfat", "msdos", "exfat",
+})
+
+
+class CannotTell:
+    """inspect_executable_inline's answer when the executable cannot be inspected without risking a wait."""
+
+    def __repr__(self) -> str:
+        return "CANNOT_TELL"
+
+
+CANNOT_TELL = CannotTell()
 
 
 def file_system_kind(fs_type: str) -> str | None:
@@ -165,6 +192,27 @@ def inspect_executable(
     return ExecutableFile(path=link, identity=FileIdentity.of(status))
 
 
+def inspect_executable_inline(
+    pid: int, mounts: MountTables, *, proc_root: Path = PROC_ROOT
+) -> ExecutableFile | CannotTell | None:
+    """What inspect_executable says, read without a thread when that cannot wait; else CANNOT_TELL.
+
+    The same steps: /proc/<pid>/exe opened O_PATH (which asks the file's file system nothing), its mount
+    found, the link read and the file stat'ed; but the mount is looked up in the kept host table only,
+    and only a file on a LOCAL_FILE_SYSTEMS mount is stat'ed. Raises ProcessExitedError when the process
+    is gone, PermissionError without ptrace access to it.
+    """
+    with _ExePath(pid, proc_root) as fd:
+        mount = mounts.kept_mount(read_fd_mount_id(fd, proc_root=proc_root))
+        if mount is None or mount.fs_type not in LOCAL_FILE_SYSTEMS:
+            return CANNOT_TELL
+        link = os.readlink(_own_fd(fd, proc_root))
+        status = os.fstat(fd)
+    if status.st_nlink == 0 or link.endswith(_DELETED_SUFFIX):
+        return None
+    return ExecutableFile(path=link, identity=FileIdentity.of(status))
+
+
 def open_executable(
     pid: int, identity: FileIdentity, *, proc_root: Path = PROC_ROOT, mounts: MountTables | None = None
 ) -> int:
@@ -212,7 +260,8 @@ def _own_fd(fd: int, proc_root: Path) -> str:
 
 
 class ExecutableReader:
-    """Inspects and opens callers' executables on an AttestationPool, never waiting longer than `wait_limit`.
+    """Inspects and opens callers' executables on an AttestationPool, never waiting longer than `wait_limit`
+    (an executable on a local disk is inspected at once, without a thread).
 
     A caller whose executable cannot be read (no ptrace access, a refused file system, no answer in
     time) gets None, so no `path` or `sha256`, and a warning, at most one per uid and reason a minute.
@@ -241,6 +290,10 @@ class ExecutableReader:
         Raises ProcessExitedError, or another OSError of reading /proc.
         """
         try:
+            # Most executables live on a local disk: read at once, no thread needed (nor its hand-off).
+            found = inspect_executable_inline(process.pid, self._mounts, proc_root=self._proc_root)
+            if not isinstance(found, CannotTell):
+                return found
             return await self._run(process, functools.partial(inspect_executable, process.pid,
                                                               proc_root=self._proc_root, mounts=self._mounts))
         except PermissionError:

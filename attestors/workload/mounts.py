@@ -57,6 +57,14 @@ class MountTables:
             mount = read_mount(None, mount_id, proc_root=self._proc_root)
         return mount_id, mount
 
+    def kept_mount(self, mount_id: int) -> Mount | None:
+        """The mount with this id in the kept host table; None when it is not there or no table is kept.
+
+        Reads no mount table but the kept one, and that one only after the kernel marked it changed:
+        what a caller on the event loop may ask (fingerprint.py).
+        """
+        return self._in_host_table(mount_id)
+
     def close(self) -> None:
         with self._lock:
             if self._host is not None:

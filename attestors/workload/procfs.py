@@ -30,6 +30,7 @@ __all__ = [
     "read_fd_mount_id",
     "read_mount",
     "read_own_proc_text",
+    "read_proc_bytes",
     "read_process_credentials",
     "read_process_stat",
     "read_supplementary_groups",
@@ -247,13 +248,35 @@ def _read_own_proc_text(name: str, proc_root: Path) -> str:
 
 
 def _read_all(path: str) -> str:
-    # os.read rather than pathlib: half the cost, and these reads happen for every caller.
+    # comm and paths are arbitrary bytes chosen by processes: never let their encoding break parsing.
+    return read_proc_bytes(path).decode("utf-8", errors="replace")
+
+
+# The /proc files the kernel writes as one record (single_open: stat, status, cgroup, fdinfo, ...): one
+# read(2) with room enough returns all of it, so a short read is the end and needs no second read.
+_SINGLE_RECORD = frozenset({"stat", "status", "cgroup"})
+_CHUNK = 65536
+
+
+def read_proc_bytes(path: str, *, limit: int | None = None) -> bytes:
+    """The whole of a /proc file (raises OSError as os.open and os.read do); ProcessInfoError when it
+    holds more than `limit` bytes.
+
+    os.read rather than pathlib: half the cost, and these reads happen for every caller. A file the
+    kernel writes as one record (_SINGLE_RECORD, fdinfo) takes one read when it fits the buffer.
+    """
+    single_record = path.rpartition("/")[2] in _SINGLE_RECORD or "/fdinfo/" in path
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, _CHUNK):
             chunks.append(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise ProcessInfoError(f"{path} is larger than {limit} bytes")
+            if single_record and len(chunk) < _CHUNK:
+                break
     finally:
         os.close(fd)
-    # comm and paths are arbitrary bytes chosen by processes: never let their encoding break parsing.
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk (the usual case): no copy

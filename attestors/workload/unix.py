@@ -4,7 +4,8 @@ Selectors: `unix:uid`, `unix:user`, `unix:gid`, `unix:group` (from SO_PEERCRED),
 `unix:supplementary_group` (from /proc/<pid>/status), `unix:path` and `unix:sha256` of the executable.
 
 The executable is read by executable.py (through /proc/<pid>/exe; never on a FUSE or network file
-system; on threads of its own with a share per uid, never longer than a bounded wait) and hashed by
+system; at once where it lives on a local disk, else on threads of its own with a share per uid,
+never longer than a bounded wait) and hashed by
 hashing.py (bounded in bytes, per uid, and in concurrency). Whenever either cannot answer now, the
 caller gets no `path` / `sha256` rather than a wait, so entries that require them do not match: a
 deleted executable, no ptrace access, a refused file system, a busy or hung thread, a spent budget.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import grp
 import pwd
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vouchd.attestors.base import WorkloadProcess
@@ -83,6 +86,11 @@ SELECTOR_KINDS = (
 )
 
 
+# How long the name NSS gave an id is used again without asking (seconds), and how many are kept.
+NAME_TTL = 2.0
+_NAME_CAPACITY = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class _ProcessFacts:
     user: str | None
@@ -109,7 +117,8 @@ class UnixAttestor:
     uid and the file. Cached hashes cost nothing. An executable on a FUSE or network file system is
     never opened, and one whose read does not answer within a second is not waited for: no
     `unix:path` or `unix:sha256` then (see executable.py). `stalled` tells the agent's watchdog when
-    the threads that read executables all hang.
+    the threads that read executables all hang. The names of ids are asked of NSS on a thread, and
+    used again for NAME_TTL seconds.
     """
 
     name = _NAME
@@ -147,6 +156,7 @@ class UnixAttestor:
         if hasher is not None and not isinstance(hasher, ExecutableHasher):
             raise ConfigError("workloadattestor(unix): hasher must be an ExecutableHasher")
         self._hash_executables = hash_executables
+        self._names = _Names()
         self._hasher = hasher or ExecutableHasher(
             max_bytes=max_hash_bytes,
             budget=HashBudget(
@@ -163,10 +173,15 @@ class UnixAttestor:
 
     async def attest(self, process: WorkloadProcess) -> Sequence[Selector]:
         try:
-            # Name lookups go through NSS (possibly LDAP): keep them off the event loop. /proc/<pid>/status
-            # never waits for a file system; the caller's executable may, so it is read on the reader's
-            # own threads instead of asyncio's default ones.
-            facts = await asyncio.to_thread(self._describe, process)
+            # /proc/<pid>/status never waits for a file system: read here. Name lookups go through NSS
+            # (possibly LDAP): looked up on a thread, unless looked up within the last NAME_TTL seconds.
+            # The caller's executable may wait: read on the reader's own threads unless it lives on a local
+            # disk (ExecutableReader.inspect).
+            groups = read_supplementary_groups(process.pid)
+            facts = self._names.facts(process.uid, process.gid, groups)
+            if facts is None:
+                facts = await asyncio.to_thread(_look_up, process.uid, process.gid, groups)
+                self._names.remember(process.uid, process.gid, facts)
             executable = await self._hasher.reader.inspect(process)
             digest = None
             if self._hash_executables and executable is not None:
@@ -200,13 +215,47 @@ class UnixAttestor:
                 return f"workloadattestor(unix): {problem}"
         return None
 
-    def _describe(self, process: WorkloadProcess) -> _ProcessFacts:
-        groups = read_supplementary_groups(process.pid)
-        return _ProcessFacts(
-            user=_user_name(process.uid),
-            group=_group_name(process.gid),
-            supplementary_groups=tuple((gid, _group_name(gid)) for gid in groups),
-        )
+
+
+class _Names:
+    """User and group names of ids, as NSS gave them at most `ttl` seconds ago (names of ids change
+    seldom; nscd, where it runs, keeps them ten minutes). Bounded: the oldest are forgotten first."""
+
+    def __init__(self, ttl: float = NAME_TTL, *, capacity: int = _NAME_CAPACITY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._capacity = capacity
+        self._clock = clock
+        self._known: OrderedDict[tuple[str, int], tuple[str | None, float]] = OrderedDict()
+
+    def facts(self, uid: int, gid: int, groups: tuple[int, ...]) -> _ProcessFacts | None:
+        """The facts, if every name is known and fresh; None if one must be looked up."""
+        now = self._clock()
+        names: dict[tuple[str, int], str | None] = {}
+        for key in (("user", uid), ("group", gid), *(("group", g) for g in groups)):
+            known = self._known.get(key)
+            if known is None or known[1] <= now:
+                return None
+            names[key] = known[0]
+        return _ProcessFacts(user=names["user", uid], group=names["group", gid],
+                             supplementary_groups=tuple((g, names["group", g]) for g in groups))
+
+    def remember(self, uid: int, gid: int, facts: _ProcessFacts) -> None:
+        """What _look_up found for these ids (on the event loop's thread, as `facts`)."""
+        expires = self._clock() + self._ttl
+        found = [(("user", uid), facts.user), (("group", gid), facts.group),
+                 *((("group", g), name) for g, name in facts.supplementary_groups)]
+        for key, name in found:
+            self._known[key] = (name, expires)
+            self._known.move_to_end(key)
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+
+
+def _look_up(uid: int, gid: int, groups: tuple[int, ...]) -> _ProcessFacts:
+    """Ask NSS for the names (blocks: runs on a thread)."""
+    return _ProcessFacts(user=_user_name(uid), group=_group_name(gid),
+                         supplementary_groups=tuple((g, _group_name(g)) for g in groups))
 
 
 def _user_name(uid: int) -> str | None:

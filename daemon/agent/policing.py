@@ -72,6 +72,12 @@ class WorkloadPolicy:
         return self._engine.evaluate_all(PolicyRequest(principal, PolicyAction.FETCH_JWT_SVID, Audience(audience),
                                                        context) for audience in audiences)
 
+    def validate(self, caller: CallerContext, entry: Entry, audience: str) -> PolicyDecision:
+        """May the caller, as `entry` names it, validate JWT-SVIDs for `audience`? Nothing is issued."""
+        return self._engine.evaluate(PolicyRequest(
+            self._principal(caller, entry), PolicyAction.VALIDATE_JWT_SVID, Audience(audience),
+            self._context(new_credential=False, ttl=0, audiences=(audience,))))
+
     def _principal(self, caller: CallerContext, entry: Entry) -> Workload:
         parents = sorted(s.value for s in caller.selectors if (s.type, s.key) == ("lineage", "parent_spiffe_id"))
         depth = next((int(s.value) for s in caller.selectors if (s.type, s.key) == ("lineage", "depth")), 0)

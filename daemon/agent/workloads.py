@@ -94,6 +94,10 @@ class AgentWorkloadIdentities:
         return self._policy.jwt(caller, entry, caller.audiences,
                                 held=self._jwt_svids.holds(entry, caller.audiences))
 
+    def _validate_verdict(self, caller: CallerContext, entry: Entry, audience: str) -> PolicyDecision:
+        assert self._policy is not None
+        return self._policy.validate(caller, entry, audience)
+
     def x509_bundles(self) -> Mapping[str, bytes]:
         return {self._trust_domain_id: self._svids.bundle_der()}
 
@@ -107,7 +111,11 @@ class AgentWorkloadIdentities:
     def jwt_bundles(self) -> Mapping[str, bytes]:
         return self._jwt_svids.jwt_bundles()
 
-    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+    def validate_jwt_svid(self, caller: CallerContext, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+        # Any local process may validate (it could with the bundle); the policy speaks for the
+        # callers an entry names: validation is theirs unless it forbids it for every one of them.
+        if self._policy is not None:
+            self._permitted(caller, lambda entry: self._validate_verdict(caller, entry, audience))
         try:
             return self._jwt_svids.validate(token, audience)
         except InvalidSvidError as err:

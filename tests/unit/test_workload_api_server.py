@@ -158,7 +158,7 @@ class FakeIdentities:
     def jwt_bundles(self) -> Mapping[str, bytes]:
         return dict(self.jwks)
 
-    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+    def validate_jwt_svid(self, caller: CallerContext, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
         if token != "header.payload.signature":
             raise InvalidJwtSvidError("jwt-svid signature does not verify")
         return TRUST_DOMAIN + "/web", {"sub": TRUST_DOMAIN + "/web", "aud": [audience], "exp": 2_000_000_000}

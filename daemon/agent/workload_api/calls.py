@@ -75,6 +75,7 @@ class Call:
     spiffe_ids: tuple[str, ...] = ()
     details: list[tuple[str, str]] = field(default_factory=list)  # the agent's own (policy verdicts)
     answered: bool = False  # a stream sent its first message: a later decision is the stream's end
+    reused: bool = False  # the caller's attestation was an earlier one, still valid (reuse.py)
 
     def __post_init__(self) -> None:
         self.started = self.clock.monotonic()
@@ -105,6 +106,8 @@ class Call:
         """The call's decision: handed out when `code` is empty, else refused or failed with `reason`."""
         kind, outcome = _DECISIONS[code] if code else (DecisionKind.ISSUE, Outcome.OK)
         details = [("duration_ms", f"{self.duration_ms():.3f}"), *self.details]
+        if self.reused:
+            details.append(("attestation", "reused"))
         if code:
             details.append(("code", code))
         if self.answered and code:

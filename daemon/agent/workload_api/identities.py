@@ -132,8 +132,9 @@ class WorkloadIdentities(Protocol):
         """Trust domain SPIFFE ID -> its JWKS document."""
         ...
 
-    def validate_jwt_svid(self, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
-        """The SPIFFE ID and claims of a valid JWT-SVID; InvalidJwtSvidError saying why not."""
+    def validate_jwt_svid(self, caller: CallerContext, token: str, audience: str) -> tuple[str, Mapping[str, Any]]:
+        """The SPIFFE ID and claims of a valid JWT-SVID; InvalidJwtSvidError saying why not;
+        NoIdentityError when the policy forbids this caller to validate for this audience."""
         ...
 
     @property

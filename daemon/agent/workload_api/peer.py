@@ -33,6 +33,7 @@ import os
 import select
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ from grpclib.server import Stream
 from vouchd.agent.workload_api.errors import PeerError
 from vouchd.attestors.base import WorkloadProcess
 from vouchd.attestors.errors import ProcessInfoError
+from vouchd.attestors.workload.fingerprint import ProcessTraits, effective_ids
 from vouchd.attestors.workload.procfs import PROC_ROOT, read_process_credentials, read_process_stat
 
 __all__ = [
@@ -104,8 +106,11 @@ def peer_credentials(stream: Stream[Any, Any]) -> PeerCredentials:
     return socket_credentials(transport.get_extra_info("socket"))
 
 
-def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
-    """The process that opened the stream's connection, pinned by pidfd where the kernel allows.
+def peer_process(
+    stream: Stream[Any, Any], *, traits: Callable[[int], ProcessTraits] | None = None
+) -> tuple[WorkloadProcess, ProcessTraits | None]:
+    """The process that opened the stream's connection, pinned by pidfd where the kernel allows; with
+    `traits` (read_process_traits), also its traits, read once for both the checks and the caller.
 
     Raises PeerError when the kernel cannot say who the caller is or the caller is already gone.
     """
@@ -117,13 +122,22 @@ def peer_process(stream: Stream[Any, Any]) -> WorkloadProcess:
     if credentials.pid <= 0:
         # 0: the caller lives in a pid namespace this agent cannot see into.
         raise PeerError("kernel reported no pid for the caller")
-    return describe_peer(credentials, pidfd=_pin(transport, sock).pidfd)
+    pidfd = _pin(transport, sock).pidfd
+    if traits is None:
+        return describe_peer(credentials, pidfd=pidfd), None
+    try:
+        read = traits(credentials.pid)
+    except ProcessInfoError:
+        return describe_peer(credentials, pidfd=pidfd), None  # which says why, if the caller is the matter
+    return describe_peer(credentials, pidfd=pidfd, traits=read), read
 
 
 def describe_peer(
-    credentials: PeerCredentials, *, pidfd: int | None = None, proc_root: Path = PROC_ROOT
+    credentials: PeerCredentials, *, pidfd: int | None = None, proc_root: Path = PROC_ROOT,
+    traits: ProcessTraits | None = None,
 ) -> WorkloadProcess:
-    """The process SO_PEERCRED named, checked against what /proc says about the process at that pid now.
+    """The process SO_PEERCRED named, checked against what /proc says about the process at that pid now
+    (`traits`, when the caller has just read them; else read here).
 
     Raises PeerError when the process is gone or runs with other credentials than it connected with:
     either the pid was recycled (it matters most without a pidfd), or the process changed its ids
@@ -134,26 +148,33 @@ def describe_peer(
     if pid <= 0:
         raise PeerError("kernel reported no pid for the caller")
     try:
-        start_time = read_process_stat(pid, proc_root=proc_root).start_time
-        current = read_process_credentials(pid, proc_root=proc_root)
+        if traits is None:
+            start_time = read_process_stat(pid, proc_root=proc_root).start_time
+            current = read_process_credentials(pid, proc_root=proc_root)
+            ids = current.effective_uid, current.effective_gid
+        else:
+            start_time, ids = traits.start_time, effective_ids(traits)
     except ProcessInfoError as err:
         raise PeerError(f"cannot read the caller's process: {err}") from err
-    if (current.effective_uid, current.effective_gid) != (credentials.uid, credentials.gid):
+    if ids != (credentials.uid, credentials.gid):
         raise PeerError(
-            f"process {pid} runs as uid {current.effective_uid} gid {current.effective_gid}, "
+            f"process {pid} runs as uid {ids[0]} gid {ids[1]}, "
             f"not the uid {credentials.uid} gid {credentials.gid} it connected with"
         )
     return WorkloadProcess(pid=pid, uid=credentials.uid, gid=credentials.gid, start_time=start_time, pidfd=pidfd)
 
 
-def process_unchanged(process: WorkloadProcess, *, proc_root: Path = PROC_ROOT) -> bool:
+def process_unchanged(process: WorkloadProcess, *, proc_root: Path = PROC_ROOT, read_stat: bool = True) -> bool:
     """True if the attested process is still alive and is still the one at its pid.
 
     With a pidfd the check cannot be fooled by pid reuse; without one the start time must match.
     A zombie counts as gone: it can no longer act, so whoever uses its socket is someone else.
+    `read_stat=False`: the caller has just read the start time and state (without a pidfd: ignored).
     """
     if process.pidfd is not None and _has_exited(process.pidfd):
         return False
+    if not read_stat and process.pidfd is not None:
+        return True
     try:
         stat = read_process_stat(process.pid, proc_root=proc_root)
     except ProcessInfoError:

@@ -1,7 +1,8 @@
 """The SpiffeWorkloadAPI service: what each RPC hands out, and to whom.
 
 Every RPC first checks the security header, then identifies the caller from the kernel (peer.py),
-has the agent attest it, and re-checks that the attested process is still the caller. Workloads get
+has the agent attest it (or reuses the process's attestation while nothing it rests on has changed:
+reuse.py), and re-checks that the attested process is still the caller. Workloads get
 generic status messages; the detail goes into the request's `Decision`, one per request (a stream
 that had answered gets a second one if a refusal or an error ends it), emitted into the agent's
 DecisionSink: that is where the log line and `vouchd status` come from.
@@ -17,6 +18,7 @@ the SVIDs in the message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -42,7 +44,8 @@ from vouchd.agent.workload_api.limits import (
     check_validate_request,
 )
 from vouchd.agent.workload_api.peer import peer_process, process_unchanged
-from vouchd.attestors.base import WorkloadProcess
+from vouchd.agent.workload_api.reuse import AttestationReuse
+from vouchd.attestors.base import WorkloadAttestation, WorkloadProcess
 from vouchd.attestors.errors import AttestorError
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.decisions import Decision, DecisionSink
@@ -99,6 +102,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         clock: Clock = SYSTEM_CLOCK,
         attestations_per_uid: int = ATTESTATIONS_PER_UID,
         issuance_gate: Callable[[], str | None] | None = None,
+        reuse: AttestationReuse | None = None,
     ) -> None:
         if attest_deadline <= 0:
             raise ValueError(f"attest_deadline must be positive, got {attest_deadline}")
@@ -110,6 +114,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
         self._clock = clock
         self._attestations = AttestationSlots(attestations_per_uid)
         self._issuance_gate = issuance_gate
+        self._reuse = reuse if reuse is not None else AttestationReuse()
 
     # -- X.509-SVID profile -------------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
                                         spiffe_id=request.spiffe_id)
             try:
                 svids = await self._identities.jwt_svids(caller)
+                self._reuse.handed(caller.process, (s.spiffe_id for s in svids))
             except NoIdentityError as err:
                 raise RefusedError.no_identity(str(err)) from err
             finally:
@@ -182,12 +188,16 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             call.identify(stream)
             check_validate_request(request)
             assert request is not None
-            await self._attest(stream, call)
+            caller = await self._attest(stream, call, audiences=(request.audience,))
             try:
-                spiffe_id, claims = self._identities.validate_jwt_svid(request.svid, request.audience)
+                spiffe_id, claims = self._identities.validate_jwt_svid(caller, request.svid, request.audience)
+            except NoIdentityError as err:  # the policy forbids this caller to validate for the audience
+                raise RefusedError.no_identity(str(err)) from err
             except InvalidJwtSvidError as err:
                 raise RefusedError(Status.INVALID_ARGUMENT, "invalid_argument", str(err),
                                    f"jwt-svid refused: {err}") from err
+            finally:
+                call.details = list(caller.details)
             response = pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id)
             response.claims.update(dict(claims))
             self._answered(call, (spiffe_id,))
@@ -252,7 +262,8 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
             # The client went away (or the server is closing): routine for long-lived streams, and
             # no decision: nothing was refused.
             level = logging.DEBUG if call.answered else logging.INFO
-            self._log.log(level, "workload api request cancelled", extra=call.log_fields())
+            if self._log.isEnabledFor(level):  # the end of every answered stream: no fields built for nothing
+                self._log.log(level, "workload api request cancelled", extra=call.log_fields())
             raise
         except Exception as err:
             # The decision says that it failed; this line carries the traceback.
@@ -290,38 +301,46 @@ class WorkloadApiService(SpiffeWorkloadAPIBase):
     async def _attest(self, stream: Stream[Any, Any], call: Call, *, audiences: tuple[str, ...] = (),
                       spiffe_id: str = "") -> CallerContext:
         try:
-            process = peer_process(stream)
+            process, traits = peer_process(stream, traits=self._reuse.reads_traits)
         except PeerError as err:
             call.identify(stream)  # the decision still names who was refused
             raise RefusedError.attestation_failed(str(err)) from err
         call.attested(process)
         try:
-            async with self._attestations.slot(process.uid, wait=self._attest_deadline):
-                async with asyncio.timeout(self._attest_deadline):
-                    attestation = await self._identities.attest(process)
+            attestation, call.reused = await self._reuse.attest(
+                process, functools.partial(self._attest_fully, process), traits=traits)
         except AttestorError as err:
             raise RefusedError.attestation_failed(str(err)) from err
         except TimeoutError as err:
             raise RefusedError.attestation_failed(f"no attestation within {self._attest_deadline:g}s") from err
         call.attested(process, attestation)
-        self._recheck(process)
+        # A reused attestation comes back with the caller's stat just read (reuse.py): the pidfd is all
+        # there is left to ask.
+        self._recheck(process, read_stat=not call.reused)
         return CallerContext(call.method, process, attestation.selectors, audiences=audiences, spiffe_id=spiffe_id,
                              evidence=attestation.evidence)
+
+    async def _attest_fully(self, process: WorkloadProcess) -> WorkloadAttestation:
+        async with self._attestations.slot(process.uid, wait=self._attest_deadline):
+            async with asyncio.timeout(self._attest_deadline):
+                return await self._identities.attest(process)
 
     def _require_entitlement(self, caller: CallerContext) -> None:
         if not self._identities.entitled(caller):
             raise RefusedError.no_identity("no registration entry matches the caller's selectors")
 
     @staticmethod
-    def _recheck(process: WorkloadProcess) -> None:
+    def _recheck(process: WorkloadProcess, *, read_stat: bool = True) -> None:
         # The caller can exit (or be replaced at its pid) while it is being attested or while its
         # stream is open: what was attested must still be what is connected.
-        if not process_unchanged(process):
+        if not process_unchanged(process, read_stat=read_stat):
             raise RefusedError.attestation_failed(f"process {process.pid} exited or changed after attestation")
 
     async def _x509_svid_set(self, caller: CallerContext, call: Call) -> _X509SvidSet:
         try:
-            svids = _with_unique_hints(await self._identities.x509_svids(caller), self._log)
+            handed = await self._identities.x509_svids(caller)
+            self._reuse.handed(caller.process, (svid.spiffe_id for svid in handed))
+            svids = _with_unique_hints(handed, self._log)
         except NoIdentityError as err:
             raise RefusedError.no_identity(str(err)) from err
         finally:
