@@ -10,7 +10,10 @@ process as the built-in attestors would (the Workload API's reuse.py decides how
 trusted). What it holds, per attestor:
 
 - every attestor: the pid's start time, and that the process is not a zombie (a reused pid, or a
-  dying process, never matches);
+  dying process, never matches); and where its program's code, stack and arguments lie in memory
+  (/proc/<pid>/stat's startcode, endcode, startstack, arg_start, arg_end, env_start, env_end), which
+  every execve lays out anew: an exec, even of the same interpreter with another script, changes them
+  (under address-space randomization, the kernel's default, always);
 - `unix`: the `Uid:`, `Gid:` and `Groups:` lines of /proc/<pid>/status, and the executable: its path
   and FileIdentity (device, inode, ctime, size), exactly as the attestor reads them at each request,
   so a changed binary is seen at once;
@@ -20,9 +23,10 @@ trusted). What it holds, per attestor:
   (AncestorWatch); what each of them holds is the Workload API's to track.
 
 What it does not hold, and an attestation reused under it therefore trusts for a bounded time only:
-the names the name service gives ids, the caller's command line, working directory and environment
-(reading the command line waits on the process's memory map lock, so it is a thread's job), and the
-script file an interpreter runs.
+the names the name service gives ids, the caller's working directory and environment, and the
+script file's content. Its command line is not read again either (that waits on the process's
+memory map lock, so it is a thread's job), but a new command line takes an exec, which the layout
+sees.
 
 This module reads the traits; the executable is read by executable.py (inspect_executable_inline),
 on the event loop, and only where it lives on a local disk file system: elsewhere there is none.
@@ -68,6 +72,7 @@ class ProcessTraits:
     """What /proc keeps in memory about a process and its ancestors (read_process_traits)."""
 
     start_time: int
+    exec_layout: bytes  # where the program's code, stack and arguments lie: new at every execve
     ids: bytes  # the Uid:, Gid: and Groups: lines of /proc/<pid>/status
     cgroups: bytes  # /proc/<pid>/cgroup
     ancestors: tuple[tuple[int, int], ...]  # (pid, start time) from the parent up; -1: not known whole
@@ -90,7 +95,8 @@ def read_process_traits(pid: int, *, max_ancestors: int = DEFAULT_MAX_ANCESTORS,
     cannot be read or parsed. The ancestors are walked as the lineage attestor walks them, unless
     `watch` knows the chain above the process's parent and that none of it exited since.
     """
-    stat = parse_stat(_read(pid, "stat", proc_root).decode("utf-8", errors="replace"))
+    raw_stat = _read(pid, "stat", proc_root)
+    stat = parse_stat(raw_stat.decode("utf-8", errors="replace"))
     if stat.pid != pid:
         raise ProcessInfoError(f"/proc/{pid}/stat names pid {stat.pid}")
     if stat.is_dead:
@@ -102,7 +108,7 @@ def read_process_traits(pid: int, *, max_ancestors: int = DEFAULT_MAX_ANCESTORS,
         ancestors = _walk(stat.ppid, stat.start_time, max_ancestors, proc_root)
         if watch is not None:
             watch.record(ancestors)
-    return ProcessTraits(stat.start_time, ids, cgroups, ancestors)
+    return ProcessTraits(stat.start_time, _exec_layout(raw_stat), ids, cgroups, ancestors)
 
 
 def _walk(parent: int, child_start: int, max_ancestors: int, proc_root: Path) -> tuple[tuple[int, int], ...]:
@@ -224,6 +230,17 @@ def _id_lines(status: bytes, pid: int) -> bytes:
         end = status.find(b"\n", at + 1)
         lines.append(status[at + 1: end if end >= 0 else len(status)])
     return b"\n".join(lines)
+
+
+# After comm, counting from state as 0: startcode, endcode, startstack (proc(5) fields 26-28) and
+# arg_start, arg_end, env_start, env_end (fields 48-51). Readable with ptrace access (the agent has
+# CAP_SYS_PTRACE); without it the kernel shows zeros, and the layout then tells nothing apart.
+_EXEC_LAYOUT_FIELDS = (23, 24, 25, 45, 46, 47, 48)
+
+
+def _exec_layout(stat: bytes) -> bytes:
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return b" ".join(fields[i] for i in _EXEC_LAYOUT_FIELDS if i < len(fields))
 
 
 def _parent_and_start(stat: bytes, pid: int) -> tuple[int, int]:

@@ -326,3 +326,34 @@ def test_a_chain_deeper_than_is_walked_is_not_known_whole(child: subprocess.Pope
 
     assert shallow.ancestors[-1][1] == -1, "more above the parent: not known whole"
     assert read_process_traits(child.pid).ancestors[-1][1] >= 0
+
+
+# Waits for a line on stdin, then runs the same interpreter again with another program: the same pid,
+# start time and executable; only the command line, and where it all lies in memory, are new.
+SAME_INTERPRETER = ("import os, sys; sys.stdin.readline(); "
+                    "os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)  # another'])")
+
+
+def test_an_exec_of_the_same_interpreter_with_another_script_changes_the_fingerprint() -> None:
+    process = subprocess.Popen([sys.executable, "-c", SAME_INTERPRETER], stdin=subprocess.PIPE, text=True)
+    try:
+        reuse = AttestationReuse()
+        before = reuse.fingerprint(workload(process))
+        first_cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read()  # noqa: SIM115
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{process.pid}/cmdline", "rb").read() == first_cmdline:  # noqa: SIM115
+            assert time.monotonic() < deadline, "the child did not exec"
+            time.sleep(0.01)
+
+        after = reuse.fingerprint(workload(process))
+
+        assert before is not None and after is not None
+        assert before.executable == after.executable, "the same interpreter binary"
+        assert before.traits.exec_layout != after.traits.exec_layout
+        assert before != after, "so its attestation (its script selectors) is not reused"
+    finally:
+        process.kill()
+        process.wait()
