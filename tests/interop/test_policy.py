@@ -126,3 +126,28 @@ def test_a_policy_edit_takes_effect_on_sighup_and_an_invalid_one_keeps_the_old_s
     assert agent.process.poll() is None, "the agent runs on"
     assert fetch_jwt(agent, "tool:payments").returncode != 0, "the previous set (with its forbid) stays in force"
     assert fetch_jwt(agent, "tool:search").returncode == 0, "and the typo's forbid-everything never took effect"
+
+
+FORBID_VALIDATE = ('@id("ops.no-payments-validation")\n@reason("payments tokens are validated by payments")\n'
+                   'forbid (principal, action == Action::"ValidateJWTSVID", resource)\n'
+                   'when { resource.name == "tool:payments" };\n')
+
+
+def validate(agent: RunningAgent, token: str, audience: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VOUCHD, "api", "validate", "--audience", audience, "-"], input=token,
+                          env=agent.client_env(), capture_output=True, text=True, timeout=DEADLINE, check=False)
+
+
+def test_validation_is_put_to_the_policy_for_a_caller_an_entry_names(agent: RunningAgent, policy_dir: Path) -> None:
+    fetched = fetch_jwt(agent, "tool:payments")
+    assert fetched.returncode == 0, fetched.stderr
+    token = json.loads(fetched.stdout)[0]["token"]
+    assert validate(agent, token, "tool:payments").returncode == 0, "permitted at first"
+
+    (policy_dir / "ops.cedar").write_text(PERMIT_ALL + "\n" + FORBID_VALIDATE)
+    agent.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: validate(agent, token, "tool:payments").returncode != 0, "the forbid in force after SIGHUP")
+
+    refused = validate(agent, token, "tool:payments")
+    assert "PERMISSION_DENIED" in refused.stderr or "no identity" in refused.stderr, refused.stderr
+    assert "denied by policy ops.no-payments-validation" in agent.log.read_text()
