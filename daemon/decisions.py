@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -140,19 +142,55 @@ class DecisionBus:
 
 # Routine outcomes are info; refusals a workload will retry (no entry yet) too. Anything else that
 # was refused is a warning; our own failures are errors.
+# The `source` of the Workload API's decisions (vouchd.agent.workload_api.identities says the same).
+WORKLOAD_API_DECISIONS = "workload_api"
+REPEAT_INTERVAL = 60.0      # seconds between log lines of the same repeated Workload API answer
+_MAX_REPEAT_KEYS = 16_384   # (method, uid, SPIFFE IDs) remembered for that, the least recent forgotten
+
 _LEVELS = {Outcome.OK: logging.INFO, Outcome.DENIED: logging.INFO, Outcome.INVALID: logging.WARNING,
            Outcome.ERROR: logging.ERROR}
 
 
 class LogDecisions:
-    """Subscriber: one structured log line per decision, on the logger of its source."""
+    """Subscriber: one structured log line per decision, on the logger of its source.
 
-    def __init__(self, prefix: str = "vouchd.decisions") -> None:
+    But for the Workload API's plain successes: a workload asking for the same identities again and
+    again (a kept stream's updates, a script calling every second, a load) would make one line per
+    call, which costs the agent a tenth of its time and buries everything else. The first answer of a
+    (method, uid, SPIFFE IDs) is logged, and the same again at most once per `repeat_interval`, then
+    with `repeated`: how many identical answers were not logged since. Denials, errors, and every
+    other decision are always logged; the audit log and the metrics count every one.
+    """
+
+    def __init__(self, prefix: str = "vouchd.decisions", *, repeat_interval: float = REPEAT_INTERVAL,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._prefix = prefix
+        self._repeat_interval = repeat_interval
+        self._monotonic = monotonic
+        # key -> [when last logged, answers not logged since]; the least recently seen forgotten first
+        self._repeats: OrderedDict[tuple[object, ...], list[float]] = OrderedDict()
 
     def __call__(self, decision: Decision) -> None:
+        repeated = 0
+        if (decision.kind is DecisionKind.ISSUE and decision.outcome is Outcome.OK and decision.caller is not None
+                and decision.source == WORKLOAD_API_DECISIONS):
+            key = (decision.method, decision.caller.uid, decision.spiffe_ids)
+            now = self._monotonic()
+            seen = self._repeats.get(key)
+            if seen is not None and now - seen[0] < self._repeat_interval:
+                seen[1] += 1
+                self._repeats.move_to_end(key)
+                return
+            repeated = int(seen[1]) if seen is not None else 0
+            self._repeats[key] = [now, 0]
+            self._repeats.move_to_end(key)
+            if len(self._repeats) > _MAX_REPEAT_KEYS:
+                self._repeats.popitem(last=False)
         logger = logging.getLogger(f"{self._prefix}.{decision.source}")
         level = _LEVELS[decision.outcome]
         if decision.kind is DecisionKind.REVOKE:
             level = logging.WARNING
-        logger.log(level, f"{decision.kind.value} {decision.outcome.value}", extra=decision.fields())
+        fields = decision.fields()
+        if repeated:
+            fields["repeated"] = repeated
+        logger.log(level, f"{decision.kind.value} {decision.outcome.value}", extra=fields)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from vouchd.agent.workload_api.errors import InvalidJwtSvidError, InvalidSvidMaterialError, NoIdentityError
 from vouchd.attestors.base import Evidence, WorkloadAttestation, WorkloadProcess
+from vouchd.decisions import WORKLOAD_API_DECISIONS
 from vouchd.selectors import Selector
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
     "X509SvidMaterial",
 ]
 
-WORKLOAD_API_SOURCE = "workload_api"  # the `source` of every Decision the Workload API emits
+WORKLOAD_API_SOURCE = WORKLOAD_API_DECISIONS  # the `source` of every Decision the Workload API emits
 
 _SPIFFE_SCHEME = "spiffe://"
 
