@@ -12,7 +12,8 @@ What it measures (docs/performance.md says why each, and what dominates it):
 - boot to ready (a fresh agent, the swtpm provisioned) and restart to the first SVID;
 - entry create -> the first SVID of a caller waiting for it; revocation -> open streams updated;
 - FetchJWTSVID latency; a policy decision; matching one caller against 10,000 entries (in-process);
-- the agent's RSS idle, with 1000 open streams (and how long they took to open), after they closed.
+- the agent's RSS idle, with 1000 open streams (and how long they took to open), after they closed;
+- one `vouchd server` replica over MQTT: node attestations and JWT-SVID issuances a second (bench_fleet.py).
 
 A figure that could not be measured is null in the JSON and "n/a" in the table, with the reason under
 "errors". Every Workload API call comes from a client process, none from the bench: go-spiffe through
@@ -48,6 +49,7 @@ from bench_agent import (
     machine,
     rss_mb,
 )
+from bench_fleet import measure_fleet
 from bench_inprocess import measure_matching, measure_policy
 from bench_report import summary, table, verdicts
 
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["rss_idle_mb"] = rss_mb(agent.pid)
         measure_with_agent(agent, args, results, attempt)
         results["agent_log_tail"] = agent.log_tail(20) if results["errors"] else []
+    # One vouchd server replica over MQTT (bench_fleet.py): attestations and issuances a second.
+    results["fleet"] = attempt("fleet", lambda: measure_fleet(50 if args.quick else 200, args.seconds))
     results.update(summary(results))
     results["verdicts"] = verdicts(results)
     return results

@@ -140,4 +140,9 @@ def table(flat: dict[str, Any]) -> str:
         lines.append(f"{goal.label:44} {shown:>10}  {goal.goal:18} {judged.get(goal.key, '')}".rstrip())
     floors = ", ".join(f"c={c} {flat.get(f'floor_per_s_c{c}')}/s" for c in SPIRE_PER_S)
     lines.append(f"floor (minimal grpclib server, same client): {floors}")
+    fleet = flat.get("fleet")
+    if isinstance(fleet, dict):
+        lines.append(f"one vouchd server over MQTT, {fleet['nodes']} key nodes: {fleet['joins_per_s']} joins/s, "
+                     f"{fleet['attestations_per_s']} attestations/s, {fleet['jwt_issued_per_s']} JWT-SVIDs/s "
+                     f"(request p50 {fleet['request_p50_ms']} ms, p99 {fleet['request_p99_ms']} ms)")
     return "\n".join(lines)
