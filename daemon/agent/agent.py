@@ -32,6 +32,7 @@ from vouchd.agent.provers import KeyProver, NodeProver, TpmProver, join_token_re
 from vouchd.agent.savedstate import StateKeeper, saved_state_keeper
 from vouchd.agent.svids import SvidManager
 from vouchd.agent.tpmadmin import tpm_admin_commands
+from vouchd.agent.tpmwatch import TpmWatch
 from vouchd.agent.updates import AuthorityUpdates
 from vouchd.agent.workload_api.server import WorkloadApiServer, WorkloadApiService, check_socket_path
 from vouchd.agent.workloads import AgentWorkloadIdentities, WorkloadActivity
@@ -46,22 +47,15 @@ from vouchd.errors import ConfigError
 from vouchd.policy import PolicyEngine
 from vouchd.protocol.transport import AuthorityEvents, AuthorityTransport
 from vouchd.spiffe import TrustTier, X509Bundle
-from vouchd.tpm import EkInfo, TpmService, TpmUnavailableError
+from vouchd.tpm import EkInfo, TpmService
 
 __all__ = ["Agent", "AuthorityConnector", "AuthorityLink", "LocalNode", "workload_attestors_from"]
 
 log = logging.getLogger("vouchd.agent")
 
-# A hardware TPM answers a quote in well under a second and creates an RSA EK in a few; a minute
-# without an answer means it is stuck.
-TPM_STALL_LIMIT = 60.0
 # Reading an executable takes microseconds: a minute in which every thread a workload attestor reads
 # with has been stuck on one file means no caller's executable can be read until the agent restarts.
 ATTESTATION_STALL_LIMIT = 60.0
-# While the TPM answers, the agent asks it something cheap this often, so that status and health
-# say the truth between heartbeats; once it is lost, it tries to reopen it this often, at most.
-TPM_PROBE_INTERVAL = 5.0
-TPM_RECONNECT_MAX_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +122,7 @@ class Agent:
         self._node: NodeIdentity | None = None
         self._svids: SvidManager | None = None
         self._tpm: TpmService | None = None
+        self._tpm_watch = TpmWatch(config.agent.tpm, config.agent.tier, config.agent.socket_path)
         self._activity = WorkloadActivity()
         self._decisions = decisions
         self._decisions.subscribe(self._activity.record)
@@ -271,7 +266,7 @@ class Agent:
         tpm = TpmService(tpm_config.tcti, ek_type=tpm_config.ek, endorsement_auth_file=tpm_config.endorsement_auth_file,
                          owner_auth_file=tpm_config.owner_auth_file)
         await tpm.start()
-        self._tpm = tpm
+        self._tpm = self._tpm_watch.tpm = tpm
         try:
             yield tpm
         finally:
@@ -319,7 +314,7 @@ class Agent:
                     if keeper is not None:
                         tasks.create_task(keeper.run(), name="saved-state")
                     if self._tpm is not None:
-                        tasks.create_task(self._tpm_monitor(svids), name="tpm-monitor")
+                        tasks.create_task(self._tpm_watch.monitor(svids), name="tpm-monitor")
                     interval = watchdog_interval()
                     if interval is not None:
                         tasks.create_task(self._watchdog(interval, attestors), name="watchdog")
@@ -335,61 +330,12 @@ class Agent:
         credential needs a quote, so an agent without its TPM serves only what it holds until that runs
         out; going silent lets systemd restart it, which also ends threads stuck in a file system."""
         while True:
-            problem = self._tpm_problem() or stalled_attestation(attestors, ATTESTATION_STALL_LIMIT)
+            problem = self._tpm_watch.problem() or stalled_attestation(attestors, ATTESTATION_STALL_LIMIT)
             if problem is None:
                 notify("WATCHDOG=1")
             else:
                 log.error("no longer telling systemd the agent is alive", extra={"reason": problem})
             await asyncio.sleep(interval)
-
-    def _tpm_problem(self) -> str | None:
-        """Why the TPM cannot be used now, or None."""
-        if self._tpm is None:
-            return None
-        stalled = self._tpm.stalled_for()
-        if stalled >= TPM_STALL_LIMIT:
-            return f"a TPM operation at {self._tpm.tcti} has not returned for {stalled:.0f} s"
-        return self._tpm.unavailable
-
-    async def _tpm_monitor(self, svids: SvidManager) -> None:
-        """Notice a TPM that went away, reopen it when it is back, give up past the configured limit.
-
-        While it is away, cached SVIDs are served and nothing is issued (every issuance needs a quote).
-        Back with the same EK and keys, the node goes on; the authority demands a full attestation if
-        the TPM was reset meanwhile. Away longer than `tpm.unreachable_limit`: the agent exits non-zero,
-        so that systemd's Restart=on-failure starts it afresh.
-        """
-        tpm = self._tpm
-        assert tpm is not None
-        limit = self._agent_config.tpm.unreachable_limit.total_seconds()
-        retry = 1.0
-        while True:
-            if tpm.unavailable is None:
-                await asyncio.sleep(TPM_PROBE_INTERVAL)
-                with contextlib.suppress(TpmUnavailableError):
-                    await tpm.probe()
-                if tpm.unavailable is not None:
-                    log.error("tpm unreachable", extra={"reason": tpm.unavailable})
-                    notify(f"STATUS={tpm.unavailable}")
-                retry = 1.0
-                continue
-            if tpm.unavailable_for() > limit:
-                raise TpmUnavailableError(f"{tpm.unavailable}; unreachable for more than {limit:g} s "
-                                          "(agent.tpm.unreachable_limit), exiting")
-            await asyncio.sleep(min(retry, max(0.1, limit - tpm.unavailable_for() + 0.1)))
-            retry = min(retry * 2, TPM_RECONNECT_MAX_INTERVAL)
-            try:
-                await tpm.reconnect()
-            except TpmUnavailableError:
-                continue
-            log.info("tpm reachable again", extra={"tcti": tpm.tcti})
-            notify(f"STATUS=serving on {self._agent_config.socket_path}")
-            svids.retry_now()
-            # What was published while the TPM was away could not be fetched (every sync is quoted).
-            try:
-                await svids.sync_entries()
-            except Exception as err:  # the heartbeat tries again
-                log.warning("entry sync after the tpm came back failed", extra={"reason": str(err)})
 
     async def _heartbeat(self, node: NodeIdentity, svids: SvidManager, *, beat_now: bool = False) -> None:
         """Continuous attestation (DESIGN §4.5): a quote-bound entry sync every interval, and a full
@@ -400,7 +346,7 @@ class Agent:
             if not beat_now:
                 await asyncio.sleep(interval)
             beat_now = False
-            tpm_problem = self._tpm_problem()
+            tpm_problem = self._tpm_watch.problem()
             if tpm_problem is not None:  # nothing can be quoted; the TPM monitor reports and recovers
                 notify(f"STATUS={tpm_problem}")
                 continue
@@ -438,8 +384,8 @@ class Agent:
             "node": None,
             "entries": [],
             "svids": [],
-            "tpm": self._tpm_status(),
-            "tpm_latency_ms": self._tpm_latency(),
+            "tpm": self._tpm_watch.status(),
+            "tpm_latency_ms": self._tpm_watch.latency(),
             "workloads": self._activity.snapshot(),
             "audit_log": None,
             "audit": None,
@@ -485,22 +431,3 @@ class Agent:
             return None
         return {"version": document.version, "next_update_in_seconds": round(document.next_update - now),
                 "revoked_entries": len(document.entries), "revoked_nodes": len(document.nodes)}
-
-    def _tpm_status(self) -> dict[str, Any]:
-        if self._agent_config.tier is not TrustTier.HARDWARE:
-            return {"state": "none", "reason": f"agent.tier is {self._agent_config.tier.value}: no TPM is used"}
-        if self._tpm is None:
-            return {"state": "starting", "tcti": self._agent_config.tpm.tcti}
-        problem = self._tpm_problem()
-        if problem is None:
-            return {"state": "ok", "tcti": self._tpm.tcti}
-        return {"state": "unreachable", "tcti": self._tpm.tcti, "reason": problem,
-                "unreachable_for_seconds": round(self._tpm.unavailable_for(), 1),
-                "exit_after_seconds": self._agent_config.tpm.unreachable_limit.total_seconds()}
-
-    def _tpm_latency(self) -> dict[str, dict[str, float]]:
-        """Per TPM operation: count and milliseconds (every TPM call queues on one device)."""
-        if self._tpm is None:
-            return {}
-        return {op: {key: (int(value) if key == "count" else round(value, 2)) for key, value in figures.items()}
-                for op, figures in self._tpm.latency_snapshot().items()}
