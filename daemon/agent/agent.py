@@ -295,34 +295,33 @@ class Agent:
         admin = AdminServer(self._agent_config.admin_socket_path,
                             {"status": without_args(self.status), "workload.explain": explain,
                              **tpm_admin_commands(self._tpm), **admin_commands})
-        await workload_api.start()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Closed in reverse, each within its own bound: the admin socket, then the Workload API
+            # (its streams and connections ended), after STOPPING=1.
+            await workload_api.start()
+            stack.push_async_callback(workload_api.close)
+            stack.callback(notify, "STOPPING=1")
             await admin.start()
-            try:
-                # Everything loaded at start lives as long as the agent: leave it out of the cyclic
-                # collector's full passes, whose pause grows with every object they scan.
-                gc.collect()
-                gc.freeze()
-                self._ready.set()
-                notify("READY=1", f"STATUS=serving on {self._agent_config.socket_path}")
-                log.info("workload api ready", extra={"socket": str(self._agent_config.socket_path),
-                                                      "admin_socket": str(self._agent_config.admin_socket_path),
-                                                      "node_id": node.node_id})
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(svids.run(), name="svid-issuance")
-                    tasks.create_task(self._heartbeat(node, svids, beat_now=attest_now), name="heartbeat")
-                    if keeper is not None:
-                        tasks.create_task(keeper.run(), name="saved-state")
-                    if self._tpm is not None:
-                        tasks.create_task(self._tpm_watch.monitor(svids), name="tpm-monitor")
-                    interval = watchdog_interval()
-                    if interval is not None:
-                        tasks.create_task(self._watchdog(interval, attestors), name="watchdog")
-            finally:
-                await admin.close()
-        finally:
-            notify("STOPPING=1")
-            await workload_api.close()
+            stack.push_async_callback(admin.close)
+            # Everything loaded at start lives as long as the agent: leave it out of the cyclic
+            # collector's full passes, whose pause grows with every object they scan.
+            gc.collect()
+            gc.freeze()
+            self._ready.set()
+            notify("READY=1", f"STATUS=serving on {self._agent_config.socket_path}")
+            log.info("workload api ready", extra={"socket": str(self._agent_config.socket_path),
+                                                  "admin_socket": str(self._agent_config.admin_socket_path),
+                                                  "node_id": node.node_id})
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(svids.run(), name="svid-issuance")
+                tasks.create_task(self._heartbeat(node, svids, beat_now=attest_now), name="heartbeat")
+                if keeper is not None:
+                    tasks.create_task(keeper.run(), name="saved-state")
+                if self._tpm is not None:
+                    tasks.create_task(self._tpm_watch.monitor(svids), name="tpm-monitor")
+                interval = watchdog_interval()
+                if interval is not None:
+                    tasks.create_task(self._watchdog(interval, attestors), name="watchdog")
 
     async def _watchdog(self, interval: float, attestors: list[WorkloadAttestor]) -> None:
         """WATCHDOG=1 only while the agent can do its job: the event loop turns, the TPM answers, no
