@@ -119,7 +119,8 @@ def test_a_child_gets_its_own_identity_never_its_parents_and_a_grandchild_has_de
     entries.append(create(agent, f"{AGENT}/sub-sub-agent", "unix:uid:0",
                           f"lineage:parent_spiffe_id:{AGENT}/sub-agent", "lineage:depth:2"))
 
-    reports = {report["role"]: report["ids"] for report in run_python(agent, str(script))}
+    ran = run_python(agent, str(script))
+    reports = {report["role"]: report["ids"] for report in ran}
 
     # The child and the grandchild run the very same script as the orchestrator: its entry matches
     # them too, and they are never handed its identity.
@@ -127,7 +128,7 @@ def test_a_child_gets_its_own_identity_never_its_parents_and_a_grandchild_has_de
         "parent": [f"{AGENT}/orchestrator"],
         "child": [f"{AGENT}/sub-agent"],
         "grandchild": [f"{AGENT}/sub-sub-agent"],
-    }
+    }, f"{ran}\n{agent.log.read_text()[-4000:]}"
 
 
 def test_explain_shows_an_allowed_and_a_refused_process(agent: RunningAgent, entries: list[str],
