@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -139,6 +140,6 @@ class AuthorityServer:
             "trust_domain": str(self._config.trust_domain),
             "ready": self._ready.is_set(),
             "entries": len(self._authority.registry.index.all()) if self._authority is not None else 0,
-            "bus": None if bus is None else {name: getattr(bus, name) for name in vars(bus)},
+            "bus": None if bus is None else dataclasses.asdict(bus),
             "policy_version": self._policy.policy_version,
         }

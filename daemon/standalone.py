@@ -64,7 +64,7 @@ def standalone_connector(config: Config, *, workload_schema: SelectorSchema, dec
                 await authority.enrol(local_ek_hash, "standalone: local TPM")
                 local = Selector("tpm", "ek_hash", local_ek_hash)
             elif node.node_key_public is not None:
-                authority.enrol_node_key(node.node_key_public)
+                await authority.enrol_node_key(node.node_key_public, "standalone: local node key")
                 local = Selector("node", "key_hash", node_key_hash(node.node_key_public))
             else:
                 raise ConfigError("standalone: the local node has neither a TPM nor a node key")

@@ -19,13 +19,13 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from vouchd.authority.ekchain import EkTrust
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.jointokens import parse_join_token, secret_digest
 from vouchd.authority.limits import AttestationLimits
 from vouchd.authority.store import NodeRecord, NodeState, Store
 from vouchd.authority.verifier import (
     AttestationSession,
-    EkTrust,
     begin_attestation,
     complete_attestation,
     legacy_profile_accepts,
@@ -62,6 +62,7 @@ __all__ = ["MAX_PENDING_SESSIONS", "AttestationServices", "NodeAttestation"]
 log = logging.getLogger("vouchd.authority")
 
 MAX_PENDING_SESSIONS = 10_000
+_LABEL = "node:label:"
 
 
 class AttestationServices(Protocol):
@@ -91,21 +92,19 @@ class NodeAttestation:
         self._services = services
         self._standalone = standalone
         self._attestation_limits = AttestationLimits(clock)
-        # node id -> DER SubjectPublicKeyInfo of the software node keys let in by the host's operator
-        # (standalone). Never kept with the enrolled EKs: a key held in software must never pass for
-        # a TPM's EK.
-        self._enrolled_node_keys: dict[str, bytes] = {}
 
     async def enrol(self, ek_hash_hex: str, source: str) -> None:
         """Record an EK as enrolled (standalone mode enrols the local TPM's EK itself)."""
         await self._store.enrol_ek(ek_hash_hex, source, now=self._clock.now())
 
-    def enrol_node_key(self, spki_der: bytes) -> str:
-        """Let a node without a TPM in by its software node key (standalone mode enrols its own host's);
-        its node id. The node is at the static-secret tier: entries reach it only where they allow it."""
+    async def enrol_node_key(self, spki_der: bytes, source: str) -> str:
+        """Let a node without a TPM in by its software node key (standalone mode enrols its own host's,
+        a join token a fleet host's); its node id. Kept with the store's node keys, never with the
+        enrolled EKs: a key held in software must never pass for a TPM's EK. The node is at the
+        static-secret tier: entries reach it only where they allow it."""
         load_node_key_public(spki_der)
         node_id = str(key_node_spiffe_id(self._trust_domain, node_key_hash(spki_der)))
-        self._enrolled_node_keys[node_id] = spki_der
+        await self._store.enrol_node_key(node_id, spki_der, source, now=self._clock.now())
         return node_id
 
     async def begin(self, request: AttestRequest) -> Challenge:
@@ -232,7 +231,7 @@ class NodeAttestation:
         self._check_attestation_rate(node_id)
         if await self._store.is_banned(node_id):
             raise RefusalError(Refusal.BANNED, "node is banned")
-        enrolled = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
+        enrolled = await self._store.node_key(node_id)
         if enrolled is None:
             await self._join(node_id, request)
         elif request.node_key_public != enrolled:
@@ -255,14 +254,16 @@ class NodeAttestation:
                                                     "node_labels": list(token.node_labels)})
 
     async def _node_key_labels(self, node_id: str) -> tuple[str, ...]:
-        """The node labels of the token a node joined with (none for a key enrolled otherwise)."""
-        if node_id in self._enrolled_node_keys:
-            return ()
+        """The node labels of the token a node joined with (none for a key enrolled otherwise): kept in
+        its node record from its first attestation on, looked up among the tokens only before that."""
+        known = await self._store.node(node_id)
+        if known is not None:
+            return tuple(s.removeprefix(_LABEL) for s in known.selectors if s.startswith(_LABEL))
         return next((t.node_labels for t in await self._store.join_tokens() if t.used_by == node_id), ())
 
     async def complete_key(self, response: KeyChallengeResponse) -> AttestResult:
         node_id = response.node_id
-        spki = self._enrolled_node_keys.get(node_id) or await self._store.node_key(node_id)
+        spki = await self._store.node_key(node_id)
         if spki is None:
             raise RefusalError(Refusal.NOT_ENROLLED, "no node key is enrolled under this node id")
         now = self._clock.now()

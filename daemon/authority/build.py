@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from vouchd.authority.ekchain import EkTrust
 from vouchd.authority.keys import CaKeeper, load_certificates, load_or_create_signing_key
 from vouchd.authority.server import Authority
 from vouchd.authority.sqlite import SqliteStore
 from vouchd.authority.store import Store, StoreError
-from vouchd.authority.verifier import EkTrust
 from vouchd.clock import SYSTEM_CLOCK, Clock
 from vouchd.config import AuthorityConfig
 from vouchd.decisions import DecisionSink

@@ -4,6 +4,7 @@ says which locks keep each call equal to running alone)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeAlias, TypeVar
@@ -46,13 +47,14 @@ _SESSION_COLUMNS = ("session, node_id, ek_hash, ek_issuer_cn, ak_public, node_ke
 _ENTRY_COLUMNS = "id, revision, spiffe_id, parent, wire, created_at, updated_at"
 
 
-class PostgresRegistryCalls:
-    """Profiles, sessions, entries and revocations; `_run` runs each call as one transaction."""
+class PostgresRegistryCalls(ABC):
+    """Profiles, sessions, entries and revocations; `_run` (PostgresStore's) runs each call as one
+    transaction."""
 
     _where: str
 
-    async def _run(self, what: str, work: Callable[[Cursor], Awaitable[_T]], *, snapshot: bool = False) -> _T:
-        raise NotImplementedError
+    @abstractmethod
+    async def _run(self, what: str, work: Callable[[Cursor], Awaitable[_T]], *, snapshot: bool = False) -> _T: ...
 
     # -- boot profiles --------------------------------------------------------------------------------
     async def save_profile(self, name: str, digests: Iterable[str], learned_from: str, *, now: float) -> None:

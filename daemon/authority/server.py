@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from vouchd.authority.attestation import NodeAttestation
 from vouchd.authority.ca import CertificateAuthority
+from vouchd.authority.ekchain import EkTrust
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.issuance import NodeView, SvidSigner, ec_public_key
 from vouchd.authority.keys import CaKeeper
@@ -29,7 +30,6 @@ from vouchd.authority.registry import Registry
 from vouchd.authority.revocations import RevocationPublisher
 from vouchd.authority.store import NodeRecord, NodeState, Store, StoreError
 from vouchd.authority.verifier import (
-    EkTrust,
     check_quote_continuity,
     verify_request_quote,
 )
@@ -172,9 +172,9 @@ class Authority:
         """Record an EK as enrolled (standalone mode enrols the local TPM's EK itself)."""
         await self.attestation.enrol(ek_hash_hex, source)
 
-    def enrol_node_key(self, spki_der: bytes) -> str:
-        """Let the host's own node key in (standalone, without a TPM); its node id."""
-        return self.attestation.enrol_node_key(spki_der)
+    async def enrol_node_key(self, spki_der: bytes, source: str) -> str:
+        """Let a node key in (standalone, without a TPM: the host's own); its node id."""
+        return await self.attestation.enrol_node_key(spki_der, source)
 
     # -- what node attestation needs (AttestationServices) --------------------------------------
     async def new_nonce(self, node_id: str) -> tuple[bytes, float]:

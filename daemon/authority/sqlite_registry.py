@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -43,17 +44,17 @@ SESSION_COLUMNS = ("session, node_id, ek_hash, ek_issuer_cn, ak_public, node_key
                    "event_log, secret, server_nonce, expires_at")
 
 
-class SqliteRegistryCalls:
-    """Profiles, sessions, entries and revocations; `_read` and `_write` run each call as one
-    transaction on the store's worker thread."""
+class SqliteRegistryCalls(ABC):
+    """Profiles, sessions, entries and revocations; `_read` and `_write` (SqliteStore's) run each
+    call as one transaction on the store's worker thread."""
 
     _path: Path
 
-    async def _read(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        raise NotImplementedError
+    @abstractmethod
+    async def _read(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T: ...
 
-    async def _write(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        raise NotImplementedError
+    @abstractmethod
+    async def _write(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T: ...
 
     # -- boot profiles --------------------------------------------------------------------------------
     async def save_profile(self, name: str, digests: Iterable[str], learned_from: str, *, now: float) -> None:

@@ -19,20 +19,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from vouchd.authority.ekchain import (
-    TCG_KP_EK_CERTIFICATE,
-    EkChainError,
-    EkExtendedKeyUsageError,
-    EkIssuerKeyUsageError,
-    EkIssuerNotCaError,
-    EkLeafIsCaError,
-    EkMalformedCertificateError,
-    EkPathLengthError,
-    EkTrust,
-    EkUnchainedError,
-    EkValidityError,
-    issuer_common_name,
-)
+from vouchd.authority.ekchain import EkTrust, issuer_common_name
 from vouchd.authority.errors import RefusalError
 from vouchd.authority.store import NodeRecord, SessionRecord
 from vouchd.evidence import (
@@ -59,18 +46,7 @@ from vouchd.protocol.refusals import Refusal
 from vouchd.spiffe import spki_der
 
 __all__ = [
-    "TCG_KP_EK_CERTIFICATE",
     "AttestationSession",
-    "EkChainError",
-    "EkExtendedKeyUsageError",
-    "EkIssuerKeyUsageError",
-    "EkIssuerNotCaError",
-    "EkLeafIsCaError",
-    "EkMalformedCertificateError",
-    "EkPathLengthError",
-    "EkTrust",
-    "EkUnchainedError",
-    "EkValidityError",
     "VerifiedNode",
     "begin_attestation",
     "check_quote_continuity",

@@ -92,7 +92,7 @@ async def fleet(broker: Mosquitto, tmp_path: Path, clock: FakeClock) -> AsyncIte
 @contextlib.asynccontextmanager
 async def node(broker: Mosquitto, the_fleet: Fleet, clock: FakeClock) -> AsyncIterator[NodeIdentity]:
     key = ec.generate_private_key(ec.SECP256R1())
-    node_id = the_fleet.authority.enrol_node_key(node_key_spki(key.public_key()))
+    node_id = await the_fleet.authority.enrol_node_key(node_key_spki(key.public_key()), "test")
     await the_fleet.authority.registry.create(Entry(
         id=f"e-{node_id[-8:]}", spiffe_id=SpiffeId.parse(f"spiffe://example.org/w/{node_id[-8:]}"),
         selectors=selector_set(["unix:uid:0"]), min_tier=TrustTier.STATIC_SECRET, jwt_ttl=timedelta(seconds=60),

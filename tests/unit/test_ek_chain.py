@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.unit.test_evidence_verify import EK_ATTRIBUTES, certify_bytes, ecc_public, fake_ak, fake_node_key
-from vouchd.authority.errors import RefusalError
-from vouchd.authority.verifier import (
+from vouchd.authority.ekchain import (
     TCG_KP_EK_CERTIFICATE,
     EkChainError,
     EkExtendedKeyUsageError,
@@ -27,8 +26,9 @@ from vouchd.authority.verifier import (
     EkTrust,
     EkUnchainedError,
     EkValidityError,
-    begin_attestation,
 )
+from vouchd.authority.errors import RefusalError
+from vouchd.authority.verifier import begin_attestation
 from vouchd.evidence import TpmAlg, primary_qualified_name, qualified_name
 from vouchd.protocol.messages import AttestRequest, TpmEvidence
 

@@ -70,7 +70,10 @@ async def test_a_host_joins_once_with_a_token_then_with_its_key_alone(authority:
     node = node_with(authority, clock, token, key)
 
     await node.attest()
-    await node_with(authority, clock, token, key).attest()  # restarted: the key is enrolled now
+    restarted = node_with(authority, clock, token, key)
+    await restarted.attest()  # restarted: the key is enrolled now
+    assert restarted.status is not None and "node:label:role:edge" in restarted.status.selectors, \
+        "the token's labels stay the node's"
 
     assert token.reads == 1, "the token is sent once, while the key is not yet enrolled"
     status = node.status

@@ -112,7 +112,7 @@ async def call(authority: Authority, topic: str, message: object) -> object:
 
 async def test_an_enrolled_node_key_attests_at_the_static_secret_tier_and_gets_only_its_tiers_entries(
         authority: Authority, key: ec.EllipticCurvePrivateKey, clock: FakeClock) -> None:
-    node_id = authority.enrol_node_key(node_key_spki(key.public_key()))
+    node_id = await authority.enrol_node_key(node_key_spki(key.public_key()), "test")
     node = node_for(authority, key, clock)
     assert node.node_id == node_id
 
@@ -136,7 +136,7 @@ async def test_an_enrolled_node_key_attests_at_the_static_secret_tier_and_gets_o
 
 async def test_a_static_secret_node_is_refused_an_entry_that_requires_hardware(
         authority: Authority, key: ec.EllipticCurvePrivateKey, clock: FakeClock) -> None:
-    authority.enrol_node_key(node_key_spki(key.public_key()))
+    await authority.enrol_node_key(node_key_spki(key.public_key()), "test")
     node = node_for(authority, key, clock)
     await node.attest()
 
@@ -158,7 +158,7 @@ async def test_a_key_nobody_enrolled_is_refused(authority: Authority, key: ec.El
 
 async def test_a_node_id_that_another_key_derives_is_refused(authority: Authority,
                                                              key: ec.EllipticCurvePrivateKey) -> None:
-    node_id = authority.enrol_node_key(node_key_spki(key.public_key()))
+    node_id = await authority.enrol_node_key(node_key_spki(key.public_key()), "test")
     intruder = ec.generate_private_key(ec.SECP256R1())
 
     reply = await call(authority, ATTEST_TOPIC, KeyAttestRequest(node_id, node_key_spki(intruder.public_key())))
@@ -170,7 +170,7 @@ async def test_a_node_id_that_another_key_derives_is_refused(authority: Authorit
 async def test_a_challenge_answered_without_the_enrolled_key_is_refused(
         authority: Authority, key: ec.EllipticCurvePrivateKey, forgery: str) -> None:
     spki = node_key_spki(key.public_key())
-    node_id = authority.enrol_node_key(spki)
+    node_id = await authority.enrol_node_key(spki, "test")
     challenge = await call(authority, ATTEST_TOPIC, KeyAttestRequest(node_id, spki))
     assert isinstance(challenge, KeyChallenge)
     signed = challenge.nonce + node_id.encode()
@@ -188,7 +188,7 @@ async def test_a_challenge_answered_without_the_enrolled_key_is_refused(
 
 async def test_a_challenge_answer_is_single_use(authority: Authority, key: ec.EllipticCurvePrivateKey) -> None:
     spki = node_key_spki(key.public_key())
-    node_id = authority.enrol_node_key(spki)
+    node_id = await authority.enrol_node_key(spki, "test")
     challenge = await call(authority, ATTEST_TOPIC, KeyAttestRequest(node_id, spki))
     assert isinstance(challenge, KeyChallenge)
     answer = KeyChallengeResponse(node_id, challenge.nonce,
@@ -201,7 +201,7 @@ async def test_a_challenge_answer_is_single_use(authority: Authority, key: ec.El
 
 async def test_a_banned_static_secret_node_cannot_attest(authority: Authority, key: ec.EllipticCurvePrivateKey,
                                                          clock: FakeClock) -> None:
-    node_id = authority.enrol_node_key(node_key_spki(key.public_key()))
+    node_id = await authority.enrol_node_key(node_key_spki(key.public_key()), "test")
     await authority.store.ban_node(node_id, "test", now=clock.now())
 
     with pytest.raises(RemoteError) as refused:
@@ -214,7 +214,7 @@ async def test_a_banned_static_secret_node_cannot_attest(authority: Authority, k
 
 async def attested_nonce(authority: Authority, key: ec.EllipticCurvePrivateKey) -> tuple[str, bytes]:
     spki = node_key_spki(key.public_key())
-    node_id = authority.enrol_node_key(spki)
+    node_id = await authority.enrol_node_key(spki, "test")
     challenge = await call(authority, ATTEST_TOPIC, KeyAttestRequest(node_id, spki))
     assert isinstance(challenge, KeyChallenge)
     result = await call(authority, ATTEST_TOPIC, KeyChallengeResponse(
