@@ -17,7 +17,6 @@ import secrets
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import (
@@ -39,8 +38,6 @@ from tpm2_pytss import (
     TPM2B_SENSITIVE_DATA,
     TPML_DIGEST,
     TPML_DIGEST_VALUES,
-    TPML_PCR_SELECTION,
-    TPMS_PCR_SELECTION,
     TPMS_SENSITIVE_CREATE,
     TPMT_HA,
     TPMT_SIG_SCHEME,
@@ -54,7 +51,6 @@ from vouchd.tpm.capabilities import TpmCapabilities, TpmDescription, describe_tp
 from vouchd.tpm.ek import EkProfile
 from vouchd.tpm.errors import (
     SealedDataUnavailableError,
-    TpmArgumentError,
     TpmCapabilityError,
     TpmError,
     TpmKeyError,
@@ -63,10 +59,10 @@ from vouchd.tpm.errors import (
 )
 from vouchd.tpm.hierarchies import Hierarchy, HierarchyAuths, hierarchy_refusal
 from vouchd.tpm.keystore import AUTH_VALUE_SIZE, StoredKey
+from vouchd.tpm.marshaling import trim_der, unmarshal_exact, unmarshal_private, unmarshal_public, unmarshal_sealed
+from vouchd.tpm.pcrpolicy import pcr_list, pcr_selection, policy_pcr_digest, selected_indices
 from vouchd.tpm.templates import (
     KeyRole,
-    describe_mismatch,
-    describe_sealed_mismatch,
     public_template,
     sealed_object_template,
     storage_key_template,
@@ -77,20 +73,16 @@ __all__ = ["PCR_COUNT", "TpmDevice", "connection_lost"]
 
 _log = logging.getLogger(__name__)
 
-_PCR_SELECT_BYTES = PCR_COUNT // 8
 _NULL_SCHEME = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
 _AUTH_FAILURES = frozenset({int(TPM2_RC.AUTH_FAIL), int(TPM2_RC.BAD_AUTH)})
 _TPM_CC_FLUSH_CONTEXT = 0x165
-_TPM_CC_POLICY_PCR = 0x17F
 _TPM_ST_NO_SESSIONS = 0x8001
 _RC_POLICY_FAIL = int(TPM2_RC.POLICY_FAIL)
 _RC_PCR_CHANGED = int(TPM2_RC.PCR_CHANGED)
 # Any PCR extended between PolicyPCR and Unseal (on a real host the kernel measures into PCR 10 at any
 # time) makes the TPM refuse the session with PCR_CHANGED; a few tries outlast a burst.
 _UNSEAL_ATTEMPTS = 3
-_SHA256_POLICY_START = bytes(32)
 
-_Marshaled = TypeVar("_Marshaled")
 
 # Response codes of the TCTI layer (TSS2_TCTI_RC_LAYER, 10 << 16) say the transport to the TPM failed:
 # the device, tpm2-abrmd or the simulator went away. Once that happened in the middle of a command,
@@ -136,43 +128,10 @@ def _command(name: str) -> Iterator[None]:
         raise TpmOperationError(f"tpm command {name} failed: {_describe(err)}") from err
 
 
-def _unmarshal_public(key: StoredKey, role: KeyRole) -> TPM2B_PUBLIC:
-    path = key.files.public
-    try:
-        public, consumed = TPM2B_PUBLIC.unmarshal(key.blob.public)
-    except (TSS2_Exception, ValueError, TypeError) as err:
-        raise TpmKeyError(f"key file {path} is corrupt: not a marshaled TPM2B_PUBLIC") from err
-    if consumed != len(key.blob.public):
-        raise TpmKeyError(f"key file {path} is corrupt: {len(key.blob.public) - consumed} trailing bytes")
-    mismatch = describe_mismatch(role, public)
-    if mismatch is not None:
-        raise TpmKeyError(f"key file {path} does not hold a vouchd {role.file_stem}: {mismatch}")
-    return public
 
 
-def _unmarshal_private(key: StoredKey) -> TPM2B_PRIVATE:
-    path = key.files.private
-    try:
-        private, consumed = TPM2B_PRIVATE.unmarshal(key.blob.private)
-    except (TSS2_Exception, ValueError, TypeError) as err:
-        raise TpmKeyError(f"key file {path} is corrupt: not a marshaled TPM2B_PRIVATE") from err
-    if consumed != len(key.blob.private) or consumed <= 2:
-        raise TpmKeyError(f"key file {path} is corrupt: wrong length")
-    return private
 
 
-def _trim_der(data: bytes) -> bytes:
-    """The DER certificate at the start of an NV index; some TPMs pad the index after it."""
-    if len(data) < 4 or data[0] != 0x30:
-        return data
-    if data[1] < 0x80:
-        total = 2 + data[1]
-    else:
-        length_bytes = data[1] & 0x7F
-        if length_bytes == 0 or length_bytes > 4 or len(data) < 2 + length_bytes:
-            return data
-        total = 2 + length_bytes + int.from_bytes(data[2 : 2 + length_bytes], "big")
-    return data[:total] if total <= len(data) else data
 
 
 class TpmDevice:
@@ -339,7 +298,7 @@ class TpmDevice:
         self._ek_info = EkInfo(
             ek_type=self._profile.ek_type,
             public=self._ek_public,
-            certificate=_trim_der(certificate) if certificate else None,
+            certificate=trim_der(certificate) if certificate else None,
         )
 
     def _create_ek_primary(self) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
@@ -481,8 +440,8 @@ class TpmDevice:
         return handle
 
     def _load_from_blob(self, key: StoredKey, role: KeyRole) -> ESYS_TR:
-        public = _unmarshal_public(key, role)
-        private = _unmarshal_private(key)
+        public = unmarshal_public(key, role)
+        private = unmarshal_private(key)
         with self._endorsement_key() as ek, self._endorsement_policy_session() as session:
             try:
                 handle = self._esapi.load(ek, private, public, session1=session)
@@ -526,7 +485,7 @@ class TpmDevice:
     # ------------------------------------------------------------------ operations
 
     def quote(self, ak: StoredKey, bank: TPM2_ALG, pcrs: Sequence[int], qualifying_data: bytes) -> TpmQuote:
-        selection = _pcr_selection(bank, pcrs)
+        selection = pcr_selection(bank, pcrs)
         with self._loaded(ak, KeyRole.ATTESTATION_KEY) as handle, self._authorizing("Quote", {1: ak}):
             attest, signature = self._esapi.quote(handle, selection, qualifying_data, _NULL_SCHEME)
         return TpmQuote(attest=bytes(attest), signature=signature.marshal())
@@ -550,8 +509,8 @@ class TpmDevice:
         )
 
     def activate_credential(self, ak: StoredKey, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
-        blob = _unmarshal_exact(TPM2B_ID_OBJECT, credential_blob, "credential blob")
-        secret = _unmarshal_exact(TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
+        blob = unmarshal_exact(TPM2B_ID_OBJECT, credential_blob, "credential blob")
+        secret = unmarshal_exact(TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
         with (
             self._loaded(ak, KeyRole.ATTESTATION_KEY) as ak_handle,
             self._endorsement_key() as ek,
@@ -574,11 +533,11 @@ class TpmDevice:
         """`data` (TpmService checked its size) in a keyed-hash object under the SRK that unseals only
         while `pcrs` of `bank` hold the values they hold now."""
         indices = sorted(pcrs)
-        selection = _pcr_selection(bank, indices)
+        selection = pcr_selection(bank, indices)
         # Reading first also refuses a bank the TPM has not allocated: a PolicyPCR over it would
         # cover no value at all.
         values = self.read_pcrs(bank, indices)
-        digest = _policy_pcr_digest(selection, [values[index] for index in indices])
+        digest = policy_pcr_digest(selection, [values[index] for index in indices])
         sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(data)))
         with self._storage_key() as srk, _command("Create"):
             private, public, *_ = self._esapi.create(srk, sensitive, sealed_object_template(digest))
@@ -586,8 +545,8 @@ class TpmDevice:
                           pcrs=tuple(indices))
 
     def unseal(self, blob: SealedBlob) -> bytes:
-        public, private = _unmarshal_sealed(blob)
-        selection = _pcr_selection(PCR_BANKS[blob.bank], blob.pcrs)
+        public, private = unmarshal_sealed(blob)
+        selection = pcr_selection(PCR_BANKS[blob.bank], blob.pcrs)
         with self._storage_key() as srk, self._flushing(self._load_sealed(srk, public, private)) as handle:
             for _ in range(_UNSEAL_ATTEMPTS):
                 with self._session(TPM2_SE.POLICY, TPM2_ALG.SHA256) as session:
@@ -602,12 +561,12 @@ class TpmDevice:
                             raise TpmOperationError(f"tpm command Unseal failed: {_describe(err)}") from err
                         if int(err.error) == _RC_POLICY_FAIL:
                             raise SealedDataUnavailableError(
-                                f"pcrs {_pcr_list(blob.pcrs)} of the {blob.bank} bank differ from when the data "
+                                f"pcrs {pcr_list(blob.pcrs)} of the {blob.bank} bank differ from when the data "
                                 "was sealed (a pcr was extended since, or the host booted into another state)"
                             ) from err
                         if int(err.error) != _RC_PCR_CHANGED:
                             raise TpmOperationError(f"tpm command Unseal failed: {_describe(err)}") from err
-        raise TpmOperationError(f"pcrs {_pcr_list(blob.pcrs)} of the {blob.bank} bank kept changing while the "
+        raise TpmOperationError(f"pcrs {pcr_list(blob.pcrs)} of the {blob.bank} bank kept changing while the "
                                 f"data was unsealed ({_UNSEAL_ATTEMPTS} tries)")
 
     def _load_sealed(self, srk: ESYS_TR, public: TPM2B_PUBLIC, private: TPM2B_PRIVATE) -> ESYS_TR:
@@ -644,11 +603,11 @@ class TpmDevice:
         while pending:
             # PCR_Read returns at most eight digests per call; ask again for the rest.
             with _command("PCR_Read"):
-                _, selection_out, digests = self._esapi.pcr_read(_pcr_selection(bank, pending))
-            answered = _selected_indices(selection_out, bank)
+                _, selection_out, digests = self._esapi.pcr_read(pcr_selection(bank, pending))
+            answered = selected_indices(selection_out, bank)
             if not answered:
                 raise TpmCapabilityError(
-                    f"pcrs {_pcr_list(pending)} are not allocated in the {bank_name(bank)} bank"
+                    f"pcrs {pcr_list(pending)} are not allocated in the {bank_name(bank)} bank"
                 )
             for index, digest in zip(answered, digests, strict=False):
                 values[index] = bytes(digest)
@@ -656,59 +615,10 @@ class TpmDevice:
         return {index: values[index] for index in pcrs}
 
 
-def _pcr_list(pcrs: Sequence[int]) -> str:
-    return ", ".join(map(str, pcrs))
 
 
-def _policy_pcr_digest(selection: TPML_PCR_SELECTION, values: Sequence[bytes]) -> bytes:
-    """The policyDigest of a fresh SHA-256 session after PolicyPCR(selection) with the PCRs at `values`
-    (TPM 2.0 Part 3, 23.7): H(0…0 ‖ TPM_CC_PolicyPCR ‖ selection ‖ H(values in selection order)), H being
-    the session's hash whatever the bank. Computed here, not by a trial session: the values were just
-    read (which also proves the bank is allocated), and it costs no session slot."""
-    pcr_digest = hashlib.sha256(b"".join(values)).digest()
-    return hashlib.sha256(
-        _SHA256_POLICY_START + struct.pack(">I", _TPM_CC_POLICY_PCR) + selection.marshal() + pcr_digest
-    ).digest()
 
 
-def _unmarshal_sealed(blob: SealedBlob) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
-    try:
-        public, public_size = TPM2B_PUBLIC.unmarshal(blob.public)
-        private, private_size = TPM2B_PRIVATE.unmarshal(blob.private)
-    except (TSS2_Exception, ValueError, TypeError) as err:
-        raise SealedDataUnavailableError("the sealed blob is damaged: its public or private area does not "
-                                         "parse") from err
-    if public_size != len(blob.public) or private_size != len(blob.private):
-        raise SealedDataUnavailableError("the sealed blob is damaged: trailing bytes after its public or private "
-                                         "area")
-    mismatch = describe_sealed_mismatch(public)
-    if mismatch is not None:
-        raise SealedDataUnavailableError(f"the sealed blob is damaged: not vouchd sealed data ({mismatch})")
-    return public, private
 
 
-def _pcr_selection(bank: TPM2_ALG, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
-    bitmap = bytearray(_PCR_SELECT_BYTES)
-    for index in pcrs:
-        bitmap[index // 8] |= 1 << (index % 8)
-    return TPML_PCR_SELECTION([TPMS_PCR_SELECTION(hash=bank, sizeofSelect=_PCR_SELECT_BYTES, pcrSelect=bytes(bitmap))])
 
-
-def _selected_indices(selection: TPML_PCR_SELECTION, bank: TPM2_ALG) -> list[int]:
-    indices: list[int] = []
-    for entry in selection.pcrSelections:
-        if entry.hash != bank:
-            continue
-        bitmap = bytes(entry.pcrSelect)[: entry.sizeofSelect]
-        indices.extend(i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1)
-    return indices
-
-
-def _unmarshal_exact(kind: type[_Marshaled], data: bytes, what: str) -> _Marshaled:
-    try:
-        value, consumed = kind.unmarshal(data)  # type: ignore[attr-defined]
-    except (TSS2_Exception, ValueError, TypeError) as err:
-        raise TpmArgumentError(f"{what} is not a size-prefixed {kind.__name__}") from err
-    if consumed != len(data):
-        raise TpmArgumentError(f"{what} has {len(data) - consumed} trailing bytes")
-    return value  # type: ignore[no-any-return]
